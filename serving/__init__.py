@@ -1,0 +1,1 @@
+"""HTTP (and Kafka request/response) scoring service fusing the three learners."""

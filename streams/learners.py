@@ -1,0 +1,18 @@
+"""Which learner agents a worker runs, each a factory of a batch handler (see ``streams.worker``).
+
+Kept apart from the worker so each learner can be switched off by settings and so tests can
+build a worker with exactly the learners they exercise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from driftrec.settings import Settings
+from streams.worker import BatchHandler
+
+
+def default_learners(settings: Settings) -> dict[str, Callable[[Redis], BatchHandler]]:
+    return {}

