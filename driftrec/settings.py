@@ -24,14 +24,20 @@ def _default_home() -> Path:
 
 
 class MemorySettings(BaseModel):
-    """ReLoop2 error memory (issue 3)."""
+    """ReLoop2 error memory (issue 3); see ``models/error_memory.py`` for why each default."""
+
+    model_config = {"populate_by_name": True}
 
     enabled: bool = True
     n_tables: int = 8
     n_bits: int = 10
+    seed: int = 0  # LSH projections; writer and readers must agree
+    n_shards: int = 16  # hash-tag shards per table (slots per table on a Redis Cluster)
     bucket_capacity: int = 32
     ttl_s: int = 0  # 0 = no TTL; FIFO capacity alone bounds memory
     lambda_: float = Field(0.5, alias="lambda")
+    prior: float = 1.0  # shrinkage of the error estimate toward 0 where few neighbours were found
+    half_life_s: float = 0.0  # 0 = no recency weighting (FIFO refresh only)
     batch_size: int = 256
 
 
@@ -39,6 +45,10 @@ class DSLSettings(BaseModel):
     """Dynamic sparse base model (issue 4)."""
 
     enabled: bool = True
+    # A new generation = a model whose hidden space is unrelated to the last one (new
+    # architecture, seed, or retrain from scratch). The error memory is keyed by it; snapshots of
+    # one continuously trained model share a generation, and FIFO refresh ages their errors out.
+    generation: int = 1
     dim: int = 32
     density: float = 0.1
     n_rows: int = 1 << 16
@@ -61,13 +71,21 @@ class TPPSettings(BaseModel):
 
 
 class ServingSettings(BaseModel):
-    """Scoring service (issue 6)."""
+    """Scoring service (issue 6); the fusion rule is documented in ``serving/scorer.py``."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     max_candidates: int = 2000
     tpp_weight: float = 0.5
-    reload_every_s: float = 1.0
+    # TPP term decays with the time since the user's last event: a propensity learned an hour ago
+    # says little about what the user does next week.
+    tpp_tau_s: float = 3600.0
+    tpp_clip: float = 2.0  # |tpp term| bound, logit units
+    cold_start_base: float = 0.5  # base probability before any DSL snapshot exists (or DSL off)
+    eps: float = 1e-4  # base + compensation is kept in [eps, 1 - eps] so the logit is finite
+    reload_every_s: float = 1.0  # <= 0: no background reload (call Scorer.refresh yourself)
+    max_body_bytes: int = 1 << 20  # requests larger than this are refused with 413 before parsing
+    kafka_agent: bool = True  # the worker also answers score-requests (serving/kafka_agent.py)
 
 
 class Settings(BaseSettings):
@@ -86,6 +104,7 @@ class Settings(BaseSettings):
     shared_data: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
     worker_id: str = "driftrec-worker"
+    worker_web_host: str = "127.0.0.1"
     worker_web_port: int = 6066
     worker_batch_size: int = 500
     worker_batch_within_s: float = 0.5

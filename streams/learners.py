@@ -15,4 +15,13 @@ from streams.worker import BatchHandler
 
 
 def default_learners(settings: Settings) -> dict[str, Callable[[Redis], BatchHandler]]:
-    return {}
+    learners: dict[str, Callable[[Redis], BatchHandler]] = {}
+    if settings.dsl.enabled:
+        from streams.trainer import DSLTrainer
+
+        learners["trainer"] = lambda redis: DSLTrainer(redis, settings).handle
+    if settings.dsl.enabled and settings.memory.enabled:
+        from streams.memory_agent import ErrorMemoryWriter
+
+        learners["error_memory"] = lambda redis: ErrorMemoryWriter(redis, settings).handle
+    return learners

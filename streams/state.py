@@ -2,7 +2,7 @@
 
 Why Lua scripts: "have I seen this event_id?" and "apply its update" must be one atomic step,
 or a crash between them loses or doubles an update. Each script touches keys of a single hash
-tag (``{u:<user>}`` or ``{i:<item>}``), so it runs on one slot of a Redis Cluster too; the user
+tag (``{u:<user>}``, or ``{is:<shard>}`` for a shard of items), so it runs on one slot of a Redis Cluster; the user
 half and the item half each keep their own dedup marker for the same reason.
 
 The per-user sequence is a sorted set scored by event time and trimmed to the newest
@@ -12,43 +12,74 @@ or how often, which is what makes kill-and-restart replays converge to the same 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
 from redis.asyncio import Redis
 
+from models.interaction import stable_hash
 from streams.events import Event
 
 DEDUP_TTL_S = 7 * 24 * 3600
 
+# One call per user (per item) and micro-batch: KEYS = [seq, counts, seen_1..seen_n] (user) or
+# [counts, seen_1..seen_n] (item); ARGV[3] is a JSON array of that entity's events in the batch.
 _USER_SCRIPT = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-local keep = tonumber(ARGV[4])
-local n = redis.call('ZCARD', KEYS[2])
-if n > keep then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - keep - 1) end
-redis.call('HINCRBY', KEYS[3], 'events', 1)
-redis.call('HINCRBY', KEYS[3], 'kind:' .. ARGV[5], 1)
-if ARGV[6] ~= '' then
-  redis.call('HINCRBY', KEYS[3], 'labelled', 1)
-  redis.call('HINCRBY', KEYS[3], 'positives', tonumber(ARGV[6]))
+local ttl, keep = ARGV[1], tonumber(ARGV[2])
+local events = cjson.decode(ARGV[3])
+local new, zargs, incr, last = 0, {}, {}, nil
+local function add(field, by) incr[field] = (incr[field] or 0) + by end
+for i, e in ipairs(events) do
+  if redis.call('SET', KEYS[i + 2], '1', 'NX', 'EX', ttl) then
+    new = new + 1
+    zargs[#zargs + 1] = e[1]
+    zargs[#zargs + 1] = e[2]
+    add('events', 1)
+    add('kind:' .. e[3], 1)
+    if e[4] ~= '' then add('labelled', 1); add('positives', tonumber(e[4])) end
+    if (not last) or tonumber(e[1]) > tonumber(last) then last = e[1] end
+  end
 end
-local last = redis.call('HGET', KEYS[3], 'last_ts')
-if (not last) or tonumber(last) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[3], 'last_ts', ARGV[2]) end
-return 1
+if new == 0 then return 0 end
+redis.call('ZADD', KEYS[1], unpack(zargs))
+for field, by in pairs(incr) do redis.call('HINCRBY', KEYS[2], field, by) end
+local stored = redis.call('HGET', KEYS[2], 'last_ts')
+if (not stored) or tonumber(stored) < tonumber(last) then redis.call('HSET', KEYS[2], 'last_ts', last) end
+local n = redis.call('ZCARD', KEYS[1])
+if n > keep then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - keep - 1) end
+return new
 """
 
+# Items are grouped into ITEM_SHARDS hash tags so one call updates every item of a shard that a
+# batch touches: KEYS = [seen_1..seen_n, counts_1..counts_n], ARGV[2] = [[kind, label, category], ...].
+# The item hash also remembers the item's category, so serving can look it up with the counts.
 _ITEM_SCRIPT = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-redis.call('HINCRBY', KEYS[2], 'events', 1)
-redis.call('HINCRBY', KEYS[2], 'kind:' .. ARGV[2], 1)
-if ARGV[3] ~= '' then
-  redis.call('HINCRBY', KEYS[2], 'labelled', 1)
-  redis.call('HINCRBY', KEYS[2], 'positives', tonumber(ARGV[3]))
+local ttl = ARGV[1]
+local events = cjson.decode(ARGV[2])
+local n = #events
+local incr = {}
+for i, e in ipairs(events) do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
+    local key = KEYS[n + i]
+    local c = incr[key] or {}
+    incr[key] = c
+    c['events'] = (c['events'] or 0) + 1
+    c['kind:' .. e[1]] = (c['kind:' .. e[1]] or 0) + 1
+    if e[3] ~= '' then redis.call('HSET', key, 'category', e[3]) end
+    if e[2] ~= '' then
+      c['labelled'] = (c['labelled'] or 0) + 1
+      c['positives'] = (c['positives'] or 0) + tonumber(e[2])
+    end
+  end
 end
-return 1
+for key, c in pairs(incr) do
+  for field, by in pairs(c) do redis.call('HINCRBY', key, field, by) end
+end
+return 0
 """
+ITEM_SHARDS = 64
 
 
 @dataclass(frozen=True)
@@ -66,11 +97,18 @@ class StateKeys:
     def user_counts(self, user_id: str) -> str:
         return f"{self.prefix}:{{u:{user_id}}}:counts"
 
+    def user_tpp(self, user_id: str) -> str:
+        """The TPP agent's per-user category propensity (JSON), beside the user's sequence."""
+        return f"{self.prefix}:{{u:{user_id}}}:tpp"
+
+    def item_shard(self, item_id: str) -> int:
+        return stable_hash(item_id, ITEM_SHARDS, salt="item-shard")
+
     def item_seen(self, item_id: str, event_id: str) -> str:
-        return f"{self.prefix}:{{i:{item_id}}}:seen:{event_id}"
+        return f"{self.prefix}:{{is:{self.item_shard(item_id)}}}:seen:{event_id}"
 
     def item_counts(self, item_id: str) -> str:
-        return f"{self.prefix}:{{i:{item_id}}}:counts"
+        return f"{self.prefix}:{{is:{self.item_shard(item_id)}}}:item:{item_id}:counts"
 
 
 def sequence_member(event: Event) -> bytes:
@@ -93,22 +131,29 @@ class EventState:
         """Apply a batch; return how many events were new (the rest were redeliveries)."""
         if not events:
             return 0
+        by_user: dict[str, list[Event]] = defaultdict(list)
+        by_shard: dict[int, list[Event]] = defaultdict(list)
+        for e in {e.event_id: e for e in events}.values():
+            by_user[e.user_id].append(e)
+            by_shard[self.keys.item_shard(e.item_id)].append(e)
+        k = self.keys
         pipe = self.redis.pipeline(transaction=False)
-        for e in events:
-            label = "" if e.label is None else str(e.label)
-            k = self.keys
+        for user_id, user_events in by_user.items():
+            payload = orjson.dumps([[repr(e.ts), sequence_member(e).decode(), e.kind, _label(e)]
+                                    for e in user_events])
             await self._user(
-                keys=[k.user_seen(e.user_id, e.event_id), k.user_seq(e.user_id), k.user_counts(e.user_id)],
-                args=[self.dedup_ttl_s, repr(e.ts), sequence_member(e), self.max_seq_len, e.kind, label],
+                keys=[k.user_seq(user_id), k.user_counts(user_id),
+                      *(k.user_seen(user_id, e.event_id) for e in user_events)],
+                args=[self.dedup_ttl_s, self.max_seq_len, payload],
                 client=pipe,
             )
-            await self._item(
-                keys=[k.item_seen(e.item_id, e.event_id), k.item_counts(e.item_id)],
-                args=[self.dedup_ttl_s, e.kind, label],
-                client=pipe,
-            )
+        for shard_events in by_shard.values():
+            payload = orjson.dumps([[e.kind, _label(e), e.category or ""] for e in shard_events])
+            await self._item(keys=[*(k.item_seen(e.item_id, e.event_id) for e in shard_events),
+                                   *(k.item_counts(e.item_id) for e in shard_events)],
+                             args=[self.dedup_ttl_s, payload], client=pipe)
         results = await pipe.execute()
-        return sum(int(r) for r in results[0::2])
+        return sum(int(r) for r in results[: len(by_user)])
 
     async def user_sequence(self, user_id: str) -> list[tuple[float, str, str]]:
         """The user's recent events as ``(ts, category, kind)``, oldest first."""
@@ -118,3 +163,7 @@ class EventState:
             category, kind, _event_id = orjson.loads(member)
             out.append((float(ts), category, kind))
         return out
+
+
+def _label(event: Event) -> str:
+    return "" if event.label is None else str(event.label)

@@ -107,7 +107,7 @@ def build_app(settings: Settings, learners: dict[str, Callable[[Redis], BatchHan
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
         web_port=settings.worker_web_port,
-        web_host="127.0.0.1",
+        web_host=settings.worker_web_host,
         topic_partitions=settings.events_partitions,
         topic_replication_factor=1,
         topic_allow_declare=False,

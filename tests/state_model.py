@@ -21,6 +21,7 @@ def expected_state(events: Iterable[Event], prefix: str, max_seq_len: int) -> di
     keys = StateKeys(prefix)
     counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(int))
     seqs: dict[str, list[tuple[float, bytes]]] = defaultdict(list)
+    categories: dict[str, str] = {}
     for e in unique:
         for key in (keys.user_counts(e.user_id), keys.item_counts(e.item_id)):
             c = counts[key]
@@ -29,10 +30,14 @@ def expected_state(events: Iterable[Event], prefix: str, max_seq_len: int) -> di
             if e.label is not None:
                 c["labelled"] += 1
                 c["positives"] += e.label
+        if e.category:
+            categories[keys.item_counts(e.item_id)] = e.category
         user = counts[keys.user_counts(e.user_id)]
         user["last_ts"] = max(user.get("last_ts", float("-inf")), e.ts)
         seqs[keys.user_seq(e.user_id)].append((e.ts, sequence_member(e)))
     state: dict[str, object] = {k: {f: float(v) for f, v in c.items()} for k, c in counts.items()}
+    for key, category in categories.items():
+        state[key]["category"] = category  # type: ignore[index]
     for key, entries in seqs.items():
         state[key] = sorted(entries)[-max_seq_len:]
     return state
@@ -47,7 +52,8 @@ def redis_state(settings: Settings) -> dict[str, object]:
         if ":seen:" in key:
             continue
         if key.endswith(":counts"):
-            state[key] = {f.decode(): float(v) for f, v in client.hgetall(key).items()}
+            state[key] = {f.decode(): v.decode() if f == b"category" else float(v)
+                          for f, v in client.hgetall(key).items()}
         elif key.endswith(":seq"):
             state[key] = [(ts, m) for m, ts in client.zrange(key, 0, -1, withscores=True)]
     return state

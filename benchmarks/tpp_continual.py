@@ -1,0 +1,232 @@
+"""PromptTPP's streaming protocol on EasyTPP data: train on period t, evaluate on period t+1.
+
+Periods: the training split's sequences are sorted by their start time (``time_since_start[0]``)
+and cut into ``--periods`` consecutive, equally sized chunks; each chunk is one task. The
+models learn chunk t (``--epochs`` passes) and are scored on chunk t+1 before ever seeing it, so
+every figure is a forecast of the next period. Nothing from earlier chunks is stored: ``retrain``
+starts from scratch each period, ``finetune`` keeps training one base TPP (the forgetting-prone
+baseline), ``prompt`` is PromptTPP (same base net + retrieval prompt pool, frozen query function
+after period 1, no replay, no task id). Hyper-parameters are the official PromptTPP config's
+(hidden 32, M=10, N=5, L_p=5, lambda=0.1), not tuned on these periods.
+
+Inter-event gaps are taken from ``time_since_last_event`` (what EasyTPP models and scores; in the
+Taobao file it is capped at 2.0 while ``time_since_start`` has a few gaps up to ~200), and times
+are its cumulative sum. LL is per scored event (first event of a sequence conditions), in the
+dataset's time unit; type error = 1 - accuracy of argmax next type; RMSE of the expected gap.
+
+Domain shift: Taobao (17 types) -> Taxi (10 types) with one shared type space of
+max(17, 10) = 17 ids; Taxi ids 0..9 reuse Taobao ids although they mean different things, which
+is exactly the situation of a live type vocabulary whose meaning drifts. Each method learns a
+Taobao chunk, then a Taxi chunk; we report Taxi dev after the Taxi chunk (adaptation), Taobao
+dev after the Taxi chunk (forgetting), and Taxi dev before it (zero-shot transfer).
+
+Last stdout line: one JSON object with the figures.
+
+Notes (defaults, 5 periods x 260 sequences, 5 epochs, seed 0, ~6-8 min on 2 shared cores):
+PromptTPP beats naive fine-tuning on mean LL/event (0.582 vs 0.556) but not on next-type error
+(0.4225 vs 0.4168), so the issue's target (both) is NOT met. A first version that froze the
+TPP's own type embedding as the query function gave LL 0.621 and type error 0.4228 (also not
+met); the current one snapshots a separate query embedding (see models/prompt_tpp.py). That
+change was made after seeing these evaluation periods, so treat its effect as not held out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from models.prompt_tpp import PromptTPP  # noqa: E402
+from models.tpp import EventSeq, HomogeneousPoisson, NeuralTPP  # noqa: E402
+
+METHODS = ("retrain", "finetune", "prompt")
+
+
+def load_split(folder: Path, split: str) -> tuple[list[EventSeq], list[float], int]:
+    raw = json.loads((folder / f"{split}.json").read_text())
+    seqs, starts = [], []
+    for s in raw:
+        dt = np.asarray(s["time_since_last_event"], dtype=np.float64)
+        dt[0] = 0.0
+        start = float(s["time_since_start"][0])
+        seqs.append((start + np.cumsum(dt), np.asarray(s["type_event"], dtype=np.int64)))
+        starts.append(start)
+    return seqs, starts, int(raw[0]["dim_process"])
+
+
+def evaluate(model: NeuralTPP, seqs: list[EventSeq]) -> dict[str, float]:
+    preds = model.predict_next_all(seqs)
+    wrong = np.concatenate([p[1][:-1] != s[1][1:] for p, s in zip(preds, seqs)])
+    sq = np.concatenate([(p[0][:-1] - np.diff(s[0])) ** 2 for p, s in zip(preds, seqs)])
+    return {
+        "ll": float(model.log_likelihood_many(seqs)),
+        "type_err": float(wrong.mean()),
+        "rmse": float(np.sqrt(sq.mean())),
+    }
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def make_factory(n_types: int, seed: int) -> dict[str, Callable[[], NeuralTPP]]:
+    return {
+        "retrain": lambda: NeuralTPP(n_types, seed=seed),
+        "finetune": lambda: NeuralTPP(n_types, seed=seed),
+        "prompt": lambda: PromptTPP(n_types, seed=seed),
+    }
+
+
+def train_period(model: NeuralTPP, seqs: list[EventSeq], epochs: int, tag: str) -> None:
+    t0 = time.perf_counter()
+    model.start_period()
+    model.learn_many(seqs, epochs=epochs)
+    model.end_period()
+    dt = time.perf_counter() - t0
+    n_ev = sum(len(s[0]) for s in seqs) * epochs
+    log(f"  {tag}: trained {len(seqs)} seqs x {epochs} ep in {dt:.1f}s ({n_ev / dt:.0f} events/s)")
+
+
+def run_stream(data: Path, periods: int, epochs: int, seed: int) -> dict[str, object]:
+    seqs, starts, n_types = load_split(data, "train")
+    order = np.argsort(starts, kind="stable")
+    chunks = [[seqs[i] for i in part] for part in np.array_split(order, periods)]
+    log(f"stream: {len(seqs)} sequences, {n_types} types, {periods} periods of ~{len(chunks[0])}")
+    factory = make_factory(n_types, seed)
+    persistent = {m: factory[m]() for m in ("finetune", "prompt")}
+    hist: dict[str, dict[str, list[float]]] = {m: {"ll": [], "type_err": [], "rmse": []} for m in METHODS}
+    poisson_ll: list[float] = []
+    for t in range(periods - 1):
+        log(f"[period {t + 1}/{periods - 1}] train on chunk {t}, evaluate on chunk {t + 1}")
+        poisson_ll.append(HomogeneousPoisson(n_types).learn_many(chunks[t]).log_likelihood_many(chunks[t + 1]))
+        for m in METHODS:
+            model = factory[m]() if m == "retrain" else persistent[m]
+            train_period(model, chunks[t], epochs, m)
+            t0 = time.perf_counter()
+            res = evaluate(model, chunks[t + 1])
+            for k, v in res.items():
+                hist[m][k].append(v)
+            log(
+                f"  {m}: ll={res['ll']:.4f} type_err={res['type_err']:.4f} rmse={res['rmse']:.4f}"
+                f" (eval {time.perf_counter() - t0:.1f}s)"
+            )
+    return {"hist": hist, "poisson_ll": poisson_ll, "n_types": n_types, "chunk_size": len(chunks[0])}
+
+
+def run_shift(data: Path, shift: Path, n_seq: int, epochs: int, seed: int) -> dict[str, float]:
+    a_train, a_starts, ka = load_split(data, "train")
+    b_train, b_starts, kb = load_split(shift, "train")
+    a_dev, _, _ = load_split(data, "dev")
+    b_dev, _, _ = load_split(shift, "dev")
+    n_types = max(ka, kb)
+    a_chunk = [a_train[i] for i in np.argsort(a_starts, kind="stable")[:n_seq]]
+    b_chunk = [b_train[i] for i in np.argsort(b_starts, kind="stable")[:n_seq]]
+    log(f"shift: {data.name} ({ka} types) -> {shift.name} ({kb} types), shared space {n_types}")
+    factory = make_factory(n_types, seed)
+    out: dict[str, float] = {"shift_n_types": float(n_types)}
+    for m in METHODS:
+        model = factory[m]()
+        train_period(model, a_chunk, epochs, f"{m} on {data.name}")
+        zero = evaluate(model, b_dev)
+        if m == "retrain":
+            model = factory[m]()
+        train_period(model, b_chunk, epochs, f"{m} on {shift.name}")
+        new = evaluate(model, b_dev)
+        old = evaluate(model, a_dev)
+        out[f"shift_ll_target_zeroshot_{m}"] = zero["ll"]
+        for name, res in (("target", new), ("source_after", old)):
+            for k, v in res.items():
+                out[f"shift_{k}_{name}_{m}"] = v
+        log(
+            f"  {m}: target ll={new['ll']:.4f} err={new['type_err']:.4f} rmse={new['rmse']:.4f} | "
+            f"source after ll={old['ll']:.4f} err={old['type_err']:.4f}"
+        )
+    return out
+
+
+def plot(hist: dict[str, dict[str, list[float]]], shift: dict[str, float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, (key, title) in zip(
+        axes, (("ll", "log-likelihood / event (higher better)"), ("type_err", "next type error"), ("rmse", "next time RMSE"))
+    ):
+        for m in METHODS:
+            ys = hist[m][key]
+            ax.plot(range(2, len(ys) + 2), ys, marker="o", label=m)
+        ax.set_xticks(range(2, len(hist[METHODS[0]][key]) + 2))
+        ax.set_xlabel("evaluation period (trained on previous)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    if shift:
+        x = np.arange(len(METHODS))
+        axes[3].bar(x - 0.2, [shift[f"shift_ll_target_{m}"] for m in METHODS], 0.4, label="target after")
+        axes[3].bar(x + 0.2, [shift[f"shift_ll_source_after_{m}"] for m in METHODS], 0.4, label="source after")
+        axes[3].set_xticks(x, METHODS)
+        axes[3].set_title("domain shift: LL / event")
+        axes[3].legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/data/tpp-taobao-easytpp"))
+    ap.add_argument("--shift-data", type=Path, default=Path("/work/shared/data/tpp-taxi-easytpp"))
+    ap.add_argument("--no-shift", action="store_true", help="skip the domain-shift run")
+    ap.add_argument("--periods", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--shift-seqs", type=int, default=260, help="sequences per domain in the shift run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "tpp_continual.png")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    stream = run_stream(args.data, args.periods, args.epochs, args.seed)
+    hist = stream["hist"]
+    shift = {} if args.no_shift else run_shift(args.data, args.shift_data, args.shift_seqs, args.epochs, args.seed)
+    plot(hist, shift, args.out)
+
+    result: dict[str, object] = {
+        "data": args.data.name,
+        "periods": args.periods,
+        "eval_periods": args.periods - 1,
+        "epochs": args.epochs,
+        "seqs_per_period": stream["chunk_size"],
+        "ll_poisson": float(np.mean(stream["poisson_ll"])),
+    }
+    for m in METHODS:
+        for k in ("ll", "type_err", "rmse"):
+            result[f"{k}_{m}"] = float(np.mean(hist[m][k]))
+    for m in METHODS:
+        for k in ("ll", "type_err", "rmse"):
+            result[f"{k}_{m}_per_period"] = [round(v, 4) for v in hist[m][k]]
+    result["target_met"] = bool(
+        result["ll_prompt"] > result["ll_finetune"] and result["type_err_prompt"] < result["type_err_finetune"]
+    )
+    result.update(shift)
+    result["plot"] = str(args.out)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    log(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

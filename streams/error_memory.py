@@ -1,0 +1,234 @@
+"""Write side of the ReLoop2 error memory in Redis, as plain async functions for the stream agent.
+
+Key layout. One LSH bucket ``(version, table, code)`` is two keys; the hash tag is the bucket's
+*shard* ``code mod n_shards``, so both keys of a bucket — and the other buckets of its shard —
+live in one Redis Cluster slot:
+
+    {prefix}:em:{v<version>:t<table>:s<shard>}:b<code>:z   ZSET    member=event_id, score=event ts
+    {prefix}:em:{v<version>:t<table>:s<shard>}:b<code>:s   STRING  packed little-endian float64
+                                                            pairs (ts, error), 16 bytes an entry
+
+Why this shape:
+* The ZSET gives membership (a re-written ``event_id`` is a no-op: Kafka redelivery is harmless)
+  and the FIFO order (oldest *event time* leaves first; ties by event_id bytes — exactly the order
+  the in-process ``ErrorMemory`` uses).
+* The STRING is the bucket's entries in ZSET order, rebuilt by the write script. The read path
+  then needs one ``MGET`` for all candidates × tables instead of one command per bucket (redis-py
+  spends ~0.1 ms of client CPU per pipelined command; 100 candidates × 8 tables would cost 80 ms).
+  Packed binary (Lua ``struct.pack('<dd')``) rather than text because the scoring service reads
+  hundreds of buckets per request: ``np.frombuffer`` over the joined values is a memcpy, where
+  parsing decimal text cost milliseconds; the doubles round-trip exactly either way.
+* Sharding the hash tag (default 16 shards per table) lets a micro-batch be written with one
+  ``EVALSHA`` per (table, shard) — at most ``n_tables × n_shards`` script calls per batch, all in one
+  pipelined round trip — while still spreading a version over ``n_tables × n_shards`` slots.
+* A Lua script, because "add if absent, trim to capacity, rebuild the snapshot, refresh TTL" must
+  be atomic; all its keys share one slot, so it is legal on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from models.error_memory import HiddenPredictor, RandomProjectionLSH, errors
+from models.interaction import Interaction, stable_hash
+
+# KEYS: z1, s1, z2, s2, ...   ARGV: capacity, ttl_s, then per bucket: m, m × (event_id, ts, error)
+WRITE_BUCKETS_LUA = """
+local cap = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local added = 0
+local a = 3
+for k = 1, #KEYS, 2 do
+  local zkey, skey = KEYS[k], KEYS[k + 1]
+  local m = tonumber(ARGV[a])
+  a = a + 1
+  local ids = redis.call('ZRANGE', zkey, 0, -1)
+  local vals = {}
+  local snap = redis.call('GET', skey)
+  local nbytes = 0
+  if snap then nbytes = #snap end
+  if nbytes ~= 16 * #ids then
+    -- one of the pair expired or was deleted alone: start the bucket afresh
+    redis.call('DEL', zkey, skey)
+    ids = {}
+  else
+    for i = 1, #ids do vals[ids[i]] = string.sub(snap, 16 * i - 15, 16 * i) end
+  end
+  local fresh = {}
+  for q = 1, m do
+    local eid, ts, err = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+    a = a + 3
+    if vals[eid] == nil then
+      redis.call('ZADD', zkey, ts, eid)
+      vals[eid] = struct.pack('<dd', tonumber(ts), tonumber(err))
+      fresh[eid] = true
+    end
+  end
+  if next(fresh) ~= nil then
+    local n = redis.call('ZCARD', zkey)
+    if n > cap then redis.call('ZREMRANGEBYRANK', zkey, 0, n - cap - 1) end
+    ids = redis.call('ZRANGE', zkey, 0, -1)
+    local out = {}
+    for i = 1, #ids do
+      out[i] = vals[ids[i]]
+      if fresh[ids[i]] then added = added + 1 end
+    end
+    redis.call('SET', skey, table.concat(out), 'KEEPTTL')
+  end
+  if ttl > 0 then
+    redis.call('EXPIRE', zkey, ttl)
+    redis.call('EXPIRE', skey, ttl)
+  end
+end
+return added
+"""
+WRITE_BUCKETS_SHA = hashlib.sha1(WRITE_BUCKETS_LUA.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MemoryKeys:
+    """Names every key of one model version's memory; the version is inside the hash tag, so a new
+    version starts from an empty memory and the old one is retired as a whole (TTL or delete)."""
+
+    prefix: str
+    version: int
+    n_shards: int = 16
+
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError("the key prefix must not contain '{' or '}' (it would move the hash tag)")
+        if self.n_shards < 1:
+            raise ValueError("n_shards must be positive")
+
+    @classmethod
+    def from_settings(cls, key_prefix: str, version: int, n_shards: int = 16) -> MemoryKeys:
+        """``key_prefix`` is ``Settings.key_prefix``; kept a plain string so callers decide."""
+        return cls(prefix=key_prefix, version=version, n_shards=n_shards)
+
+    def tag(self, table: int, code: int) -> str:
+        return f"{{v{self.version}:t{table}:s{code % self.n_shards}}}"
+
+    def bucket(self, table: int, code: int) -> tuple[str, str]:
+        """``(zset_key, snapshot_key)`` of one bucket; both carry the same hash tag."""
+        base = f"{self.prefix}:em:{self.tag(table, code)}:b{code}"
+        return f"{base}:z", f"{base}:s"
+
+    def pattern(self) -> str:
+        """SCAN pattern matching this version's keys (cleanup, memory accounting)."""
+        return f"{self.prefix}:em:{{v{self.version}:*"
+
+
+def event_key(interaction: Interaction) -> str:
+    """The idempotency key: the contract's ``event_id``; a stable digest if a caller has none."""
+    if interaction.event_id:
+        return interaction.event_id
+    digest = stable_hash(f"{interaction.user_id}\x1f{interaction.item_id}\x1f{interaction.ts!r}", 1 << 62)
+    return f"_h{digest:x}"
+
+
+def _check(keys: MemoryKeys, lsh: RandomProjectionLSH) -> None:
+    if keys.version != lsh.version:
+        raise ValueError(f"keys are for model version {keys.version}, the LSH for {lsh.version}")
+
+
+async def write_errors(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    interactions: Sequence[Interaction],
+    probs: np.ndarray,
+    hidden: np.ndarray,
+    *,
+    capacity: int,
+    ttl_s: int = 0,
+) -> int:
+    """Store ``(event_id, ts, y − ŷ)`` of every labelled interaction in its bucket of every table.
+
+    ``probs``/``hidden`` must be what the model *served* for these interactions (before it learned
+    from them), otherwise the memory records errors the model no longer makes. Unlabelled
+    interactions are skipped. Returns the number of new bucket entries that survived the FIFO trim
+    (0 for a re-written batch).
+    """
+    _check(keys, lsh)
+    labelled = [i for i, x in enumerate(interactions) if x.label is not None]
+    if not labelled:
+        return 0
+    idx = np.asarray(labelled)
+    codes = lsh.codes(np.asarray(hidden)[idx])
+    errs = errors([interactions[i].label for i in labelled], np.asarray(probs)[idx])
+    per_bucket: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for row, i in enumerate(labelled):
+        x = interactions[i]
+        triple = (event_key(x), repr(float(x.ts)), repr(float(errs[row])))
+        for t in range(lsh.n_tables):
+            per_bucket[(t, int(codes[row, t]))].extend(triple)
+    # one script call per (table, shard): its buckets share a slot
+    groups: dict[tuple[int, int], tuple[list[str], list[str | int]]] = {}
+    for (t, c), triples in per_bucket.items():
+        keys_, args = groups.setdefault((t, c % keys.n_shards), ([], []))
+        keys_.extend(keys.bucket(t, c))
+        args.append(len(triples) // 3)
+        args.extend(triples)
+    results = await _run_scripts(redis, list(groups.values()), capacity, ttl_s)
+    return int(sum(results))
+
+
+async def _run_scripts(
+    redis: Redis, calls: list[tuple[list[str], list[str | int]]], capacity: int, ttl_s: int
+) -> list[int]:
+    """One pipelined round trip; if the server lost the script, load it and redo the whole batch —
+    safe because the script is idempotent per event_id."""
+    for attempt in range(2):
+        pipe = redis.pipeline(transaction=False)
+        for keys_, args in calls:
+            pipe.evalsha(WRITE_BUCKETS_SHA, len(keys_), *keys_, capacity, ttl_s, *args)
+        results = await pipe.execute(raise_on_error=False)
+        if not any(isinstance(r, NoScriptError) for r in results):
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return [int(r) for r in results]
+        if attempt == 0:
+            await redis.script_load(WRITE_BUCKETS_LUA)
+    raise RuntimeError("the Redis server keeps dropping the error-memory script")
+
+
+async def learn_and_write(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    predictor: HiddenPredictor,
+    interactions: Sequence[Interaction],
+    *,
+    capacity: int,
+    ttl_s: int = 0,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Score a micro-batch with the served model and write its errors.
+
+    Call it *before* the model learns the batch (test-then-train), so the stored errors are the
+    ones users saw. Returns ``(new entries, probs, hidden)`` so the caller can reuse the forward pass.
+    """
+    probs, hidden = predictor.predict_with_hidden(interactions)
+    written = await write_errors(redis, keys, lsh, interactions, probs, hidden, capacity=capacity, ttl_s=ttl_s)
+    return written, probs, hidden
+
+
+async def delete_memory(redis: Redis, keys: MemoryKeys, batch: int = 500) -> int:
+    """Drop every key of this version (tests, benchmarks, retiring an old model version)."""
+    deleted = 0
+    chunk: list[str] = []
+    async for key in redis.scan_iter(match=keys.pattern(), count=batch):
+        chunk.append(key)
+        if len(chunk) >= batch:
+            deleted += await redis.unlink(*chunk)
+            chunk = []
+    if chunk:
+        deleted += await redis.unlink(*chunk)
+    return deleted

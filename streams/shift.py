@@ -1,0 +1,169 @@
+"""Injected distribution shift and the prequential (test-then-train) loop that measures it.
+
+Why plain functions: the same shift must be replayed directly against Redis (tests, benchmark)
+and later through Kafka and the worker (the lead's end-to-end test); only the transport differs,
+the injection and the scoring of the shifted segment must not.
+
+The shift: from time ``after_ts`` on, the labels of one category (an ML-100K genre) flip. A slow
+gradient learner needs many steps to invert what it learned; the error memory sees the new, large
+errors of that region of hidden space at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from redis.asyncio import Redis
+
+from models.error_memory import DEFAULT_EPS, DEFAULT_LAMBDA, DEFAULT_PRIOR, RandomProjectionLSH
+from models.interaction import Interaction
+from serving.compensation import read_compensation
+from streams.error_memory import MemoryKeys, write_errors
+
+
+@dataclass(frozen=True)
+class GenreFlip:
+    category: str
+    after_ts: float
+
+
+def pick_genre_flip(interactions: Sequence[Interaction], at_fraction: float = 0.5) -> GenreFlip:
+    """The most frequent category, flipped from the event at ``at_fraction`` of the stream on."""
+    counts = Counter(x.category for x in interactions if x.category is not None)
+    category = counts.most_common(1)[0][0]
+    ts = sorted(x.ts for x in interactions)
+    return GenreFlip(category=category, after_ts=ts[min(int(len(ts) * at_fraction), len(ts) - 1)])
+
+
+def inject_genre_flip(interactions: Sequence[Interaction], flip: GenreFlip) -> list[Interaction]:
+    """Copy of the stream with ``label → 1 − label`` for the flipped category after the flip time."""
+    return [
+        replace(x, label=1 - x.label)
+        if x.label is not None and x.category == flip.category and x.ts >= flip.after_ts
+        else x
+        for x in interactions
+    ]
+
+
+def shifted_mask(
+    interactions: Sequence[Interaction], flip: GenreFlip, horizon_events: int | None = None
+) -> np.ndarray:
+    """Events of the flipped category after the flip, limited to the first ``horizon_events``
+    stream events after the flip: the window in which fast adaptation must show."""
+    ts = np.array([x.ts for x in interactions])
+    cat = np.array([x.category == flip.category for x in interactions])
+    after = ts >= flip.after_ts
+    if horizon_events is not None and after.any():
+        first = int(np.argmax(after))
+        window = np.zeros(len(ts), dtype=bool)
+        window[first : first + horizon_events] = True
+        after &= window
+    return after & cat
+
+
+def log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(y, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if y.size else float("nan")
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Rank-based (Mann–Whitney) AUC with tie averaging; NaN when one class is absent."""
+    y = np.asarray(y)
+    p = np.asarray(p, dtype=np.float64)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(p.size)
+    sorted_p = p[order]
+    i = 0
+    while i < p.size:
+        j = i
+        while j + 1 < p.size and sorted_p[j + 1] == sorted_p[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@dataclass
+class PrequentialTrace:
+    """Per-event record of a test-then-train run (labelled events only)."""
+
+    y: list[int] = field(default_factory=list)
+    p_base: list[float] = field(default_factory=list)
+    p_memory: list[float] = field(default_factory=list)
+    write_s: float = 0.0
+    read_s: float = 0.0
+    learn_s: float = 0.0
+    written: int = 0
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.array(self.y), np.array(self.p_base), np.array(self.p_memory)
+
+
+async def prequential_with_memory(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    model: object,
+    interactions: Sequence[Interaction],
+    *,
+    batch_size: int = 256,
+    capacity: int = 32,
+    ttl_s: int = 0,
+    lam: float = DEFAULT_LAMBDA,
+    prior: float = DEFAULT_PRIOR,
+    half_life_s: float = 0.0,
+    eps: float = DEFAULT_EPS,
+    write_from: int = 0,
+    progress: Callable[[int, PrequentialTrace], None] | None = None,
+) -> PrequentialTrace:
+    """Score each micro-batch with the served state (model + memory), then write its errors, then
+    let the model learn it. ``model`` needs ``predict_with_hidden`` and ``learn_many``.
+    ``write_from`` skips memory writes (not scoring) for the first events, to save time where a
+    caller only evaluates a later segment."""
+    trace = PrequentialTrace()
+    for start in range(0, len(interactions), batch_size):
+        batch = [x for x in interactions[start : start + batch_size] if x.label is not None]
+        if not batch:
+            continue
+        probs, hidden = model.predict_with_hidden(batch)  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        delta = await read_compensation(
+            redis, keys, lsh, hidden, probs, lam=lam, prior=prior, half_life_s=half_life_s,
+            now=batch[0].ts, eps=eps,
+        )
+        t1 = time.perf_counter()
+        if start + batch_size > write_from:
+            trace.written += await write_errors(
+                redis, keys, lsh, batch, probs, hidden, capacity=capacity, ttl_s=ttl_s
+            )
+        t2 = time.perf_counter()
+        model.learn_many(batch)  # type: ignore[attr-defined]
+        t3 = time.perf_counter()
+        trace.read_s += t1 - t0
+        trace.write_s += t2 - t1
+        trace.learn_s += t3 - t2
+        trace.y.extend(int(x.label) for x in batch)  # type: ignore[arg-type]
+        trace.p_base.extend(probs.tolist())
+        trace.p_memory.extend((probs + delta).tolist())
+        if progress is not None:
+            progress(start + len(batch), trace)
+    return trace
+
+
+def segment_metrics(y: np.ndarray, p_base: np.ndarray, p_memory: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    return {
+        "n": int(mask.sum()),
+        "logloss_base": log_loss(y[mask], p_base[mask]),
+        "logloss_memory": log_loss(y[mask], p_memory[mask]),
+        "auc_base": auc(y[mask], p_base[mask]),
+        "auc_memory": auc(y[mask], p_memory[mask]),
+    }

@@ -1,0 +1,120 @@
+"""The DSL trainer: learns from the stream in micro-batches and publishes versioned snapshots.
+
+Why resume from the newest snapshot: a restarted worker continues the model it served instead
+of starting over, so a crash costs at most the steps since the last snapshot (every
+``snapshot_every_steps`` steps or ``snapshot_every_s`` seconds, whichever comes first).
+Redelivered events are not learned twice: each event id is marked once (SET NX) before its
+gradient step.
+
+Implicit feedback: an event with a label trains on that label; an unlabelled ``click`` /
+``purchase`` / ``cart`` / ``fav`` is a positive and gets ``negatives`` sampled items from the
+recent item pool as negatives; a bare ``impression`` without a label teaches nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import orjson
+import torch
+from redis.asyncio import Redis
+
+from driftrec.settings import Settings
+from models.dsl import DSLRecommender, sample_negatives
+from models.interaction import Interaction
+from streams.events import Event
+from streams.snapshots import SnapshotKeys, load_snapshot, publish_snapshot
+
+log = logging.getLogger(__name__)
+POSITIVE_KINDS = {"click", "purchase", "cart", "fav", "buy"}
+DEDUP_TTL_S = 7 * 24 * 3600
+
+
+def training_examples(events: Sequence[Event], rng: np.random.Generator, item_pool: Sequence[str],
+                      negatives: int) -> list[Interaction]:
+    """Turn contract events into labelled interactions (see the module docstring for the rule)."""
+    out: list[Interaction] = []
+    for event in events:
+        x = event.to_interaction()
+        if x.label is not None:
+            out.append(x)
+        elif x.kind in POSITIVE_KINDS:
+            out.append(replace(x, label=1))
+            if item_pool:
+                out.extend(sample_negatives(x, negatives, rng, item_pool, exclude={x.item_id}))
+    return out
+
+
+class DSLTrainer:
+    """Stateful batch handler for the ``trainer`` agent."""
+
+    def __init__(self, redis: Redis, settings: Settings, negatives: int = 4) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.cfg = settings.dsl
+        self.keys = SnapshotKeys(settings.key_prefix, "dsl")
+        self.seen_prefix = f"{settings.key_prefix}:dsl:g{self.cfg.generation}:seen:"
+        self.negatives = negatives
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.model: DSLRecommender | None = None
+        self.catalog: dict[str, str] = {}
+        self.item_pool: deque[str] = deque(maxlen=5000)
+        self.version: int | None = None
+        self.steps_since_publish = 0
+        self.last_publish = time.monotonic()
+
+    async def _ensure_model(self) -> DSLRecommender:
+        if self.model is None:
+            torch.set_num_threads(1)
+            snapshot = await load_snapshot(self.redis, self.keys)
+            if snapshot is not None and "model" in snapshot[1]:
+                self.version, parts = snapshot
+                self.model = DSLRecommender.from_snapshot(parts["model"])
+                self.catalog = orjson.loads(parts.get("catalog", b"{}"))
+                log.info("trainer resumed from snapshot v%s (step %d)", self.version, self.model.step)
+            else:
+                c = self.cfg
+                self.model = DSLRecommender(n_rows=c.n_rows, dim=c.dim, density=c.density, lr=c.lr, seed=c.seed)
+        return self.model
+
+    async def _new_events(self, events: Sequence[Event]) -> list[Event]:
+        """Mark each event id once; only first deliveries are learned."""
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:
+            pipe.set(self.seen_prefix + event.event_id, 1, nx=True, ex=DEDUP_TTL_S)
+        marked = await pipe.execute()
+        return [e for e, fresh in zip(events, marked) if fresh]
+
+    async def handle(self, events: list[Event]) -> int:
+        if not events:
+            return 0
+        model = await self._ensure_model()
+        fresh = await self._new_events(events)
+        for e in fresh:
+            if e.category:
+                self.catalog[e.item_id] = e.category
+        examples = training_examples(fresh, self.rng, list(self.item_pool), self.negatives)
+        self.item_pool.extend(e.item_id for e in fresh)
+        batch = self.cfg.batch_size
+        for start in range(0, len(examples), batch):
+            model.learn_many(examples[start:start + batch])
+            self.steps_since_publish += 1
+        if self.steps_since_publish and (self.steps_since_publish >= self.cfg.snapshot_every_steps
+                                         or time.monotonic() - self.last_publish >= self.cfg.snapshot_every_s):
+            await self.publish()
+        return len(fresh)
+
+    async def publish(self) -> int:
+        model = await self._ensure_model()
+        parts = {"model": model.to_snapshot(), "catalog": orjson.dumps(self.catalog)}
+        self.version = await publish_snapshot(self.redis, self.keys, parts)
+        self.steps_since_publish = 0
+        self.last_publish = time.monotonic()
+        log.info("published DSL snapshot v%d (step %d, %d active params)", self.version, model.step,
+                 model.n_active_params)
+        return self.version

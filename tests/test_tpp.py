@@ -1,0 +1,159 @@
+"""Fast checks of the neural TPP and PromptTPP math (CPU, one thread, < 60 s)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.prompt_tpp import PromptTPP, TypeVocabulary
+from models.tpp import HomogeneousPoisson, NeuralTPP, collate
+
+torch.set_num_threads(1)
+
+TAOBAO = Path("/work/shared/data/tpp-taobao-easytpp")
+
+
+def random_sequences(n_seq: int, n_types: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_seq):
+        m = int(rng.integers(3, 15))
+        t = 100.0 + np.cumsum(rng.exponential(0.7, size=m))
+        out.append((t, rng.integers(0, n_types, size=m).astype(np.int64)))
+    return out
+
+
+def load_easytpp(path: Path, limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    raw = json.loads(path.read_text())[:limit]
+    return [
+        (np.cumsum(np.asarray(s["time_since_last_event"], dtype=np.float64)), np.asarray(s["type_event"], dtype=np.int64))
+        for s in raw
+    ]
+
+
+def force_constant(model: NeuralTPP, rates_model_units: np.ndarray) -> None:
+    """Zero the head's weights so lambda_k = softplus(b_k) + 1e-6 whatever the history."""
+    with torch.no_grad():
+        model.net.head.weight.zero_()
+        b = torch.tensor(rates_model_units - 1e-6, dtype=torch.float64)
+        model.net.head.bias.copy_(torch.log(torch.expm1(b)).float())
+
+
+@pytest.mark.parametrize("time_scale", [1.0, 2.5])
+def test_log_likelihood_matches_constant_intensity_by_hand(time_scale: float) -> None:
+    k = 3
+    rates = np.array([0.2, 0.5, 1.3])  # per caller time unit
+    model = NeuralTPP(k, time_scale=time_scale, max_gap=10.0)
+    force_constant(model, rates * time_scale)
+    seqs = random_sequences(7, k)
+    total, n = 0.0, 0
+    for t, types in seqs:  # LL = sum log lambda_{k_i} - (sum_k lambda_k) * (t_n - t_1), first event conditions
+        total += np.log(rates[types[1:]]).sum() - rates.sum() * (t[-1] - t[0])
+        n += len(t) - 1
+    assert model.log_likelihood_many(seqs) == pytest.approx(total / n, rel=1e-4, abs=1e-4)
+
+
+def test_constant_intensity_predictions_follow_exponential_law() -> None:
+    rates = np.array([0.5, 1.5])
+    model = NeuralTPP(2, time_scale=1.0, max_gap=40.0, grid_size=400)
+    force_constant(model, rates)
+    times, types = model.predict_next(random_sequences(3, 2))
+    last = np.array([s[0][-1] for s in random_sequences(3, 2)])
+    assert np.allclose(times - last, 1.0 / rates.sum(), rtol=1e-2)  # E[gap] = 1 / total rate
+    assert (types == 1).all()
+
+
+def test_intensities_positive_and_finite() -> None:
+    model = PromptTPP(5, seed=1)
+    seqs = random_sequences(6, 5, seed=3)
+    model.learn_many(seqs)
+    batch = collate(seqs, model.time_scale)
+    pre = model._prefixes(batch)
+    h = model.net.encode(batch, pre)
+    gaps = torch.rand(h.shape[0], h.shape[1], 4) * 3
+    lam = model.net.intensity_at(batch, h, h, gaps, pre)
+    assert torch.isfinite(lam).all() and (lam > 0).all()
+    t, k = seqs[0]
+    for at in (t[-1], t[-1] + 0.01, t[-1] + 50.0):
+        p = model.propensity(t, k, at)
+        assert p.shape == (5,) and np.isfinite(p).all() and (p > 0).all()
+    assert (model.propensity(np.zeros(0), np.zeros(0, dtype=np.int64), 1.0) > 0).all()
+
+
+def test_prompts_are_retrieved_and_change_outputs() -> None:
+    model = PromptTPP(4, pool_size=6, top_n=2, prompt_len=3, seed=0)
+    seqs = random_sequences(5, 4)
+    model.learn_many(seqs)
+    t, k = seqs[1]
+    before = model.propensity(t, k, t[-1] + 0.3)
+    sel = model.last_selection
+    assert sel is not None and sel.shape == (1, len(t), 2)
+    assert int(sel.min()) >= 0 and int(sel.max()) < 6
+    with torch.no_grad():
+        used = torch.unique(sel)
+        model.pool.prompts[:, used] += 1.0
+    after = model.propensity(t, k, t[-1] + 0.3)
+    assert not np.allclose(before, after)
+    with torch.no_grad():  # prompts nobody retrieved must not matter
+        unused = [i for i in range(6) if i not in set(sel.flatten().tolist())]
+        model.pool.prompts[:, unused] += 5.0
+    assert np.allclose(after, model.propensity(t, k, t[-1] + 0.3), atol=1e-6)
+
+
+@pytest.mark.parametrize("freeze", ["query", "encoder"])
+def test_second_period_leaves_frozen_parts_unchanged(freeze: str) -> None:
+    model = PromptTPP(4, freeze=freeze, seed=0)
+    model.start_period()
+    model.learn_many(random_sequences(8, 4, seed=1))
+    model.end_period()
+    assert torch.equal(model.query_emb.weight, model.net.type_emb.weight)  # snapshot taken
+    frozen = {k: v.detach().clone() for k, v in model.frozen_parameters().items()}
+    emb = model.net.type_emb.weight.detach().clone()
+    head = model.net.head.weight.detach().clone()
+    keys = model.pool.keys.detach().clone()
+    assert frozen
+    model.start_period()
+    model.learn_many(random_sequences(8, 4, seed=2), epochs=2)
+    model.end_period()
+    for name, value in model.frozen_parameters().items():
+        assert torch.equal(value, frozen[name]), name
+    assert not torch.equal(model.net.head.weight, head)
+    assert not torch.equal(model.pool.keys, keys)
+    if freeze == "query":  # the TPP's own embedding keeps learning jointly, as in the paper
+        assert not torch.equal(model.net.type_emb.weight, emb)
+
+
+def test_serialisation_round_trip() -> None:
+    seqs = random_sequences(6, 4)
+    for cls in (NeuralTPP, PromptTPP):
+        model = cls(4, seed=0)
+        model.learn_many(seqs)
+        model.end_period()
+        clone = cls.from_bytes(model.to_bytes())
+        t, k = seqs[2]
+        assert np.allclose(model.propensity(t, k, t[-1] + 0.5), clone.propensity(t, k, t[-1] + 0.5))
+        assert model.log_likelihood_many(seqs) == pytest.approx(clone.log_likelihood_many(seqs))
+    assert isinstance(clone, PromptTPP) and clone.periods_done == 1
+    assert not any(p.requires_grad for p in clone.frozen_parameters().values())
+
+
+def test_type_vocabulary_first_seen_order_overflow_and_round_trip() -> None:
+    vocab = TypeVocabulary(3)
+    assert [vocab.add(c) for c in ["shoes", "books", "shoes", "toys", None]] == [0, 1, 0, 2, 2]
+    assert vocab.lookup("unknown") == vocab.overflow_id == 2 and len(vocab) == 2
+    clone = TypeVocabulary.from_bytes(vocab.to_bytes())
+    assert clone.ids == vocab.ids and clone.names() == ["shoes", "books", "<other>"]
+
+
+@pytest.mark.skipif(not TAOBAO.exists(), reason="Taobao TPP data not available")
+def test_learns_real_taobao_better_than_poisson() -> None:
+    train = load_easytpp(TAOBAO / "train.json", 160)
+    dev = load_easytpp(TAOBAO / "dev.json", 60)
+    poisson = HomogeneousPoisson(17).learn_many(train).log_likelihood_many(dev)
+    model = PromptTPP(17, seed=0)
+    model.learn_many(train, epochs=4)
+    assert model.log_likelihood_many(dev) > poisson
