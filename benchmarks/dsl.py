@@ -107,7 +107,8 @@ def inference_times(model: SparseMF, n_items: int, seed: int, repeats: int) -> d
     return out
 
 
-def run_gowalla(data: Path, epochs: int, dim: int, seed: int, prune_every: int, repeats: int) -> dict[str, float]:
+def run_gowalla(data: Path, epochs: int, dim: int, seed: int, prune_every: int, repeats: int,
+                grow_from: str = "batch") -> dict[str, float]:
     train = read_lightgcn(data / "train.txt")
     test = read_lightgcn(data / "test.txt")
     n_users = max(len(train), len(test))
@@ -122,7 +123,7 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, prune_every: int, 
     result: dict[str, float] = {}
     for tag, density in (("dense", 1.0), ("s80", 0.2), ("s90", 0.1), ("s95", 0.05)):
         model = SparseMF(n_users, n_items, dim=dim, density=density, batch_size=batch,
-                         prune_every=prune_every, total_steps=total_steps, seed=seed)
+                         prune_every=prune_every, total_steps=total_steps, seed=seed, grow_from=grow_from)
         log(f"[{tag}] density={density} active={model.n_active_params:,}/{model.n_total_params:,}")
         t0 = time.perf_counter()
         for epoch in range(1, epochs + 1):
@@ -197,14 +198,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2000, help="repeats for inference timing")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grow-from", choices=("batch", "window"), default="batch",
+                    help="growth score: last batch's dense gradient (paper) or |grad| summed over the ΔT window")
     ap.add_argument("--skip-ml100k", action="store_true")
     ap.add_argument("--ml100k-limit", type=int, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     result: dict[str, object] = {"benchmark": "dsl", "data": str(args.data), "epochs": args.epochs, "dim": args.dim,
-                                 "prune_every": args.prune_every}
-    result.update(run_gowalla(args.data, args.epochs, args.dim, args.seed, args.prune_every, args.repeats))
+                                 "prune_every": args.prune_every, "grow_from": args.grow_from}
+    result.update(run_gowalla(args.data, args.epochs, args.dim, args.seed, args.prune_every, args.repeats,
+                              args.grow_from))
     if args.skip_ml100k:
         result["ml100k"] = "skipped (--skip-ml100k)"
     else:

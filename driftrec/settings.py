@@ -60,13 +60,28 @@ class DSLSettings(BaseModel):
 
 
 class TPPSettings(BaseModel):
-    """PromptTPP (issue 5)."""
+    """PromptTPP (issue 5); the agent is ``streams/tpp_agent.py``, its rules are documented there."""
 
     enabled: bool = True
-    n_types: int = 32
+    n_types: int = 32  # type ids incl. the overflow id shared by categories beyond the first 31
     hidden: int = 32
-    period_events: int = 2000
-    max_seq_len: int = 64
+    # PromptTPP options (official config's M, N, L_p, lambda; freeze mode see models/prompt_tpp.py)
+    pool_size: int = 10
+    top_n: int = 5
+    prompt_len: int = 5
+    key_weight: float = 0.1
+    freeze: str = "query"
+    lr: float = 3e-3
+    period_events: int = 2000  # fresh events per stream period (end_period() at each boundary)
+    max_seq_len: int = 64  # newest events per user the TPP sees (training window and history)
+    # Bounded work per micro-batch, so a batch never holds the worker for long: at most this many
+    # user windows are learned (one Adam step per `batch_size` of them); propensities are
+    # recomputed for every touched user (bounded by the worker's batch size).
+    train_seqs_per_batch: int = 32
+    batch_size: int = 32
+    min_time_scale_s: float = 1.0  # floor of the fitted time unit (a first batch of same-second events)
+    snapshot_every_steps: int = 20
+    snapshot_every_s: float = 10.0
     seed: int = 0
 
 

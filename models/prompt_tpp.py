@@ -125,7 +125,10 @@ class PromptTPP(NeuralTPP):
     def query(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal query per position and the gap encoding used to time-stamp prompts."""
         d = self.net.d
-        table = self.net.type_emb if self.periods_done == 0 else self.query_emb
+        # freeze="none" (the official code) keeps reading the live TPP embedding; before this
+        # check, "none" also switched to the frozen snapshot and so behaved exactly like "query".
+        live = self.periods_done == 0 or self.freeze == "none"
+        table = self.net.type_emb if live else self.query_emb
         emb = table(batch.types) * batch.mask.unsqueeze(-1)
         count = torch.arange(1, batch.types.shape[1] + 1, dtype=torch.float32).view(1, -1, 1)
         content = emb.cumsum(1) / count

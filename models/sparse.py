@@ -39,6 +39,11 @@ Deviations, with reasons:
 * **Optimiser state.** Gradients are masked before the optimiser step, so Adam moments of
   inactive weights stay zero and inactive weights never move; on prune/grow the moments of every
   changed position are zeroed (the authors only reset SGD momentum buffers).
+* **Optional window growth score** (``grow_from="window"``, not the default): |dense gradient|
+  summed over the ΔT steps since the last exploration instead of the last batch's only. With
+  few, short epochs the last batch covers a small share of rows, so the paper's score regrows
+  mostly that batch's rows (the critique made by SparseRec, arXiv:2411.12205). Off by default so
+  the benchmark measures the paper's rule; it has not been benchmarked end to end here.
 * **Online, unbounded streams.** ``cosine_update_fraction`` holds ``p(t)`` at the floor after
   ``total_steps`` (``CosineAnnealingLR`` would start climbing again), so a long-lived online model
   keeps a small, steady amount of exploration, which also helps it follow drift.

@@ -68,8 +68,12 @@ def plan_buckets(names: BucketNames, hidden: np.ndarray) -> BucketPlan:
     if codes.shape[0] == 0:
         return BucketPlan([], np.zeros((0, names.lsh.n_tables), dtype=np.int64))
     flat = names.flat_ids(codes)
-    distinct, inverse = np.unique(flat, return_inverse=True)
-    return BucketPlan(names.names[distinct].tolist(), inverse.reshape(flat.shape))
+    # the id space is small (n_tables · 2**n_bits): a presence table beats sorting for unique()
+    present = np.zeros(names.names.size, dtype=bool)
+    present[flat] = True
+    distinct = np.flatnonzero(present)
+    position = np.cumsum(present) - 1
+    return BucketPlan(names.names[distinct].tolist(), position[flat])
 
 
 def estimates_from_values(

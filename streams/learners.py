@@ -19,9 +19,10 @@ def default_learners(settings: Settings) -> dict[str, Callable[[Redis], BatchHan
     if settings.dsl.enabled:
         from streams.trainer import DSLTrainer
 
+        # the trainer also writes the served snapshot's errors (ReLoop2) before each step
         learners["trainer"] = lambda redis: DSLTrainer(redis, settings).handle
-    if settings.dsl.enabled and settings.memory.enabled:
-        from streams.memory_agent import ErrorMemoryWriter
+    if settings.tpp.enabled:
+        from streams.tpp_agent import TPPLearner
 
-        learners["error_memory"] = lambda redis: ErrorMemoryWriter(redis, settings).handle
+        learners["tpp"] = lambda redis: TPPLearner(redis, settings).handle
     return learners

@@ -1,10 +1,12 @@
-"""The error-memory agent: records the *served* model's errors on labelled events (ReLoop2).
+"""Recording the *served* model's errors on labelled events (ReLoop2's memory write).
 
-Why the served snapshot and not the trainer's live model: the memory must hold the errors users
-actually saw, so the agent scores each batch with the newest published snapshot (the one the
-scoring service has loaded) and writes ``y − ŷ`` keyed by LSH codes of its hidden vector.
-Until a first snapshot exists nothing is served, so nothing is written. Writes are idempotent
-per event id (see ``streams.error_memory``).
+Why this runs inside the trainer agent, before the gradient step, rather than as a separate
+agent: the memory must hold the errors users actually saw, i.e. those of the snapshot serving
+had loaded *before* the model learned these events. A separate agent racing the trainer would
+sometimes score with a snapshot that already learned the batch and store errors that were never
+made (we measured compensation turning harmful that way). The trainer knows exactly which
+snapshot is being served — the one it last published — so it hands that scorer here first.
+Writes are idempotent per event id (see ``streams.error_memory``).
 """
 
 from __future__ import annotations
@@ -16,49 +18,30 @@ from redis.asyncio import Redis
 from driftrec.settings import Settings
 from models.dsl import SparseScorer
 from models.error_memory import RandomProjectionLSH
+from models.interaction import Interaction
 from streams.error_memory import MemoryKeys, write_errors
-from streams.events import Event
-from streams.snapshots import SnapshotKeys, latest_version, load_snapshot
 
 log = logging.getLogger(__name__)
 
 
 class ErrorMemoryWriter:
-    """Stateful batch handler for the ``error_memory`` agent."""
+    """Writes ``(LSH(hidden), y − ŷ, ts)`` of the served scorer for labelled interactions."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.settings = settings
-        self.snapshot_keys = SnapshotKeys(settings.key_prefix, "dsl")
-        m = settings.memory
-        self.keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation, m.n_shards)
-        self.scorer: SparseScorer | None = None
+        self.cfg = settings.memory
+        self.generation = settings.dsl.generation
+        self.keys = MemoryKeys.from_settings(settings.key_prefix, self.generation, self.cfg.n_shards)
         self.lsh: RandomProjectionLSH | None = None
-        self.version: int | None = None
 
-    async def _refresh(self) -> None:
-        newest = await latest_version(self.redis, self.snapshot_keys)
-        if newest is None or newest == self.version:
-            return
-        snapshot = await load_snapshot(self.redis, self.snapshot_keys)
-        if snapshot is None:
-            return
-        self.version, parts = snapshot
-        self.scorer = SparseScorer.from_snapshot(parts["model"])
-        if self.lsh is None:
-            m = self.settings.memory
-            self.lsh = RandomProjectionLSH(dim=self.scorer.hidden, n_tables=m.n_tables, n_bits=m.n_bits,
-                                           seed=m.seed, version=self.settings.dsl.generation)
-
-    async def handle(self, events: list[Event]) -> int:
-        labelled = [e.to_interaction() for e in events if e.label is not None]
+    async def write(self, served: SparseScorer, interactions: list[Interaction]) -> int:
+        labelled = [x for x in interactions if x.label is not None]
         if not labelled:
             return 0
-        await self._refresh()
-        if self.scorer is None or self.lsh is None:
-            return 0
-        probs, hidden = self.scorer.predict_with_hidden(labelled)
-        m = self.settings.memory
+        if self.lsh is None:
+            self.lsh = RandomProjectionLSH(dim=served.hidden, n_tables=self.cfg.n_tables, n_bits=self.cfg.n_bits,
+                                           seed=self.cfg.seed, version=self.generation)
+        probs, hidden = served.predict_with_hidden(labelled)
         await write_errors(self.redis, self.keys, self.lsh, labelled, probs, hidden,
-                           capacity=m.bucket_capacity, ttl_s=m.ttl_s)
+                           capacity=self.cfg.bucket_capacity, ttl_s=self.cfg.ttl_s)
         return len(labelled)

@@ -4,7 +4,8 @@ Why resume from the newest snapshot: a restarted worker continues the model it s
 of starting over, so a crash costs at most the steps since the last snapshot (every
 ``snapshot_every_steps`` steps or ``snapshot_every_s`` seconds, whichever comes first).
 Redelivered events are not learned twice: each event id is marked once (SET NX) before its
-gradient step.
+gradient step. With the error memory on, the errors of the *served* snapshot on each fresh batch
+are written before the step (see ``streams.memory_agent`` for why here).
 
 Implicit feedback: an event with a label trains on that label; an unlabelled ``click`` /
 ``purchase`` / ``cart`` / ``fav`` is a positive and gets ``negatives`` sampled items from the
@@ -25,9 +26,10 @@ import torch
 from redis.asyncio import Redis
 
 from driftrec.settings import Settings
-from models.dsl import DSLRecommender, sample_negatives
+from models.dsl import DSLRecommender, SparseScorer, sample_negatives
 from models.interaction import Interaction
 from streams.events import Event
+from streams.memory_agent import ErrorMemoryWriter
 from streams.snapshots import SnapshotKeys, load_snapshot, publish_snapshot
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class DSLTrainer:
         self.negatives = negatives
         self.rng = np.random.default_rng(self.cfg.seed)
         self.model: DSLRecommender | None = None
+        self.served: SparseScorer | None = None  # what the scoring service has loaded: the last publish
+        self.memory = ErrorMemoryWriter(redis, settings) if settings.memory.enabled else None
         self.catalog: dict[str, str] = {}
         self.item_pool: deque[str] = deque(maxlen=5000)
         self.version: int | None = None
@@ -75,6 +79,7 @@ class DSLTrainer:
             if snapshot is not None and "model" in snapshot[1]:
                 self.version, parts = snapshot
                 self.model = DSLRecommender.from_snapshot(parts["model"])
+                self.served = SparseScorer.from_snapshot(parts["model"])
                 self.catalog = orjson.loads(parts.get("catalog", b"{}"))
                 log.info("trainer resumed from snapshot v%s (step %d)", self.version, self.model.step)
             else:
@@ -98,6 +103,9 @@ class DSLTrainer:
         for e in fresh:
             if e.category:
                 self.catalog[e.item_id] = e.category
+        if self.memory is not None and self.served is not None:
+            # test-then-train: the served snapshot's errors are recorded before the model learns
+            await self.memory.write(self.served, [e.to_interaction() for e in fresh])
         examples = training_examples(fresh, self.rng, list(self.item_pool), self.negatives)
         self.item_pool.extend(e.item_id for e in fresh)
         batch = self.cfg.batch_size
@@ -113,6 +121,7 @@ class DSLTrainer:
         model = await self._ensure_model()
         parts = {"model": model.to_snapshot(), "catalog": orjson.dumps(self.catalog)}
         self.version = await publish_snapshot(self.redis, self.keys, parts)
+        self.served = SparseScorer.from_snapshot(parts["model"])
         self.steps_since_publish = 0
         self.last_publish = time.monotonic()
         log.info("published DSL snapshot v%d (step %d, %d active params)", self.version, model.step,

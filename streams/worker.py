@@ -53,6 +53,8 @@ class WorkerMetrics:
                                        registry=self.registry)
         self.learner_events = Counter("driftrec_learner_events_total", "Events learned, per learner",
                                       ["learner"], registry=self.registry)
+        self.learner_seen = Counter("driftrec_learner_seen_total", "Valid events a learner has handled "
+                                    "(learned or deliberately skipped)", ["learner"], registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -147,6 +149,12 @@ def build_app(settings: Settings, learners: dict[str, Callable[[Redis], BatchHan
     async def prometheus_metrics(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
         return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
 
+    if settings.serving.kafka_agent:
+        from serving.kafka_agent import register_scoring_agent
+        from serving.scorer import Scorer
+
+        register_scoring_agent(app, settings, lambda: Scorer(settings))
+
     return app
 
 
@@ -158,6 +166,7 @@ def _register_learner(app: faust.App, topic: faust.TopicT, name: str, handler: B
             valid, _ = split_valid([_raw(e) for e in batch])
             learned = await handler(valid)
             metrics.learner_events.labels(name).inc(learned)
+            metrics.learner_seen.labels(name).inc(len(valid))
             metrics.batch_seconds.labels(name).observe(time.perf_counter() - started)
 
     learner.__name__ = name

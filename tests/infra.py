@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from driftrec.procs import settings_env  # noqa: F401 - re-exported: tests and benchmarks import it here
 from driftrec.settings import Settings
 
 TEST_REDIS_DB = int(os.environ.get("DRIFTREC_TEST_REDIS_DB", "2"))
@@ -78,28 +79,14 @@ def _settings(home: Path, run_id: str, bootstrap: str, redis_url: str) -> Settin
 
 def delete_prefix(settings: Settings, prefix: str | None = None) -> None:
     client = redis.Redis.from_url(settings.redis_url)
-    for key in client.scan_iter(match=f"{prefix or settings.key_prefix}:*", count=1000):
-        client.delete(key)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a `driftrec` subprocess see these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTREC_")}
-    env.update({
-        "DRIFTREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "DRIFTREC_REDIS_URL": settings.redis_url,
-        "DRIFTREC_HOME": str(settings.home),
-        "DRIFTREC_KEY_PREFIX": settings.key_prefix,
-        "DRIFTREC_TOPIC_PREFIX": settings.topic_prefix,
-        "DRIFTREC_WORKER_ID": settings.worker_id,
-        "DRIFTREC_WORKER_WEB_PORT": str(settings.worker_web_port),
-        "DRIFTREC_EVENTS_PARTITIONS": str(settings.events_partitions),
-        "DRIFTREC_SERVING__PORT": str(settings.serving.port),
-        "DRIFTREC_SHARED_DATA": str(settings.shared_data),
-    })
-    for section in ("memory", "dsl", "tpp"):
-        env[f"DRIFTREC_{section.upper()}__ENABLED"] = str(getattr(settings, section).enabled).lower()
-    return env
+    chunk: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix or settings.key_prefix}:*", count=5000):
+        chunk.append(key)
+        if len(chunk) >= 5000:
+            client.unlink(*chunk)
+            chunk.clear()
+    if chunk:
+        client.unlink(*chunk)
 
 
 class WorkerProcess:

@@ -45,9 +45,10 @@ def test_cosine_schedule_starts_at_initial_and_settles_at_floor() -> None:
     assert cosine_update_fraction(5000, 1000) == pytest.approx(0.005)  # flat after the horizon
 
 
-def test_active_count_constant_and_inactive_weights_never_move() -> None:
+@pytest.mark.parametrize("grow_from", ["batch", "window"])
+def test_active_count_constant_and_inactive_weights_never_move(grow_from: str) -> None:
     params, w = _toy_model()
-    masks = SparseParameterSet(params, 0.25, seed=1)
+    masks = SparseParameterSet(params, 0.25, seed=1, grow_from=grow_from)
     opt = torch.optim.Adam([*params.values(), w], lr=0.05)
     schedule = DSLSchedule(prune_every=3, total_steps=60)
     rng = np.random.default_rng(0)

@@ -66,7 +66,9 @@ def test_replay_builds_exact_state_and_dead_letters_bad_input(isolated: Settings
             for key, value, _ in BAD_MESSAGES:
                 producer.send_raw(value, key=key)
         publish(isolated, events[3000:], progress=False)
-        wait_for(lambda: state_reaches(isolated, expected), 120, "Redis state of all events", worker)
+        wait_for(lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] >= len(events),
+                 120, "every event processed", worker)
+        wait_for(lambda: state_reaches(isolated, expected), 30, "Redis state of all events", worker, interval=1)
 
         letters = read_dlq(isolated, len(BAD_MESSAGES))
         assert len(letters) == len(BAD_MESSAGES)
@@ -103,6 +105,6 @@ def test_worker_killed_mid_stream_converges_to_the_same_state(isolated: Settings
         partial = redis_state(isolated)
         assert partial != expected, "the kill must land mid-stream for this test to mean anything"
         worker = WorkerProcess(isolated, log).start()
-        wait_for(lambda: state_reaches(isolated, expected), 180, "state after restart", worker)
+        wait_for(lambda: state_reaches(isolated, expected), 180, "state after restart", worker, interval=2)
     finally:
         worker.stop()

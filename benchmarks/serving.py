@@ -1,0 +1,244 @@
+"""Scoring-service latency and throughput over real Redis and a real `driftrec serve` process.
+
+1. Trains a ``DSLRecommender`` briefly on ML-100K (or ``--data``: an ML-100K directory), publishes
+   it with its catalog as a snapshot, writes error memory for the training events and a TPP
+   propensity for every user, all under a private key prefix (deleted at the end).
+2. Starts ``driftrec serve`` (one uvicorn worker) in a subprocess.
+3. For each candidate count (1, 100, 1000) a *separate* load process keeps ``--concurrency``
+   keep-alive connections busy for ``--duration`` seconds (after a short warm-up) with
+   pre-encoded requests for random users and candidates (catalog items plus some unknown ids),
+   and reports client-observed latencies.
+
+Prints a progress line with the request rate every few seconds; the last line is one JSON
+object. The client shares the machine with the server, so its CPU is part of what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# ---- load generator (runs in its own process) -----------------------------------------------
+async def _load(url: str, bodies: list[bytes], duration: float, warmup: float, concurrency: int,
+                label: str) -> dict[str, float]:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + warmup + duration
+    measure_from = time.perf_counter() + warmup
+    headers = {"content-type": "application/json"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(k: int, client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        i = k
+        while (now := time.perf_counter()) < stop_at:
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            resp = await client.post(url, content=body, headers=headers)
+            done = time.perf_counter()
+            if resp.status_code != 200:
+                errors += 1
+            elif now >= measure_from:
+                latencies.append(done - now)
+
+    async def progress() -> None:
+        last, last_t = 0, time.perf_counter()
+        while time.perf_counter() < stop_at:
+            await asyncio.sleep(5.0)
+            n, t = len(latencies), time.perf_counter()
+            print(f"[{label}] {n} requests measured, {(n - last) / (t - last_t):.0f} req/s", file=sys.stderr,
+                  flush=True)
+            last, last_t = n, t
+
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        ticker = asyncio.create_task(progress())
+        await asyncio.gather(*(worker(k, client) for k in range(concurrency)))
+        ticker.cancel()
+    lat = np.asarray(latencies) * 1000.0
+    return {"n": int(lat.size), "errors": errors, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "requests_per_s": lat.size / duration}
+
+
+def load_main(args: argparse.Namespace) -> None:
+    bodies = [line.encode() for line in Path(args.bodies).read_text().splitlines()]
+    out = asyncio.run(_load(args.url, bodies, args.duration, args.warmup, args.concurrency, args.label))
+    print(json.dumps(out), flush=True)
+
+
+# ---- setup: state in Redis -----------------------------------------------------------------
+async def prepare_state(settings, data: Path | None, train_events: int, memory_events: int) -> dict[str, object]:  # noqa: ANN001
+    import orjson
+    from redis.asyncio import Redis
+
+    from models.dsl import DSLRecommender, SparseScorer
+    from models.error_memory import RandomProjectionLSH
+    from streams.datasets import load_ml100k_interactions
+    from streams.error_memory import MemoryKeys, write_errors
+    from streams.snapshots import SnapshotKeys, publish_snapshot
+    from streams.state import StateKeys
+
+    t0 = time.perf_counter()
+    xs = load_ml100k_interactions(data)
+    labelled = [x for x in xs if x.label is not None]
+    d = settings.dsl
+    model = DSLRecommender(n_rows=d.n_rows, dim=d.dim, density=d.density, lr=d.lr, seed=d.seed)
+    train = labelled[:train_events]
+    for k in range(0, len(train), d.batch_size):
+        model.learn_many(train[k:k + d.batch_size])
+    catalog = {x.item_id: x.category for x in xs if x.category is not None}
+    blob = model.to_snapshot()
+    print(f"trained on {len(train)} events in {time.perf_counter() - t0:.1f} s; snapshot {len(blob) / 1e6:.1f} MB, "
+          f"{len(catalog)} catalog items", file=sys.stderr, flush=True)
+    redis = Redis.from_url(settings.redis_url)
+    version = await publish_snapshot(redis, SnapshotKeys(settings.key_prefix, "dsl"),
+                                     {"model": blob, "catalog": orjson.dumps(catalog)})
+    scorer = SparseScorer.from_snapshot(blob)
+    m = settings.memory
+    lsh = RandomProjectionLSH(dim=scorer.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed,
+                              version=d.generation)
+    keys = MemoryKeys.from_settings(settings.key_prefix, d.generation, m.n_shards)
+    mem = labelled[train_events:train_events + memory_events]
+    for k in range(0, len(mem), 2000):
+        chunk = mem[k:k + 2000]
+        probs, hidden = scorer.predict_with_hidden(chunk)
+        await write_errors(redis, keys, lsh, chunk, probs, hidden, capacity=m.bucket_capacity)
+    users = sorted({x.user_id for x in xs})
+    cats = sorted(set(catalog.values()))
+    rng = np.random.default_rng(0)
+    state = StateKeys(settings.key_prefix)
+    pipe = redis.pipeline(transaction=False)
+    for u in users:
+        p = rng.dirichlet(np.ones(len(cats)))
+        pipe.set(state.user_tpp(u), orjson.dumps({"ts": time.time() - 600, "version": 1, "n_types": len(cats),
+                                                   "probs": dict(zip(cats, p.tolist()))}))
+    await pipe.execute()
+    await redis.aclose()
+    print(f"state ready: snapshot v{version}, memory for {len(mem)} events, tpp for {len(users)} users "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    return {"version": version, "users": users, "items": sorted(catalog)}
+
+
+def cleanup(settings) -> None:  # noqa: ANN001
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    batch = []
+    for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            client.unlink(*batch)
+            batch = []
+    if batch:
+        client.unlink(*batch)
+
+
+def make_bodies(users: list[str], items: list[str], n: int, count: int, rng: np.random.Generator) -> list[str]:
+    out = []
+    for _ in range(count):
+        known = rng.choice(items, size=min(n, len(items)), replace=False).tolist()
+        cands = [c if rng.random() > 0.05 else f"unknown-{rng.integers(1 << 30)}" for c in known]
+        while len(cands) < n:
+            cands.append(f"unknown-{rng.integers(1 << 30)}")
+        out.append(json.dumps({"user_id": str(rng.choice(users)), "candidates": cands}))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="an ML-100K directory (default: the cached one)")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per candidate count")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--counts", default="1,100,1000")
+    parser.add_argument("--train-events", type=int, default=5_000)
+    parser.add_argument("--memory-events", type=int, default=20_000)
+    # internal: the load-generator process
+    parser.add_argument("--_load", dest="load", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--bodies", help=argparse.SUPPRESS)
+    parser.add_argument("--label", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load:
+        load_main(args)
+        return
+
+    import httpx
+
+    from driftrec.settings import get_settings
+    from tests.infra import free_port
+
+    base = get_settings()
+    settings = base.model_copy(update={"key_prefix": f"bench-serving-{uuid.uuid4().hex[:8]}"})
+    settings.serving = settings.serving.model_copy(update={"port": free_port(), "max_candidates": 2000})
+    counts = [int(c) for c in args.counts.split(",")]
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        info = asyncio.run(prepare_state(settings, args.data, args.train_events, args.memory_events))
+        env = dict(os.environ, DRIFTREC_KEY_PREFIX=settings.key_prefix, DRIFTREC_REDIS_URL=settings.redis_url,
+                   DRIFTREC_SERVING__PORT=str(settings.serving.port), DRIFTREC_SERVING__MAX_CANDIDATES="2000")
+        server = subprocess.Popen([sys.executable, "-m", "driftrec.cli", "serve"], env=env, cwd=REPO)
+        base_url = f"http://127.0.0.1:{settings.serving.port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base_url}/healthz", timeout=1).json().get("model_version") == info["version"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the scoring server did not come up")
+            time.sleep(0.2)
+        rng = np.random.default_rng(1)
+        results: dict[str, float] = {}
+        per_count: dict[int, dict[str, float]] = {}
+        bodies_dir = settings.home / "bench-serving"
+        bodies_dir.mkdir(parents=True, exist_ok=True)
+        for n in counts:
+            path = bodies_dir / f"bodies-{n}.jsonl"
+            path.write_text("\n".join(make_bodies(info["users"], info["items"], n, 300 if n <= 100 else 60, rng)))
+            done = subprocess.run(
+                [sys.executable, __file__, "--_load", "--url", f"{base_url}/v1/score", "--bodies", str(path),
+                 "--duration", str(args.duration), "--warmup", str(args.warmup),
+                 "--concurrency", str(args.concurrency), "--label", f"{n} candidates"],
+                capture_output=False, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
+            stats = json.loads(done.stdout.strip().splitlines()[-1])
+            per_count[n] = stats
+            print(f"{n:>5} candidates: p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms, "
+                  f"{stats['requests_per_s']:.0f} req/s, {stats['errors']} errors", flush=True)
+            results[f"p50_ms_{n}"] = round(stats["p50_ms"], 3)
+            results[f"p99_ms_{n}"] = round(stats["p99_ms"], 3)
+            results[f"requests_per_s_{n}"] = round(stats["requests_per_s"], 1)
+        results["requests_per_s"] = max(s["requests_per_s"] for s in per_count.values())
+        results["concurrency"] = args.concurrency
+        results["duration_s"] = args.duration
+        results["cpu_cores"] = os.cpu_count() or 0
+        results["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        results["errors"] = sum(int(s["errors"]) for s in per_count.values())
+        print(json.dumps(results), flush=True)
+    finally:
+        if server is not None and server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        cleanup(settings)
+
+
+if __name__ == "__main__":
+    main()

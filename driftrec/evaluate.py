@@ -1,0 +1,527 @@
+"""Prequential (test-then-train) evaluation through the real pipeline, and the one-command demo.
+
+Protocol (DESIGN.md, "Evaluation protocol")
+--------------------------------------------
+The stream is cut into windows of ``window`` events, in event-time order. For each window:
+
+1. **test** — every labelled event of the window is scored by the real scoring service
+   (``POST /v1/score``, a few requests in flight) with ``ts`` = the event's time and candidates =
+   [the event's item] + ``negatives`` items sampled with a fixed seed from the items seen so far
+   in the stream, excluding items the user already interacted with. Positive events are ranked
+   (Recall@20 / NDCG@20 of the positive among the candidates) — all of them, or a fixed-seed
+   fraction ``rank_fraction`` to keep long runs fast; the others are scored on their own item.
+2. **train** — then the window is published to the ``events`` topic; the real worker process
+   (ingest, DSL trainer, error-memory writer, TPP when present) learns it and publishes snapshots
+   and memory/TPP state to Redis, which the scoring service reloads.
+
+So the state that scored an event never includes the event itself: it includes at most the
+events *before* the event's window — fewer when the worker lags (the run waits whenever the
+trainer is more than ``max_lag`` events behind what was published, so the lag is bounded by
+``window + max_lag`` events plus the trainer's snapshot interval, ``dsl.snapshot_every_s``).
+Each record keeps ``published_before`` and ``model_version`` so the lag is visible.
+
+Variants, all from the *same served responses*: ``base`` = base, ``base+memory`` =
+clip(base + compensation), ``base+tpp`` = sigmoid(logit(clip(base)) + tpp), ``full`` = score.
+External peers (``river-lr``, ``river-fm``, ``vw``, see ``models/baselines.py``) are learned
+test-then-train in-process on the same events and score the same candidates; they learn each
+event right after scoring it (no lag), an advantage over the served model that the report keeps.
+
+``events_per_s``: for the served variants, labelled events scored per wall second of the whole
+loop (scoring, publishing and waiting for the worker: the pipeline's pace); for a peer, labelled
+events per second of its own predict + learn time.
+
+Outputs in ``out``: ``served.jsonl`` (one record per scored event: label, time, the served
+``base``/``compensation``/``tpp``/``score``, every variant's pointwise score and rank counts),
+``report.json``, ``report.html`` (self-contained) and one PNG per metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import redis
+from tqdm import tqdm
+
+from driftrec.procs import ChildProcess, serving_healthy, serving_url, start_server, start_worker, worker_metrics
+from driftrec.report import SERVED_VARIANTS, plot_series, summarize, write_html
+from driftrec.settings import Settings
+from models import metrics
+from streams.events import Event
+
+log = logging.getLogger(__name__)
+
+# The demo must finish in < 10 minutes on a fresh 2-core machine. Measured there (busy with other
+# jobs, load ~6): the scoring service answers ~60 requests/s while the worker learns, so the
+# pipeline runs ~50 labelled events/s; 25,000 events (a quarter of ML-100K, ~98 days of it) plus
+# ~40 s of start-up, drain and report fit. Full ML-100K: ``driftrec evaluate ml-100k``.
+DEMO_LIMIT: int | None = 25_000
+DEMO_RANK_FRACTION = 0.2
+
+
+@dataclass
+class EvalOptions:
+    negatives: int = 49
+    k: int = 20
+    window: int = 250
+    concurrency: int = 8
+    rank_fraction: float = 1.0
+    seed: int = 0
+    max_lag: int | None = None  # default: 2 × window
+    baselines: tuple[str, ...] = ("river-lr", "river-fm", "vw")
+    series_window: int | None = None  # default: n/20 clamped to [200, 5000]
+    namespace: bool = True  # run in fresh topics / key prefix / ports (False: use the settings as given)
+    keep_state: bool = False  # keep the run's Redis keys afterwards (only with namespace=True)
+    progress: bool = True
+    drain_timeout_s: float = 180.0
+
+
+@dataclass
+class _Plan:
+    event: Event
+    candidates: list[str]
+    categories: list[str | None]
+    ranked: bool
+
+
+@dataclass
+class _Run:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    peer_seconds: dict[str, float] = field(default_factory=dict)
+    published: int = 0
+    dead_lettered: int = 0
+    serving_s: float = 0.0
+    lag_waits_s: float = 0.0
+    max_observed_lag: int = 0
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
+
+
+def served_variants(base: np.ndarray, comp: np.ndarray, tpp: np.ndarray, score: np.ndarray,
+                    eps: float) -> dict[str, np.ndarray]:
+    """The four ablations from one served response (see the module doc)."""
+    return {
+        "base": base,
+        "base+memory": np.clip(base + comp, eps, 1.0 - eps),
+        "base+tpp": _sigmoid(_logit(np.clip(base, eps, 1.0 - eps)) + tpp),
+        "full": score,
+    }
+
+
+class _Sampler:
+    """Fixed-seed negatives from the items seen so far, excluding the user's known items."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.rank_rng = np.random.default_rng(seed + 1)
+        self.seen: list[str] = []
+        self.seen_set: set[str] = set()
+        self.known: dict[str, set[str]] = {}
+        self.category: dict[str, str] = {}
+
+    def negatives(self, user: str, item: str, n: int) -> list[str] | None:
+        known = self.known.get(user, set())
+        eligible = len(self.seen) - len(known) - (1 if item in self.seen_set and item not in known else 0)
+        if eligible < n:
+            return None
+        out: list[str] = []
+        chosen: set[str] = set()
+        for _ in range(50 * n):
+            cand = self.seen[int(self.rng.integers(len(self.seen)))]
+            if cand != item and cand not in known and cand not in chosen:
+                out.append(cand)
+                chosen.add(cand)
+                if len(out) == n:
+                    return out
+        pool = [i for i in self.seen if i != item and i not in known and i not in chosen]
+        extra = self.rng.choice(len(pool), size=n - len(out), replace=False)
+        return out + [pool[int(j)] for j in extra]
+
+    def observe(self, event: Event) -> None:
+        if event.item_id not in self.seen_set:
+            self.seen_set.add(event.item_id)
+            self.seen.append(event.item_id)
+        self.known.setdefault(event.user_id, set()).add(event.item_id)
+        if event.category:
+            self.category[event.item_id] = event.category
+
+
+def _plan(sampler: _Sampler, event: Event, opts: EvalOptions) -> _Plan | None:
+    plan = None
+    if event.label is not None:
+        want_rank = event.label == 1 and sampler.rank_rng.random() < opts.rank_fraction
+        negs = sampler.negatives(event.user_id, event.item_id, opts.negatives) if want_rank else None
+        cands = [event.item_id] + (negs or [])
+        cats = [event.category] + [sampler.category.get(i) for i in (negs or [])]
+        plan = _Plan(event, cands, cats, negs is not None)
+    sampler.observe(event)
+    return plan
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def evaluation_settings(settings: Settings, run_id: str) -> Settings:
+    """Fresh topics, key prefix, consumer group and ports, so no earlier state leaks into the run."""
+    s = settings.model_copy(update={
+        "topic_prefix": f"{settings.topic_prefix}eval-{run_id}.",
+        "key_prefix": f"{settings.key_prefix}:eval-{run_id}",
+        "worker_id": f"{settings.worker_id}-eval-{run_id}",
+        "worker_web_port": _free_port(),
+    })
+    s.serving = s.serving.model_copy(update={"port": _free_port()})
+    return s
+
+
+def _learner_names(settings: Settings) -> list[str]:
+    from streams.learners import default_learners
+
+    return list(default_learners(settings))
+
+
+def _progress_counts(m: dict[str, float] | None, learners: list[str]) -> int:
+    """Events the worker has fully taken in: min over ingest and the DSL trainer."""
+    if not m:
+        return 0
+    counts = [m.get("driftrec_events_processed_total", 0.0)]
+    if "trainer" in learners:
+        counts.append(m.get('driftrec_learner_events_total{learner="trainer"}', 0.0))
+    return int(min(counts))
+
+
+async def _worker_progress(client: httpx.AsyncClient, settings: Settings, learners: list[str]) -> int:
+    try:
+        resp = await client.get(f"http://127.0.0.1:{settings.worker_web_port}/metrics", timeout=2.0)
+    except httpx.HTTPError:
+        return 0
+    from driftrec.procs import parse_prometheus
+
+    return _progress_counts(parse_prometheus(resp.text), learners)
+
+
+async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions, peers: dict[str, Any],
+                         bar: tqdm, served_path: Path) -> _Run:
+    from streams.producer import EventProducer
+
+    run = _Run(peer_seconds={name: 0.0 for name in peers})
+    sampler = _Sampler(opts.seed)
+    learners = _learner_names(settings)
+    eps = settings.serving.eps
+    max_lag = opts.max_lag if opts.max_lag is not None else 2 * opts.window
+    sem = asyncio.Semaphore(opts.concurrency)
+    events = [x for x in items if isinstance(x, Event)]
+    rejects = [x for x in items if not isinstance(x, Event)]
+
+    limits = httpx.Limits(max_connections=opts.concurrency, max_keepalive_connections=opts.concurrency)
+    async with httpx.AsyncClient(base_url=serving_url(settings), timeout=60.0, limits=limits) as client, \
+            httpx.AsyncClient() as metrics_client:
+        async def ask(plan: _Plan) -> dict[str, Any]:
+            body = orjson.dumps({"user_id": plan.event.user_id, "candidates": plan.candidates, "ts": plan.event.ts})
+            async with sem:
+                resp = await client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+            if resp.status_code != 200:
+                raise RuntimeError(f"scoring service answered {resp.status_code}: {resp.text[:300]}")
+            return orjson.loads(resp.content)
+
+        with EventProducer(settings) as producer, served_path.open("wb") as served:
+            for raw, reason in rejects:  # invalid lines of a JSONL source still reach the DLQ
+                producer.dead_letter(raw, reason, "evaluate")
+                run.dead_lettered += 1
+            for start in range(0, len(events), opts.window):
+                window = events[start:start + opts.window]
+                plans = [p for p in (_plan(sampler, e, opts) for e in window) if p is not None]
+                # ---- test: the served state has seen only events published before this window
+                t0 = time.perf_counter()
+                responses = await asyncio.gather(*(ask(p) for p in plans))
+                run.serving_s += time.perf_counter() - t0
+                for plan, resp in zip(plans, responses):
+                    rec = _record(plan, resp, eps, run.published)
+                    for name, peer in peers.items():
+                        t1 = time.perf_counter()
+                        e = plan.event
+                        p = peer.predict_many(e.user_id, plan.candidates, plan.categories)
+                        peer.learn_one(e.user_id, e.item_id, e.category, int(e.label))  # then train (in-process)
+                        run.peer_seconds[name] += time.perf_counter() - t1
+                        rec["scores"][name] = float(p[0])
+                        if plan.ranked:
+                            rec["rank"][name] = list(metrics.rank_counts(p[0], p[1:]))
+                    run.records.append(rec)
+                    served.write(orjson.dumps(rec) + b"\n")
+                # ---- train: publish the window to the real broker
+                for e in window:
+                    producer.send(e)
+                producer.flush()
+                run.published += len(window)
+                bar.update(len(window))
+                # bound the worker's lag so the served state stays at most window + max_lag behind
+                t2 = time.perf_counter()
+                while True:
+                    done = await _worker_progress(metrics_client, settings, learners)
+                    lag = run.published - done
+                    run.max_observed_lag = max(run.max_observed_lag, lag)
+                    if lag <= max_lag:
+                        break
+                    await asyncio.sleep(0.05)
+                run.lag_waits_s += time.perf_counter() - t2
+                if run.records:
+                    bar.set_postfix(v=run.records[-1]["model_version"], lag=lag, refresh=False)
+    return run
+
+
+def _record(plan: _Plan, resp: dict[str, Any], eps: float, published_before: int) -> dict[str, Any]:
+    rows = {it["item_id"]: it for it in resp["items"]}
+    ordered = [rows[i] for i in plan.candidates]
+    base = np.array([r["base"] for r in ordered], dtype=np.float64)
+    comp = np.array([r["compensation"] for r in ordered], dtype=np.float64)
+    tpp = np.array([r["tpp"] for r in ordered], dtype=np.float64)
+    score = np.array([r["score"] for r in ordered], dtype=np.float64)
+    variants = served_variants(base, comp, tpp, score, eps)
+    e = plan.event
+    rec: dict[str, Any] = {
+        "event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "ts": e.ts, "label": int(e.label),
+        "ranked": plan.ranked, "n_candidates": len(plan.candidates), "model_version": resp.get("model_version"),
+        "published_before": published_before, "took_ms": resp.get("took_ms"),
+        "served": {"base": float(base[0]), "compensation": float(comp[0]), "tpp": float(tpp[0]),
+                   "score": float(score[0])},
+        "scores": {v: float(a[0]) for v, a in variants.items()},
+        "rank": {},
+    }
+    if plan.ranked:
+        rec["rank"] = {v: list(metrics.rank_counts(a[0], a[1:])) for v, a in variants.items()}
+    return rec
+
+
+def _wait_drained(settings: Settings, total: int, timeout_s: float) -> dict[str, float] | None:
+    learners = _learner_names(settings)
+    deadline = time.monotonic() + timeout_s
+    m = worker_metrics(settings)
+    while time.monotonic() < deadline:
+        m = worker_metrics(settings)
+        if _progress_counts(m, learners) >= total:
+            break
+        time.sleep(0.25)
+    return m
+
+
+def _redis_counts(settings: Settings) -> dict[str, int]:
+    client = redis.Redis.from_url(settings.redis_url)
+    p = settings.key_prefix
+    latest = client.get(f"{p}:{{snap:dsl}}:latest")
+    em = sum(1 for _ in client.scan_iter(match=f"{p}:em:*", count=2000))
+    tpp = sum(1 for _ in client.scan_iter(match=f"{p}:{{u:*}}:tpp", count=2000))
+    return {"dsl_snapshot_version": int(latest) if latest else 0, "error_memory_keys": em, "tpp_user_keys": tpp}
+
+
+def _delete_prefix(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    batch = []
+    for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=2000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            client.delete(*batch)
+            batch.clear()
+    if batch:
+        client.delete(*batch)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Ctrl-C and SIGTERM both unwind through ``finally`` so child processes are stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None = None,
+                   options: EvalOptions | None = None, **overrides: Any) -> Path:
+    """Run the prequential evaluation (see the module doc); return the path of ``report.html``."""
+    from models.baselines import make_peer
+    from streams.replay import source_items
+    from streams.topics import ensure_topics
+
+    opts = options or EvalOptions()
+    for key, value in overrides.items():
+        if not hasattr(opts, key):
+            raise TypeError(f"unknown evaluation option {key!r}")
+        setattr(opts, key, value)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:8]
+    s = evaluation_settings(settings, run_id) if opts.namespace else settings
+    started_wall = time.time()
+    t_start = time.perf_counter()
+
+    from driftrec import embedded
+
+    if not embedded.redis_answers(s) or not embedded.kafka_answers(s):
+        raise RuntimeError(f"no broker at {s.kafka_bootstrap} or no Redis at {s.redis_url}: run `driftrec up` "
+                           "first (or `driftrec demo`, which does)")
+    items = source_items(settings, source, limit)
+    n_events = sum(1 for x in items if isinstance(x, Event))
+    peers = {name: make_peer(name) for name in opts.baselines}
+    procs: list[ChildProcess] = []
+    with _sigterm_as_interrupt():
+        try:
+            with tqdm(total=n_events, unit="ev", desc=f"evaluate {source}", disable=not opts.progress,
+                      dynamic_ncols=True) as bar:
+                bar.set_postfix_str("starting worker + scoring service", refresh=True)
+                ensure_topics(s)
+                procs.append(start_worker(s, out / "logs" / "worker.log"))
+                procs.append(start_server(s, out / "logs" / "serve.log"))
+                bar.set_postfix_str("", refresh=True)
+                t_loop = time.perf_counter()
+                run = asyncio.run(_evaluate_loop(s, items, opts, peers, bar, out / "served.jsonl"))
+                loop_s = time.perf_counter() - t_loop
+                bar.set_postfix_str("draining the worker", refresh=True)
+                final_metrics = _wait_drained(s, run.published, opts.drain_timeout_s)
+                health = serving_healthy(s)
+                counts = _redis_counts(s)
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+            for peer in peers.values():
+                close = getattr(peer, "close", None)
+                if close:
+                    close()
+            if opts.namespace and not opts.keep_state:
+                with contextlib.suppress(Exception):
+                    _delete_prefix(s)
+
+    return _write_report(out, source, limit, s, opts, run, loop_s, time.perf_counter() - t_start, started_wall,
+                         final_metrics, health, counts)
+
+
+def _write_report(out: Path, source: str, limit: int | None, s: Settings, opts: EvalOptions, run: _Run,
+                  loop_s: float, wall_s: float, started_wall: float, final_metrics: dict[str, float] | None,
+                  health: dict | None, counts: dict[str, int]) -> Path:
+    records = run.records
+    variants = list(SERVED_VARIANTS) + list(opts.baselines)
+    n = len(records)
+    size = opts.series_window or max(200, min(5000, n // 20 or 1))
+    overall, series = summarize(records, variants, size, max(1, size // 2))
+    for v in variants:
+        secs = run.peer_seconds.get(v, loop_s)
+        overall[v]["events_per_s"] = round(n / secs, 1) if secs > 0 else None
+    versions = [r["model_version"] for r in records if r["model_version"] is not None]
+    report = {
+        "variants": overall,
+        "series": series,
+        "run": {
+            "source": source, "limit": limit, "n_events": run.published, "n_scored": n,
+            "n_ranked": sum(1 for r in records if r["ranked"]), "n_positive": sum(r["label"] for r in records),
+            "dead_lettered": run.dead_lettered,
+            "negatives": opts.negatives, "k": opts.k, "rank_fraction": opts.rank_fraction, "seed": opts.seed,
+            "window": opts.window, "concurrency": opts.concurrency,
+            "max_lag": opts.max_lag if opts.max_lag is not None else 2 * opts.window,
+            "max_observed_lag": run.max_observed_lag,
+            "started": started_wall, "wall_s": round(wall_s, 2), "loop_s": round(loop_s, 2),
+            "serving_s": round(run.serving_s, 2), "lag_waits_s": round(run.lag_waits_s, 2),
+            "peer_seconds": {k: round(v, 2) for k, v in run.peer_seconds.items()},
+            "requests_per_s": round(n / run.serving_s, 1) if run.serving_s > 0 else None,
+            "first_served_version_at": next((i for i, r in enumerate(records) if r["model_version"] is not None), None),
+            "last_model_version": versions[-1] if versions else None,
+            "events_with_compensation": sum(1 for r in records if r["served"]["compensation"] != 0.0),
+            "events_with_tpp": sum(1 for r in records if r["served"]["tpp"] != 0.0),
+            "worker_metrics": {k: v for k, v in (final_metrics or {}).items()
+                               if k.startswith(("driftrec_events_", "driftrec_learner_events_total"))},
+            "serving_health": health,
+            "redis": counts,
+            "namespace": {"key_prefix": s.key_prefix, "topic_prefix": s.topic_prefix, "worker_id": s.worker_id},
+            "settings": {"dsl": s.dsl.model_dump(mode="json"), "memory": s.memory.model_dump(mode="json", by_alias=True),
+                         "tpp": s.tpp.model_dump(mode="json"), "serving": s.serving.model_dump(mode="json")},
+            "protocol": ("Prequential: each window of labelled events is scored by the scoring service before "
+                         "the window is published; served state lags by at most window + max_lag events plus the "
+                         "trainer's snapshot interval, never includes the event. Ranking: the positive among "
+                         f"{opts.negatives} fixed-seed sampled negatives (items seen so far, not the user's), "
+                         "ties broken uniformly in expectation. Peers learn in-process with no lag."),
+        },
+    }
+    (out / "report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    pngs = plot_series(series, variants, out)
+    html_path = out / "report.html"
+    write_html(report, pngs, html_path)
+    return html_path
+
+
+def variant_table(report: dict[str, Any]) -> str:
+    cols = ("auc", "logloss", "recall20", "ndcg20", "events_per_s")
+    lines = [f"{'variant':<12}" + "".join(f"{c:>13}" for c in cols)]
+    for v, m in report["variants"].items():
+        cells = "".join(f"{'-' if m.get(c) is None else format(m[c], '.4f' if c != 'events_per_s' else '.0f'):>13}"
+                        for c in cols)
+        lines.append(f"{v:<12}{cells}")
+    return "\n".join(lines)
+
+
+def _stop_embedded(settings: Settings, name: str) -> None:
+    """Stop what this demo's ``up`` started (by its pid file), leaving what was already running."""
+    import os
+
+    from driftrec import embedded
+
+    pid_file = embedded._pid_file(settings, name)
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text().split()[0])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            embedded._reap(pid)
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    print(f"  stopped {name} (pid {pid})", flush=True)
+
+
+def run_demo(settings: Settings, out: Path, limit: int | None = None) -> Path:
+    """``driftrec demo``: up → worker → serve → replay ML-100K (test-then-train) → report."""
+    from driftrec import embedded
+
+    started = time.perf_counter()
+    had_broker, had_redis = embedded.kafka_answers(settings), embedded.redis_answers(settings)
+    print("bringing up the embedded broker and Redis …", flush=True)
+    for line in embedded.up(settings):
+        print(f"  {line}", flush=True)
+    try:
+        path = run_evaluation(settings, "ml-100k", out, limit=limit if limit is not None else DEMO_LIMIT,
+                              rank_fraction=DEMO_RANK_FRACTION)
+    finally:
+        for name, had in (("tansu", had_broker), ("redis", had_redis)):
+            if not had:
+                _stop_embedded(settings, name)
+    report = orjson.loads((Path(out) / "report.json").read_bytes())
+    print(variant_table(report), flush=True)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; open {path}", flush=True)
+    return path

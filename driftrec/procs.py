@@ -1,0 +1,139 @@
+"""Child `driftrec` processes (worker, scoring service) started with a given settings object.
+
+Why here and not in ``tests/``: the evaluation and the demo start the very same processes the
+integration tests do, so the environment that makes a subprocess see a settings object lives in
+one place (``tests/infra.py`` re-exports :func:`settings_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from driftrec.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a `driftrec` subprocess see exactly these settings.
+
+    Every field is passed (nested sections as ``DRIFTREC_<SECTION>__<FIELD>``), so a child agrees
+    with its parent on the broker, Redis, prefixes, ports *and* every model/serving knob.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTREC_")}
+    dumped = settings.model_dump(mode="json", by_alias=True)
+    for name, value in dumped.items():
+        if isinstance(value, dict):
+            for field, inner in value.items():
+                if inner is not None and not isinstance(inner, (dict, list)):
+                    env[f"DRIFTREC_{name.upper()}__{field.upper()}"] = _env_value(inner)
+        elif value is not None and not isinstance(value, list):
+            env[f"DRIFTREC_{name.upper()}"] = _env_value(value)
+    return env
+
+
+class ChildProcess:
+    """One `python -m driftrec.cli …` subprocess in its own session (so Ctrl-C is ours to relay)."""
+
+    def __init__(self, name: str, argv: list[str], settings: Settings, log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: Callable[[], object], timeout_s: float = 90.0) -> ChildProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "driftrec.cli", *self.argv], env=settings_env(self.settings),
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) while starting:\n{self.log_tail()}")
+            if ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if not self.alive:
+            return
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def worker_metrics(settings: Settings) -> dict[str, float] | None:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{settings.worker_web_port}/metrics", timeout=2.0).text
+    except httpx.HTTPError:
+        return None
+    return parse_prometheus(text)
+
+
+def serving_url(settings: Settings) -> str:
+    host = settings.serving.host
+    host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
+    return f"http://{host}:{settings.serving.port}"
+
+
+def serving_healthy(settings: Settings) -> dict | None:
+    try:
+        resp = httpx.get(f"{serving_url(settings)}/healthz", timeout=1.0)
+    except httpx.HTTPError:
+        return None
+    return resp.json() if resp.status_code == 200 else None
+
+
+def start_worker(settings: Settings, log_path: Path) -> ChildProcess:
+    return ChildProcess("worker", ["worker", "--loglevel", "warn"], settings, log_path).start(
+        lambda: worker_metrics(settings) is not None)
+
+
+def start_server(settings: Settings, log_path: Path) -> ChildProcess:
+    return ChildProcess("scoring service", ["serve"], settings, log_path).start(lambda: serving_healthy(settings))

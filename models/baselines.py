@@ -1,0 +1,129 @@
+"""External online peers for the prequential evaluation, learned test-then-train in-process.
+
+Each peer sees the same stream and the same candidates as the served model and exposes
+``predict_many(user, items, categories) -> np.ndarray`` (probabilities) and
+``learn_one(user, item, category, label)``. Features are one-hot ``user``, ``item`` and
+``category`` (the event's category; candidates use the category last seen for that item), the
+information the DSL model gets too.
+
+* ``river-lr``: ``river.linear_model.LogisticRegression`` (SGD, lr 0.05, L2 0): a per-user /
+  per-item / per-category bias model, the classic strong baseline for MovieLens-style CTR.
+* ``river-fm``: ``river.facto.FMClassifier`` (8 factors): adds pairwise user×item×category
+  interactions through factorised weights.
+* ``vw``: Vowpal Wabbit, logistic loss, ``-q ui`` user×item interactions, 20-bit hash.
+
+Hyper-parameters are the libraries' usual defaults, fixed before looking at any evaluation
+stream (no tuning on what is reported). Each dependency is an optional extra
+(``pip install driftrec[baselines]``); a missing one raises :class:`MissingExtra` naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+PEERS = ("river-lr", "river-fm", "vw")
+
+
+class MissingExtra(ImportError):
+    """A baseline's library is not installed."""
+
+
+def _require(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingExtra(f"baseline needs {package!r}: pip install 'driftrec[baselines]' "
+                           f"(or pip install {package})") from exc
+
+
+def _features(user: str, item: str, category: str | None) -> dict[str, float]:
+    x = {f"u={user}": 1.0, f"i={item}": 1.0}
+    if category:
+        x[f"c={category}"] = 1.0
+    return x
+
+
+class Peer:
+    name = "peer"
+
+    def predict_many(self, user: str, items: Sequence[str], categories: Sequence[str | None]) -> np.ndarray:
+        raise NotImplementedError
+
+    def learn_one(self, user: str, item: str, category: str | None, label: int) -> None:
+        raise NotImplementedError
+
+
+class RiverPeer(Peer):
+    def __init__(self, model, name: str) -> None:
+        self.model = model
+        self.name = name
+
+    def predict_many(self, user, items, categories):
+        predict = self.model.predict_proba_one
+        return np.fromiter((predict(_features(user, i, c)).get(True, 0.5) for i, c in zip(items, categories)),
+                           dtype=np.float64, count=len(items))
+
+    def learn_one(self, user, item, category, label):
+        self.model.learn_one(_features(user, item, category), bool(label))
+
+
+def river_lr(lr: float = 0.05) -> RiverPeer:
+    linear_model = _require("river.linear_model", "river")
+    optim = _require("river.optim", "river")
+    return RiverPeer(linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=0.0), "river-lr")
+
+
+def river_fm(n_factors: int = 8, seed: int = 0) -> RiverPeer:
+    facto = _require("river.facto", "river")
+    optim = _require("river.optim", "river")
+    model = facto.FMClassifier(n_factors=n_factors, weight_optimizer=optim.SGD(0.05),
+                               latent_optimizer=optim.SGD(0.05), l2_weight=0.0, l2_latent=0.0, seed=seed)
+    return RiverPeer(model, "river-fm")
+
+
+def _vw_token(s: str) -> str:
+    # VW feature names may not contain spaces, '|' or ':'
+    return s.replace(" ", "_").replace("|", "_").replace(":", "_")
+
+
+class VWPeer(Peer):
+    name = "vw"
+
+    def __init__(self, bits: int = 20, lr: float = 0.5) -> None:
+        pyvw = _require("vowpalwabbit", "vowpalwabbit")
+        self.vw = pyvw.Workspace(f"--loss_function logistic --link logistic -q ui -b {bits} "
+                                 f"--learning_rate {lr} --quiet")
+
+    @staticmethod
+    def _line(user: str, item: str, category: str | None, label: int | None = None) -> str:
+        head = "" if label is None else ("1 " if label else "-1 ")
+        cat = f" |c {_vw_token(category)}" if category else ""
+        return f"{head}|u {_vw_token(user)} |i {_vw_token(item)}{cat}"
+
+    def predict_many(self, user, items, categories):
+        out = np.empty(len(items), dtype=np.float64)
+        for j, (i, c) in enumerate(zip(items, categories)):
+            p = self.vw.predict(self._line(user, i, c))
+            out[j] = p if math.isfinite(p) else 0.5
+        return out
+
+    def learn_one(self, user, item, category, label):
+        self.vw.learn(self._line(user, item, category, int(label)))
+
+    def close(self) -> None:
+        self.vw.finish()
+
+
+def make_peer(name: str) -> Peer:
+    if name == "river-lr":
+        return river_lr()
+    if name == "river-fm":
+        return river_fm()
+    if name == "vw":
+        return VWPeer()
+    raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(PEERS)}")

@@ -1,0 +1,317 @@
+"""The scoring core (no HTTP): newest DSL snapshot + ReLoop2 error memory + TPP propensity.
+
+Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
+----------------------------------------------------------------------
+::
+
+    base_i = DSL probability of (u, i, category(i))            if settings.dsl.enabled and a snapshot
+           = settings.serving.cold_start_base (0.5)            otherwise
+    comp_i = clip(base_i + λ·ê_i, eps, 1 − eps) − base_i       if settings.memory.enabled and a snapshot
+           = 0                                                 otherwise           (probability space)
+    tpp_i  = clip(w · exp(−max(ts − tpp.ts, 0)/τ) · ln(K · p_u(category(i))), −c, c)
+                                                               if settings.tpp.enabled, the user has a
+                                                               propensity and it names category(i)
+           = 0                                                 otherwise                 (logit space)
+    score_i = sigmoid(logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i)
+
+with ``λ = settings.memory.lambda``, ``ê`` the memory's shrunk error estimate (see
+``models/error_memory.py``), ``w = serving.tpp_weight``, ``τ = serving.tpp_tau_s``,
+``c = serving.tpp_clip``, ``K`` the TPP's number of event types.
+
+Why these spaces: the error memory estimates ``y − ŷ`` in probability units, so its correction is
+added there (ReLoop2's formulation). The TPP says how much *more likely than uniform* the user's
+next event is of this category (``K·p`` = 1 for a uniform guess, so ``ln`` is 0 then); that is a
+likelihood ratio, which composes additively with a logit. The decay forgets a propensity as the
+user's last event recedes, and the clip keeps one confident TPP from overriding the CTR model.
+``score`` is a probability by construction whatever the inputs (each term is bounded and the
+logit argument is kept in ``[eps, 1 − eps]``).
+
+Cold start: before the trainer publishes any snapshot, ``base`` is a constant, so the ranking
+comes from the TPP alone (and is flat for unknown users). Item categories come from the catalog
+shipped with the snapshot; unknown items have no category (DSL "unknown category" row, tpp 0).
+With the DSL switched off but the memory on, the snapshot is still used for its hidden vectors
+(the memory is keyed by them) and ``base`` is the constant.
+
+Per request the Redis work is one pipelined round trip: the error-memory ``MGET`` and the
+user's TPP ``GET``. If Redis fails, the request is still answered from the in-process model
+(compensation and tpp 0) and the failure is counted; scoring must not go down with the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from driftrec.settings import Settings
+from models.dsl import SparseScorer
+from models.error_memory import RandomProjectionLSH, compensation_delta
+from serving.compensation import BucketNames, estimates_from_values, plan_buckets
+from streams.error_memory import MemoryKeys
+from streams.snapshots import SnapshotKeys, load_snapshot
+from streams.state import StateKeys
+
+log = logging.getLogger(__name__)
+
+_TINY_P = 1e-12  # a propensity of exactly 0 would give ln 0; the clip bounds the term anyway
+
+
+@dataclass(frozen=True)
+class LoadedSnapshot:
+    """One immutable snapshot: swapped in whole, so a request sees one version end to end."""
+
+    version: int
+    model: SparseScorer
+    catalog: dict[str, str]  # item_id → category, the items the trainer has seen
+    names: BucketNames | None  # error-memory key table for this model's hidden dim
+
+
+@dataclass
+class ScoreResult:
+    """Scores in response order (descending ``score``); ``to_json`` is the API body."""
+
+    user_id: str
+    model_version: int | None
+    item_ids: list[str]
+    score: np.ndarray
+    base: np.ndarray
+    compensation: np.ndarray
+    tpp: np.ndarray
+    took_ms: float
+    redis_ok: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        items = [
+            {"item_id": i, "score": s, "base": b, "compensation": c, "tpp": t}
+            for i, s, b, c, t in zip(self.item_ids, self.score.tolist(), self.base.tolist(),
+                                     self.compensation.tolist(), self.tpp.tolist())
+        ]
+        return {"user_id": self.user_id, "model_version": self.model_version, "items": items,
+                "took_ms": self.took_ms}
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+
+@dataclass
+class ScorerStats:
+    """Counters the HTTP layer exports; plain ints so the core stays free of Prometheus."""
+
+    reloads: int = 0
+    reload_failures: int = 0
+    redis_errors: int = 0
+    tpp_parse_errors: int = 0
+    loaded_at: float | None = None
+
+
+def tpp_terms(
+    payload: bytes | None,
+    categories: Sequence[str | None],
+    now: float,
+    *,
+    weight: float,
+    tau_s: float,
+    clip: float,
+) -> np.ndarray:
+    """The logit-space TPP term per candidate from a user's stored propensity (see module doc).
+
+    Raises ``ValueError`` on a payload that is not the TPP agent's format; callers treat that as
+    "no propensity".
+    """
+    n = len(categories)
+    if payload is None or weight == 0.0:
+        return np.zeros(n)
+    doc = orjson.loads(payload)
+    if not isinstance(doc, dict) or not isinstance(doc.get("probs"), dict):
+        raise ValueError("tpp payload must be an object with a 'probs' object")
+    probs: dict[str, Any] = doc["probs"]
+    k = doc.get("n_types") or len(probs)
+    last_ts = doc.get("ts")
+    if not isinstance(k, (int, float)) or k <= 0:
+        raise ValueError(f"tpp n_types must be a positive number, got {k!r}")
+    decay = 1.0
+    if isinstance(last_ts, (int, float)) and math.isfinite(last_ts) and tau_s > 0:
+        decay = math.exp(-max(now - float(last_ts), 0.0) / tau_s)
+    scale = weight * decay
+    lut: dict[str, float] = {}
+    for cat, p in probs.items():
+        if isinstance(p, (int, float)) and math.isfinite(p) and p >= 0:
+            lut[cat] = min(max(scale * math.log(float(k) * max(float(p), _TINY_P)), -clip), clip)
+    if not lut:
+        return np.zeros(n)
+    return np.fromiter((lut.get(c, 0.0) if c is not None else 0.0 for c in categories), dtype=np.float64, count=n)
+
+
+def fuse(base: np.ndarray, compensation: np.ndarray, tpp: np.ndarray, eps: float) -> np.ndarray:
+    """``sigmoid(logit(clip(base + compensation)) + tpp)``, a probability for any finite inputs."""
+    p = np.clip(base + compensation, eps, 1.0 - eps)
+    z = np.log(p) - np.log1p(-p) + tpp
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free sigmoid
+
+
+class Scorer:
+    """Holds the newest snapshot and scores candidate lists with one Redis round trip each.
+
+    Why a plain class: the HTTP app and the Kafka agent share it, and tests drive it directly.
+    """
+
+    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = redis if redis is not None else Redis.from_url(settings.redis_url)
+        self._owns_redis = redis is None
+        self.snapshot_keys = SnapshotKeys(settings.key_prefix, "dsl")
+        self.state_keys = StateKeys(settings.key_prefix)
+        self.memory_keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation,
+                                                    settings.memory.n_shards)
+        self.current: LoadedSnapshot | None = None
+        self.stats = ScorerStats()
+        self._bad_version: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._refresh_lock = asyncio.Lock()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    @property
+    def version(self) -> int | None:
+        return self.current.version if self.current else None
+
+    def contributions(self) -> dict[str, bool]:
+        s = self.settings
+        return {"dsl": s.dsl.enabled, "memory": s.memory.enabled, "tpp": s.tpp.enabled}
+
+    async def start(self) -> None:
+        """Load what is there now and keep polling for newer snapshots in the background."""
+        try:
+            await self.refresh()
+        except (RedisError, OSError) as exc:
+            log.warning("initial snapshot load failed (will retry): %s", exc)
+        if self.settings.serving.reload_every_s > 0 and self._task is None:
+            self._task = asyncio.create_task(self._reload_loop(), name="driftrec-snapshot-reload")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.serving.reload_every_s)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed poll must not end the reload loop
+                log.warning("snapshot reload failed: %s", exc)
+
+    async def refresh(self) -> bool:
+        """Swap in the newest snapshot if there is a newer one; True if the version changed."""
+        async with self._refresh_lock:
+            found = await load_snapshot(self.redis, self.snapshot_keys, newer_than=self.version)
+            if found is None or found[0] == self._bad_version:
+                return False
+            version, parts = found
+            try:
+                loaded = await asyncio.to_thread(self._build, version, parts)
+            except Exception as exc:  # noqa: BLE001 - a bad snapshot must not replace a good one
+                self._bad_version = version
+                self.stats.reload_failures += 1
+                log.error("snapshot %s is unusable, keeping %s: %s", version, self.version, exc)
+                return False
+            self.current = loaded
+            self.stats.reloads += 1
+            self.stats.loaded_at = time.time()
+            log.info("loaded DSL snapshot %s (%d catalog items)", version, len(loaded.catalog))
+            return True
+
+    def _build(self, version: int, parts: dict[str, bytes]) -> LoadedSnapshot:
+        model = SparseScorer.from_snapshot(parts["model"])
+        catalog_raw = orjson.loads(parts["catalog"]) if parts.get("catalog") else {}
+        if not isinstance(catalog_raw, dict):
+            raise ValueError("catalog must be a JSON object item_id → category")
+        catalog = {str(k): str(v) for k, v in catalog_raw.items() if v is not None}
+        names = self.current.names if self.current and self.current.model.hidden == model.hidden else None
+        if names is None:
+            m = self.settings.memory
+            lsh = RandomProjectionLSH(dim=model.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed,
+                                      version=self.settings.dsl.generation)
+            names = BucketNames(self.memory_keys, lsh)
+        return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names)
+
+    # ---- scoring -------------------------------------------------------------------------------
+    async def score(self, user_id: str, candidates: Sequence[str], ts: float | None = None) -> ScoreResult:
+        """Fused scores of the distinct candidates, best first (see the module doc for the rule)."""
+        started = time.perf_counter()
+        now = time.time() if ts is None else float(ts)
+        s = self.settings
+        eps = s.serving.eps
+        snap = self.current
+        items = list(dict.fromkeys(candidates))
+        n = len(items)
+        cats: list[str | None] = [snap.catalog.get(i) for i in items] if snap else [None] * n
+
+        use_model = snap is not None and (s.dsl.enabled or s.memory.enabled)
+        hidden = None
+        if use_model:
+            probs, hidden = snap.model.score_candidates(user_id, items, cats)  # type: ignore[union-attr]
+        base = probs if (use_model and s.dsl.enabled) else np.full(n, s.serving.cold_start_base, dtype=np.float64)
+
+        # one pipelined round trip: memory buckets + the user's TPP propensity
+        plan = None
+        pipe = self.redis.pipeline(transaction=False)
+        if s.memory.enabled and snap is not None and snap.names is not None and hidden is not None and n:
+            plan = plan_buckets(snap.names, hidden)
+            pipe.mget(plan.names)
+        if s.tpp.enabled:
+            pipe.get(self.state_keys.user_tpp(user_id))
+        replies: list[Any] = []
+        redis_ok = True
+        if len(pipe):
+            try:
+                replies = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                redis_ok = False
+                self.stats.redis_errors += 1
+                log.warning("redis read failed, scoring without memory/tpp: %s", exc)
+                replies = []
+
+        compensation = np.zeros(n)
+        tpp = np.zeros(n)
+        if replies:
+            if plan is not None:
+                m = s.memory
+                e_hat, _ = estimates_from_values(replies[0], plan, prior=m.prior, half_life_s=m.half_life_s, now=now)
+                compensation = compensation_delta(base, e_hat, m.lambda_, eps)
+            if s.tpp.enabled:
+                try:
+                    tpp = tpp_terms(replies[-1], cats, now, weight=s.serving.tpp_weight,
+                                    tau_s=s.serving.tpp_tau_s, clip=s.serving.tpp_clip)
+                except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
+                    self.stats.tpp_parse_errors += 1
+                    log.warning("unreadable tpp propensity for user %r: %s", user_id, exc)
+
+        score = fuse(base, compensation, tpp, eps)
+        order = np.argsort(-score, kind="stable")
+        return ScoreResult(
+            user_id=user_id,
+            model_version=snap.version if snap else None,
+            item_ids=[items[j] for j in order.tolist()],
+            score=score[order],
+            base=base[order],
+            compensation=compensation[order],
+            tpp=tpp[order],
+            took_ms=(time.perf_counter() - started) * 1000.0,
+            redis_ok=redis_ok,
+        )
