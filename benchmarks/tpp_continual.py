@@ -54,6 +54,17 @@ PromptTPP beats naive fine-tuning on mean LL/event (0.582 vs 0.556) but not on n
 TPP's own type embedding as the query function gave LL 0.621 and type error 0.4228 (also not
 met); the current one snapshots a separate query embedding (see models/prompt_tpp.py). That
 change was made after seeing these evaluation periods, so treat its effect as not held out.
+
+Selection run (``--select``, 5 epochs in selection and evaluation, seeds 0+1 on dev, ~17 min
+wall on 2 heavily shared cores). Mean over the 4 dev forecast periods, LL / type error:
+finetune -0.748 / 0.4737 (reference); freeze=query M=10 -0.736 / 0.4763, M=20 -0.732 / 0.4778;
+freeze=encoder M=10 -1.088 / 0.5256, M=20 -1.084 / 0.5237; freeze=none M=10 -0.736 / 0.4764,
+M=20 -0.732 / 0.4779. No config beats dev finetune on type error, so none is eligible and the
+rank rule picks freeze=query, M=10, N=5 (tied on mean rank with M=20, lower type error) -- the
+default config. (freeze=none was run after fixing a bug that made it identical to "query": the
+query function switched to the frozen copy whatever the mode; see models/prompt_tpp.py.)
+On the evaluation periods it therefore reproduces the default run: LL prompt 0.582 vs finetune
+0.556 (better), type error 0.4225 vs 0.4168 (worse): target NOT met, as dev already suggested.
 """
 
 from __future__ import annotations

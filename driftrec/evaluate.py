@@ -384,7 +384,7 @@ def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None
 
     from driftrec import embedded
 
-    if not embedded.redis_answers(s) or not embedded.kafka_answers(s):
+    if not embedded.redis_answers(s) or not _broker_answers(s):
         raise RuntimeError(f"no broker at {s.kafka_bootstrap} or no Redis at {s.redis_url}: run `driftrec up` "
                            "first (or `driftrec demo`, which does)")
     items = source_items(settings, source, limit)
@@ -484,6 +484,13 @@ def variant_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _broker_answers(settings: Settings) -> bool:
+    """Probe the port first: a client bootstrapping against a closed port retries for ~30 s."""
+    from driftrec import embedded
+
+    return embedded.port_open(embedded.kafka_endpoint(settings)) and embedded.kafka_answers(settings)
+
+
 def _stop_embedded(settings: Settings, name: str) -> None:
     """Stop what this demo's ``up`` started (by its pid file), leaving what was already running."""
     import os
@@ -510,7 +517,7 @@ def run_demo(settings: Settings, out: Path, limit: int | None = None) -> Path:
     from driftrec import embedded
 
     started = time.perf_counter()
-    had_broker, had_redis = embedded.kafka_answers(settings), embedded.redis_answers(settings)
+    had_broker, had_redis = _broker_answers(settings), embedded.redis_answers(settings)
     print("bringing up the embedded broker and Redis …", flush=True)
     for line in embedded.up(settings):
         print(f"  {line}", flush=True)

@@ -45,7 +45,14 @@ import torch.nn.functional as F
 from scipy.sparse import _sparsetools
 
 from models.interaction import Interaction, stable_hash
-from models.sparse import DSLSchedule, PruneGrowReport, RowAdam, SparseParameterSet
+from models.sparse import (
+    DEFAULT_FLOOR_FRACTION,
+    DEFAULT_INITIAL_FRACTION,
+    DSLSchedule,
+    PruneGrowReport,
+    RowAdam,
+    SparseParameterSet,
+)
 
 SNAPSHOT_FORMAT = "driftrec.dsl.v1"
 
@@ -74,6 +81,9 @@ class SparseMF:
         seed: int = 0,
         lr_floor: float = 1e-4,
         grow_from: str = "batch",
+        initial_fraction: float = DEFAULT_INITIAL_FRACTION,
+        floor_fraction: float = DEFAULT_FLOOR_FRACTION,
+        protect_grown: bool = False,
     ) -> None:
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
@@ -85,8 +95,9 @@ class SparseMF:
         # dense gradient DSL grows from is recovered exactly at exploration steps (see sparse.py).
         self.opt = RowAdam([self.user, self.item], lr=lr)
         self.masks = SparseParameterSet({"user": self.user, "item": self.item}, density, seed=seed,
-                                        grow_from=grow_from)
-        self.schedule = DSLSchedule(prune_every=prune_every, total_steps=total_steps)
+                                        grow_from=grow_from, protect_grown=protect_grown)
+        self.schedule = DSLSchedule(prune_every=prune_every, total_steps=total_steps,
+                                    initial_fraction=initial_fraction, floor_fraction=floor_fraction)
         self.step = 0
         self._rng = np.random.default_rng(seed)
         self.last_report: PruneGrowReport | None = None

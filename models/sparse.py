@@ -118,10 +118,16 @@ class SparseParameterSet:
         groups: Mapping[str, str] | None = None,
         seed: int = 0,
         grow_from: str = "batch",
+        protect_grown: bool = False,
     ) -> None:
         if grow_from not in ("batch", "window"):
             raise ValueError("grow_from must be 'batch' (the paper) or 'window'")
         self.grow_from = grow_from
+        # protect_grown: weights grown in the last exploration cannot be pruned in the next one
+        # (RigL-style grace period; they start at zero, so magnitude pruning would remove them
+        # before they had any chance to train when explorations are close together).
+        self.protect_grown = protect_grown
+        self._recent: dict[str, torch.Tensor] = {}
         self.params: dict[str, torch.nn.Parameter] = dict(params)
         self.groups: dict[str, str] = {name: (groups or {}).get(name, "global") for name in self.params}
         self._gen = torch.Generator().manual_seed(seed)
@@ -286,13 +292,18 @@ class SparseParameterSet:
         masks = torch.cat([self.masks[n].reshape(-1) for n in names])
         n_active = int(masks.sum())
         k = min(int(math.ceil(fraction * n_active)), n_active)
+        protected = None
+        if self.protect_grown and all(n in self._recent for n in names):
+            protected = torch.cat([self._recent[n].reshape(-1) for n in names]) & masks
+            k = min(k, n_active - int(protected.sum()))
         if k <= 0 or n_active == masks.numel():
             return 0, 0
         weights = torch.cat([self.params[n].detach().reshape(-1) for n in names]).abs()
         grads = torch.cat([dense_grads[n].reshape(-1) for n in names]).abs()
 
-        # Prune: k smallest magnitudes among active entries.
-        prune_score = torch.where(masks, weights, torch.full_like(weights, math.inf))
+        # Prune: k smallest magnitudes among active entries (not the just-grown ones if protected).
+        prunable = masks if protected is None else masks & ~protected
+        prune_score = torch.where(prunable, weights, torch.full_like(weights, math.inf))
         pruned_idx = torch.topk(prune_score, k, largest=False).indices
         new_masks = masks.clone()
         new_masks[pruned_idx] = False
@@ -318,6 +329,8 @@ class SparseParameterSet:
             on = newly_on[offset : offset + size].view_as(p)
             offset += size
             self.masks[n] = m_new.clone()
+            if self.protect_grown:
+                self._recent[n] = on.clone()
             p.data.masked_fill_(on, 0.0)  # grown weights start at zero
             p.data.mul_(self.masks[n])  # pruned weights leave
             for opt in optimizers:

@@ -55,7 +55,7 @@ from redis.exceptions import RedisError
 
 from driftrec.settings import Settings
 from models.dsl import SparseScorer
-from models.error_memory import RandomProjectionLSH, compensation_delta
+from models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
 from serving.compensation import BucketNames, estimates_from_values, plan_buckets
 from streams.error_memory import MemoryKeys
 from streams.snapshots import SnapshotKeys, load_snapshot
@@ -74,6 +74,7 @@ class LoadedSnapshot:
     model: SparseScorer
     catalog: dict[str, str]  # item_id → category, the items the trainer has seen
     names: BucketNames | None  # error-memory key table for this model's hidden dim
+    standardizer: HiddenStandardizer | None = None  # hidden statistics the memory was hashed with
 
 
 @dataclass
@@ -248,7 +249,9 @@ class Scorer:
             lsh = RandomProjectionLSH(dim=model.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed,
                                       version=self.settings.dsl.generation)
             names = BucketNames(self.memory_keys, lsh)
-        return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names)
+        stats = parts.get("hidden_stats")
+        standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
+        return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names, standardizer=standardizer)
 
     # ---- scoring -------------------------------------------------------------------------------
     async def score(self, user_id: str, candidates: Sequence[str], ts: float | None = None) -> ScoreResult:
@@ -272,7 +275,8 @@ class Scorer:
         plan = None
         pipe = self.redis.pipeline(transaction=False)
         if s.memory.enabled and snap is not None and snap.names is not None and hidden is not None and n:
-            plan = plan_buckets(snap.names, hidden)
+            keyed = snap.standardizer.transform(hidden) if snap.standardizer is not None else hidden
+            plan = plan_buckets(snap.names, keyed)
             pipe.mget(plan.names)
         if s.tpp.enabled:
             pipe.get(self.state_keys.user_tpp(user_id))

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from driftrec.settings import Settings
 from models.dsl import SparseScorer
-from models.error_memory import RandomProjectionLSH
+from models.error_memory import HiddenStandardizer, RandomProjectionLSH
 from models.interaction import Interaction
 from streams.error_memory import MemoryKeys, write_errors
 
@@ -34,7 +34,8 @@ class ErrorMemoryWriter:
         self.keys = MemoryKeys.from_settings(settings.key_prefix, self.generation, self.cfg.n_shards)
         self.lsh: RandomProjectionLSH | None = None
 
-    async def write(self, served: SparseScorer, interactions: list[Interaction]) -> int:
+    async def write(self, served: SparseScorer, standardizer: HiddenStandardizer | None,
+                    interactions: list[Interaction]) -> int:
         labelled = [x for x in interactions if x.label is not None]
         if not labelled:
             return 0
@@ -42,6 +43,8 @@ class ErrorMemoryWriter:
             self.lsh = RandomProjectionLSH(dim=served.hidden, n_tables=self.cfg.n_tables, n_bits=self.cfg.n_bits,
                                            seed=self.cfg.seed, version=self.generation)
         probs, hidden = served.predict_with_hidden(labelled)
+        if standardizer is not None:
+            hidden = standardizer.transform(hidden)
         await write_errors(self.redis, self.keys, self.lsh, labelled, probs, hidden,
                            capacity=self.cfg.bucket_capacity, ttl_s=self.cfg.ttl_s)
         return len(labelled)

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from driftrec.settings import Settings
 from models.dsl import DSLRecommender, SparseScorer, sample_negatives
+from models.error_memory import HiddenStandardizer
 from models.interaction import Interaction
 from streams.events import Event
 from streams.memory_agent import ErrorMemoryWriter
@@ -65,6 +66,8 @@ class DSLTrainer:
         self.rng = np.random.default_rng(self.cfg.seed)
         self.model: DSLRecommender | None = None
         self.served: SparseScorer | None = None  # what the scoring service has loaded: the last publish
+        self.standardizer: HiddenStandardizer | None = None  # the served snapshot's hidden statistics
+        self.recent: deque[Interaction] = deque(maxlen=2000)  # to fit those statistics at publish
         self.memory = ErrorMemoryWriter(redis, settings) if settings.memory.enabled else None
         self.catalog: dict[str, str] = {}
         self.item_pool: deque[str] = deque(maxlen=5000)
@@ -80,6 +83,8 @@ class DSLTrainer:
                 self.version, parts = snapshot
                 self.model = DSLRecommender.from_snapshot(parts["model"])
                 self.served = SparseScorer.from_snapshot(parts["model"])
+                if "hidden_stats" in parts:
+                    self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"])
                 self.catalog = orjson.loads(parts.get("catalog", b"{}"))
                 log.info("trainer resumed from snapshot v%s (step %d)", self.version, self.model.step)
             else:
@@ -105,9 +110,10 @@ class DSLTrainer:
                 self.catalog[e.item_id] = e.category
         if self.memory is not None and self.served is not None:
             # test-then-train: the served snapshot's errors are recorded before the model learns
-            await self.memory.write(self.served, [e.to_interaction() for e in fresh])
+            await self.memory.write(self.served, self.standardizer, [e.to_interaction() for e in fresh])
         examples = training_examples(fresh, self.rng, list(self.item_pool), self.negatives)
         self.item_pool.extend(e.item_id for e in fresh)
+        self.recent.extend(x for x in examples if x.label is not None)
         batch = self.cfg.batch_size
         for start in range(0, len(examples), batch):
             model.learn_many(examples[start:start + batch])
@@ -119,9 +125,15 @@ class DSLTrainer:
 
     async def publish(self) -> int:
         model = await self._ensure_model()
-        parts = {"model": model.to_snapshot(), "catalog": orjson.dumps(self.catalog)}
+        blob = model.to_snapshot()
+        served = SparseScorer.from_snapshot(blob)
+        parts = {"model": blob, "catalog": orjson.dumps(self.catalog)}
+        if self.recent:
+            standardizer = HiddenStandardizer.fit(served.predict_with_hidden(list(self.recent))[1])
+            parts["hidden_stats"] = standardizer.to_bytes()
         self.version = await publish_snapshot(self.redis, self.keys, parts)
-        self.served = SparseScorer.from_snapshot(parts["model"])
+        self.served = served
+        self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"]) if "hidden_stats" in parts else None
         self.steps_since_publish = 0
         self.last_publish = time.monotonic()
         log.info("published DSL snapshot v%d (step %d, %d active params)", self.version, model.step,

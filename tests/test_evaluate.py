@@ -153,7 +153,8 @@ def test_prequential_harness_end_to_end(isolated: Settings, tmp_path) -> None:
     wm = run["worker_metrics"]
     assert wm["driftrec_events_processed_total"] == 3000
     assert wm['driftrec_learner_events_total{learner="trainer"}'] == 3000
-    assert wm['driftrec_learner_events_total{learner="error_memory"}'] > 0
+    # the error memory is written by the trainer (see streams/memory_agent.py): its keys and the
+    # non-zero served compensation below are what prove it contributed
     r = redis.Redis.from_url(isolated.redis_url)
     assert int(r.get(f"{isolated.key_prefix}:{{snap:dsl}}:latest") or 0) >= 1, "no DSL snapshot published"
     assert any(True for _ in r.scan_iter(match=f"{isolated.key_prefix}:em:*", count=1000)), "no error-memory keys"
@@ -167,9 +168,9 @@ def test_prequential_harness_end_to_end(isolated: Settings, tmp_path) -> None:
     assert len(records) == run["n_scored"] == 3000
     assert any(rec["model_version"] is not None for rec in records)
     assert sum(1 for rec in records if rec["served"]["compensation"] != 0.0) > 0
-    # test-then-train: nothing was scored after its own window was published
-    for i, rec in enumerate(records):
-        assert rec["published_before"] <= i
+    # test-then-train: each event was scored while exactly the windows before its own were published
+    for i, rec in enumerate(records):  # every ML-100K event is labelled, so record i is event i
+        assert rec["published_before"] == (i // opts.window) * opts.window <= i
 
     # the report's numbers are computed from what was served
     y = [rec["label"] for rec in records]
