@@ -59,6 +59,7 @@ from driftrec.report import SERVED_VARIANTS, plot_series, summarize, write_html
 from driftrec.settings import Settings
 from models import metrics
 from streams.events import Event
+from streams.error_memory import KEY_SPACE
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ def _redis_counts(settings: Settings) -> dict[str, int]:
     client = redis.Redis.from_url(settings.redis_url)
     p = settings.key_prefix
     latest = client.get(f"{p}:{{snap:dsl}}:latest")
-    em = sum(1 for _ in client.scan_iter(match=f"{p}:em:*", count=2000))
+    em = sum(1 for _ in client.scan_iter(match=f"{p}:{KEY_SPACE}:*", count=2000))
     tpp = sum(1 for _ in client.scan_iter(match=f"{p}:{{u:*}}:tpp", count=2000))
     return {"dsl_snapshot_version": int(latest) if latest else 0, "error_memory_keys": em, "tpp_user_keys": tpp}
 

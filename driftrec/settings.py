@@ -37,6 +37,9 @@ class MemorySettings(BaseModel):
     ttl_s: int = 0  # 0 = no TTL; FIFO capacity alone bounds memory
     lambda_: float = Field(0.5, alias="lambda")
     prior: float = 1.0  # shrinkage of the error estimate toward 0 where few neighbours were found
+    # 1 = neighbours' labels vs the query's current prediction (the paper's experiments); 0 =
+    # neighbours' own served errors (goes stale as the model learns); see models/error_memory.py
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
     half_life_s: float = 0.0  # 0 = no recency weighting (FIFO refresh only)
     batch_size: int = 256
 

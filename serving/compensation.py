@@ -21,15 +21,15 @@ from redis.asyncio import Redis
 
 from models.error_memory import (
     DEFAULT_EPS,
+    DEFAULT_GAMMA,
     DEFAULT_LAMBDA,
     DEFAULT_PRIOR,
     RandomProjectionLSH,
     compensation_delta,
+    estimate_from_sums,
     recency_weights,
 )
-from streams.error_memory import MemoryKeys
-
-ENTRY_BYTES = 16  # one (ts, error) pair of little-endian float64, as the write script packs it
+from streams.error_memory import ENTRY_BYTES, MemoryKeys
 _ENTRY = np.dtype("<f8")
 
 
@@ -79,12 +79,15 @@ def plan_buckets(names: BucketNames, hidden: np.ndarray) -> BucketPlan:
 def estimates_from_values(
     values: list[bytes | None],
     plan: BucketPlan,
+    base_probs: np.ndarray,
     *,
+    gamma: float = DEFAULT_GAMMA,
     prior: float = DEFAULT_PRIOR,
     half_life_s: float = 0.0,
     now: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(ê, neighbour weight)`` per candidate from the MGET reply of ``plan.names``.
+    """``(ê, neighbour weight)`` per candidate (served ``base_probs``) from the MGET reply of
+    ``plan.names``.
 
     A value whose length is not a whole number of entries (e.g. a bucket written in an older
     format) is read as empty rather than misparsed.
@@ -97,20 +100,21 @@ def estimates_from_values(
     if not counts.any():
         return np.zeros(n), np.zeros(n)
     blob = b"".join(v for v, c in zip(values, counts) if c)
-    pairs = np.frombuffer(blob, dtype=_ENTRY).reshape(-1, 2)  # columns: ts, error
+    entries = np.frombuffer(blob, dtype=_ENTRY).reshape(-1, 3)  # columns: ts, y, ŷ_served
     owner = np.repeat(np.arange(len(values)), counts)
     if half_life_s > 0 and now is not None:
-        w = recency_weights(pairs[:, 0], now, half_life_s)
-        bucket_we = np.bincount(owner, weights=w * pairs[:, 1], minlength=len(values))
+        w = recency_weights(entries[:, 0], now, half_life_s)
         bucket_w = np.bincount(owner, weights=w, minlength=len(values))
     else:
-        bucket_we = np.bincount(owner, weights=pairs[:, 1], minlength=len(values))
+        w = np.ones(entries.shape[0])
         bucket_w = counts.astype(np.float64)
-    # a candidate's estimate is the sum of its buckets' sums: the same quantity ErrorMemory
+    bucket_wy = np.bincount(owner, weights=w * entries[:, 1], minlength=len(values))
+    bucket_wp = np.bincount(owner, weights=w * entries[:, 2], minlength=len(values))
+    # a candidate's sums are the sums of its buckets' sums: the same quantities ErrorMemory
     # computes entry by entry (an entry found in k of its buckets counts k times)
     support = bucket_w[plan.rows].sum(axis=1)
-    e_hat = bucket_we[plan.rows].sum(axis=1) / (support + prior)
-    e_hat[support == 0] = 0.0
+    e_hat = estimate_from_sums(support, bucket_wy[plan.rows].sum(axis=1), bucket_wp[plan.rows].sum(axis=1),
+                               base_probs, gamma=gamma, prior=prior)
     return e_hat, support
 
 
@@ -119,13 +123,16 @@ async def read_estimates(
     keys: MemoryKeys,
     lsh: RandomProjectionLSH,
     hidden: np.ndarray,
+    base_probs: np.ndarray,
     *,
+    gamma: float = DEFAULT_GAMMA,
     prior: float = DEFAULT_PRIOR,
     half_life_s: float = 0.0,
     now: float | None = None,
     names: BucketNames | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(ê, neighbour weight)`` per row of ``hidden``; zero where the memory knows nothing.
+    """``(ê, neighbour weight)`` per row of ``hidden`` (served ``base_probs``); zero where the
+    memory knows nothing.
 
     Pass a long-lived ``names`` to skip building the key table on every call."""
     if names is None:
@@ -137,7 +144,7 @@ async def read_estimates(
         return np.zeros(0), np.zeros(0)
     mget = getattr(redis, "mget_nonatomic", None)  # RedisCluster: split per slot, one pipeline
     raw = await (mget(plan.names) if mget is not None else redis.mget(plan.names))
-    return estimates_from_values(raw, plan, prior=prior, half_life_s=half_life_s, now=now)
+    return estimates_from_values(raw, plan, base_probs, gamma=gamma, prior=prior, half_life_s=half_life_s, now=now)
 
 
 async def read_compensation(
@@ -148,6 +155,7 @@ async def read_compensation(
     base_probs: np.ndarray,
     *,
     lam: float = DEFAULT_LAMBDA,
+    gamma: float = DEFAULT_GAMMA,
     prior: float = DEFAULT_PRIOR,
     half_life_s: float = 0.0,
     now: float | None = None,
@@ -155,6 +163,6 @@ async def read_compensation(
     names: BucketNames | None = None,
 ) -> np.ndarray:
     """Additive correction per candidate, probability space: ``clip(ŷ + λ·ê) − ŷ``."""
-    e_hat, _ = await read_estimates(redis, keys, lsh, hidden, prior=prior, half_life_s=half_life_s, now=now,
-                                    names=names)
+    e_hat, _ = await read_estimates(redis, keys, lsh, hidden, base_probs, gamma=gamma, prior=prior,
+                                    half_life_s=half_life_s, now=now, names=names)
     return compensation_delta(base_probs, e_hat, lam, eps)

@@ -296,7 +296,8 @@ class Scorer:
         if replies:
             if plan is not None:
                 m = s.memory
-                e_hat, _ = estimates_from_values(replies[0], plan, prior=m.prior, half_life_s=m.half_life_s, now=now)
+                e_hat, _ = estimates_from_values(replies[0], plan, base, gamma=m.gamma, prior=m.prior,
+                                                 half_life_s=m.half_life_s, now=now)
                 compensation = compensation_delta(base, e_hat, m.lambda_, eps)
             if s.tpp.enabled:
                 try:

@@ -4,9 +4,9 @@ Key layout. One LSH bucket ``(version, table, code)`` is two keys; the hash tag 
 *shard* ``code mod n_shards``, so both keys of a bucket — and the other buckets of its shard —
 live in one Redis Cluster slot:
 
-    {prefix}:em:{v<version>:t<table>:s<shard>}:b<code>:z   ZSET    member=event_id, score=event ts
-    {prefix}:em:{v<version>:t<table>:s<shard>}:b<code>:s   STRING  packed little-endian float64
-                                                            pairs (ts, error), 16 bytes an entry
+    {prefix}:em2:{v<version>:t<table>:s<shard>}:b<code>:z   ZSET    member=event_id, score=event ts
+    {prefix}:em2:{v<version>:t<table>:s<shard>}:b<code>:s   STRING  packed little-endian float64
+                                                            triples (ts, y, ŷ_served), 24 bytes an entry
 
 Why this shape:
 * The ZSET gives membership (a re-written ``event_id`` is a no-op: Kafka redelivery is harmless)
@@ -15,7 +15,7 @@ Why this shape:
 * The STRING is the bucket's entries in ZSET order, rebuilt by the write script. The read path
   then needs one ``MGET`` for all candidates × tables instead of one command per bucket (redis-py
   spends ~0.1 ms of client CPU per pipelined command; 100 candidates × 8 tables would cost 80 ms).
-  Packed binary (Lua ``struct.pack('<dd')``) rather than text because the scoring service reads
+  Packed binary (Lua ``struct.pack('<ddd')``) rather than text because the scoring service reads
   hundreds of buckets per request: ``np.frombuffer`` over the joined values is a memcpy, where
   parsing decimal text cost milliseconds; the doubles round-trip exactly either way.
 * Sharding the hash tag (default 16 shards per table) lets a micro-batch be written with one
@@ -36,10 +36,14 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from models.error_memory import HiddenPredictor, RandomProjectionLSH, errors
+from models.error_memory import HiddenPredictor, RandomProjectionLSH
 from models.interaction import Interaction, stable_hash
 
-# KEYS: z1, s1, z2, s2, ...   ARGV: capacity, ttl_s, then per bucket: m, m × (event_id, ts, error)
+# KEYS: z1, s1, z2, s2, ...   ARGV: capacity, ttl_s, then per bucket: m, m × (event_id, ts, y, ŷ)
+ENTRY_BYTES = 24  # one (ts, y, ŷ_served) triple of little-endian float64
+# "em2": entries are (ts, y, ŷ) triples; the first layout ("em") held (ts, error) pairs, whose
+# byte strings can also be a multiple of 24 long, so the two must never share key names.
+KEY_SPACE = "em2"
 WRITE_BUCKETS_LUA = """
 local cap = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -54,20 +58,20 @@ for k = 1, #KEYS, 2 do
   local snap = redis.call('GET', skey)
   local nbytes = 0
   if snap then nbytes = #snap end
-  if nbytes ~= 16 * #ids then
+  if nbytes ~= 24 * #ids then
     -- one of the pair expired or was deleted alone: start the bucket afresh
     redis.call('DEL', zkey, skey)
     ids = {}
   else
-    for i = 1, #ids do vals[ids[i]] = string.sub(snap, 16 * i - 15, 16 * i) end
+    for i = 1, #ids do vals[ids[i]] = string.sub(snap, 24 * i - 23, 24 * i) end
   end
   local fresh = {}
   for q = 1, m do
-    local eid, ts, err = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-    a = a + 3
+    local eid, ts, y, p = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+    a = a + 4
     if vals[eid] == nil then
       redis.call('ZADD', zkey, ts, eid)
-      vals[eid] = struct.pack('<dd', tonumber(ts), tonumber(err))
+      vals[eid] = struct.pack('<ddd', tonumber(ts), tonumber(y), tonumber(p))
       fresh[eid] = true
     end
   end
@@ -117,12 +121,12 @@ class MemoryKeys:
 
     def bucket(self, table: int, code: int) -> tuple[str, str]:
         """``(zset_key, snapshot_key)`` of one bucket; both carry the same hash tag."""
-        base = f"{self.prefix}:em:{self.tag(table, code)}:b{code}"
+        base = f"{self.prefix}:{KEY_SPACE}:{self.tag(table, code)}:b{code}"
         return f"{base}:z", f"{base}:s"
 
     def pattern(self) -> str:
         """SCAN pattern matching this version's keys (cleanup, memory accounting)."""
-        return f"{self.prefix}:em:{{v{self.version}:*"
+        return f"{self.prefix}:{KEY_SPACE}:{{v{self.version}:*"
 
 
 def event_key(interaction: Interaction) -> str:
@@ -149,7 +153,7 @@ async def write_errors(
     capacity: int,
     ttl_s: int = 0,
 ) -> int:
-    """Store ``(event_id, ts, y − ŷ)`` of every labelled interaction in its bucket of every table.
+    """Store ``(event_id, ts, y, ŷ)`` of every labelled interaction in its bucket of every table.
 
     ``probs``/``hidden`` must be what the model *served* for these interactions (before it learned
     from them), otherwise the memory records errors the model no longer makes. Unlabelled
@@ -162,20 +166,20 @@ async def write_errors(
         return 0
     idx = np.asarray(labelled)
     codes = lsh.codes(np.asarray(hidden)[idx])
-    errs = errors([interactions[i].label for i in labelled], np.asarray(probs)[idx])
+    served = np.asarray(probs, dtype=np.float64)[idx]
     per_bucket: dict[tuple[int, int], list[str]] = defaultdict(list)
     for row, i in enumerate(labelled):
         x = interactions[i]
-        triple = (event_key(x), repr(float(x.ts)), repr(float(errs[row])))
+        entry = (event_key(x), repr(float(x.ts)), repr(float(x.label)), repr(float(served[row])))  # type: ignore[arg-type]
         for t in range(lsh.n_tables):
-            per_bucket[(t, int(codes[row, t]))].extend(triple)
+            per_bucket[(t, int(codes[row, t]))].extend(entry)
     # one script call per (table, shard): its buckets share a slot
     groups: dict[tuple[int, int], tuple[list[str], list[str | int]]] = {}
-    for (t, c), triples in per_bucket.items():
+    for (t, c), entries in per_bucket.items():
         keys_, args = groups.setdefault((t, c % keys.n_shards), ([], []))
         keys_.extend(keys.bucket(t, c))
-        args.append(len(triples) // 3)
-        args.extend(triples)
+        args.append(len(entries) // 4)
+        args.extend(entries)
     results = await _run_scripts(redis, list(groups.values()), capacity, ttl_s)
     return int(sum(results))
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from redis.asyncio import Redis
 
-from models.error_memory import DEFAULT_EPS, DEFAULT_LAMBDA, DEFAULT_PRIOR, RandomProjectionLSH
+from models.error_memory import DEFAULT_EPS, DEFAULT_GAMMA, DEFAULT_LAMBDA, DEFAULT_PRIOR, RandomProjectionLSH
 from models.interaction import Interaction
-from serving.compensation import read_compensation
+from serving.compensation import BucketNames, read_compensation
 from streams.error_memory import MemoryKeys, write_errors
 
 
@@ -119,6 +119,7 @@ async def prequential_with_memory(
     capacity: int = 32,
     ttl_s: int = 0,
     lam: float = DEFAULT_LAMBDA,
+    gamma: float = DEFAULT_GAMMA,
     prior: float = DEFAULT_PRIOR,
     half_life_s: float = 0.0,
     eps: float = DEFAULT_EPS,
@@ -130,6 +131,7 @@ async def prequential_with_memory(
     ``write_from`` skips memory writes (not scoring) for the first events, to save time where a
     caller only evaluates a later segment."""
     trace = PrequentialTrace()
+    names = BucketNames(keys, lsh)
     for start in range(0, len(interactions), batch_size):
         batch = [x for x in interactions[start : start + batch_size] if x.label is not None]
         if not batch:
@@ -137,8 +139,8 @@ async def prequential_with_memory(
         probs, hidden = model.predict_with_hidden(batch)  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         delta = await read_compensation(
-            redis, keys, lsh, hidden, probs, lam=lam, prior=prior, half_life_s=half_life_s,
-            now=batch[0].ts, eps=eps,
+            redis, keys, lsh, hidden, probs, lam=lam, gamma=gamma, prior=prior, half_life_s=half_life_s,
+            now=batch[0].ts, eps=eps, names=names,
         )
         t1 = time.perf_counter()
         if start + batch_size > write_from:

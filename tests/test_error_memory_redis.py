@@ -15,7 +15,7 @@ from models.error_memory import ErrorMemory, RandomProjectionLSH, compensate
 from models.interaction import Interaction
 from models.standin_ctr import StandinCTR
 from serving.compensation import read_compensation, read_estimates
-from streams.error_memory import MemoryKeys, delete_memory, learn_and_write, write_errors
+from streams.error_memory import ENTRY_BYTES, MemoryKeys, delete_memory, learn_and_write, write_errors
 from streams.shift import inject_genre_flip, pick_genre_flip, prequential_with_memory, segment_metrics, shifted_mask
 
 REDIS_URL = "redis://127.0.0.1:6379/3"
@@ -74,18 +74,22 @@ async def test_redis_store_answers_like_the_in_process_reference(redis: Redis, p
     _, q_probs, q_hidden = _batch(rng, 10_000, 40)
     q_hidden = np.vstack([q_hidden, rng.standard_normal((5, DIM)).astype(np.float32)])  # some empty buckets
     q_probs = np.concatenate([q_probs, np.full(5, 0.5)])
-    e_redis, w_redis = await read_estimates(redis, keys, lsh, q_hidden, prior=1.0)
-    e_ref, w_ref = ref.estimate_many(q_hidden)
+    e_redis, w_redis = await read_estimates(redis, keys, lsh, q_hidden, q_probs, prior=1.0)
+    e_ref, w_ref = ref.estimate_many(q_hidden, q_probs)
     np.testing.assert_allclose(e_redis, e_ref, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(w_redis, w_ref)
     assert (w_ref > 0).sum() >= 40
     delta = await read_compensation(redis, keys, lsh, q_hidden, q_probs, lam=0.5, prior=1.0)
     np.testing.assert_allclose(q_probs + delta, ref.predict_many(q_hidden, q_probs), rtol=0, atol=1e-12)
     assert ((q_probs + delta > 0) & (q_probs + delta < 1)).all()
-    # the recency-weighted estimate agrees too
-    e_r, _ = await read_estimates(redis, keys, lsh, q_hidden, prior=1.0, half_life_s=20.0, now=1_100.0)
+    # the recency-weighted estimate agrees too, and so does every gamma
+    e_r, _ = await read_estimates(redis, keys, lsh, q_hidden, q_probs, prior=1.0, half_life_s=20.0, now=1_100.0)
     ref.half_life_s = 20.0
-    np.testing.assert_allclose(e_r, ref.estimate_many(q_hidden, now=1_100.0)[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(e_r, ref.estimate_many(q_hidden, q_probs, now=1_100.0)[0], rtol=0, atol=1e-12)
+    for gamma in (0.0, 0.3):
+        e_g, _ = await read_estimates(redis, keys, lsh, q_hidden, q_probs, gamma=gamma, prior=1.0)
+        ref.gamma, ref.half_life_s = gamma, 0.0
+        np.testing.assert_allclose(e_g, ref.estimate_many(q_hidden, q_probs)[0], rtol=0, atol=1e-12)
 
 
 async def test_rewriting_a_batch_changes_nothing(redis: Redis, prefix: str) -> None:
@@ -96,11 +100,11 @@ async def test_rewriting_a_batch_changes_nothing(redis: Redis, prefix: str) -> N
     first = await write_errors(redis, keys, lsh, xs, probs, hidden, capacity=8)
     assert first > 0
     snapshot = {k: await redis.dump(k) for k in await _all_keys(redis, prefix)}
-    e_before, _ = await read_estimates(redis, keys, lsh, hidden)
+    e_before, _ = await read_estimates(redis, keys, lsh, hidden, probs)
     # redelivery, even with a different prediction (the model moved on), is a no-op
     assert await write_errors(redis, keys, lsh, xs, np.clip(probs + 0.3, 0, 1), hidden, capacity=8) == 0
     assert {k: await redis.dump(k) for k in await _all_keys(redis, prefix)} == snapshot
-    np.testing.assert_array_equal((await read_estimates(redis, keys, lsh, hidden))[0], e_before)
+    np.testing.assert_array_equal((await read_estimates(redis, keys, lsh, hidden, probs))[0], e_before)
 
 
 async def test_capacity_bounds_every_bucket(redis: Redis, prefix: str) -> None:
@@ -116,7 +120,7 @@ async def test_capacity_bounds_every_bucket(redis: Redis, prefix: str) -> None:
         card = await redis.zcard(z)
         assert 1 <= card <= 7
         snap = await redis.get(z[:-2] + b":s")
-        assert len(snap) == 16 * card  # packed (ts, error) float64 pairs
+        assert len(snap) == ENTRY_BYTES * card  # packed (ts, y, ŷ) float64 triples
         # the kept entries are the newest event times of the bucket
         newest = await redis.zrange(z, -1, -1, withscores=True)
         assert newest[0][1] >= 1_000.0
@@ -152,9 +156,9 @@ async def test_keys_carry_hash_tags_and_versions_are_isolated(redis: Redis, pref
         assert text[text.index("{") + 1 : text.index("}")].startswith("v1:")
     for z in [k for k in keys if k.endswith(b":z")]:
         assert key_slot(z) == key_slot(z[:-2] + b":s")
-    e2, w2 = await read_estimates(redis, k2, lsh2, hidden)
+    e2, w2 = await read_estimates(redis, k2, lsh2, hidden, probs)
     assert (e2 == 0).all() and (w2 == 0).all()
-    assert (await read_estimates(redis, k1, lsh1, hidden))[1].min() > 0
+    assert (await read_estimates(redis, k1, lsh1, hidden, probs))[1].min() > 0
     with pytest.raises(ValueError):
         await write_errors(redis, k2, lsh1, xs, probs, hidden, capacity=8)
     with pytest.raises(ValueError):
@@ -175,7 +179,7 @@ async def test_learn_and_write_with_the_standin_model(redis: Redis, prefix: str)
     assert written == ref.learn_many(hidden[:40], [x.label for x in xs[:40]], probs[:40],
                                      [x.ts for x in xs[:40]], [x.event_id for x in xs[:40]]) > 0
     delta = await read_compensation(redis, keys, lsh, hidden, probs)
-    np.testing.assert_allclose(probs + delta, compensate(probs, ref.estimate_many(hidden)[0]), atol=1e-12)
+    np.testing.assert_allclose(probs + delta, compensate(probs, ref.estimate_many(hidden, probs)[0]), atol=1e-12)
 
 
 async def test_compensation_cuts_logloss_after_an_injected_genre_flip(redis: Redis, prefix: str) -> None:

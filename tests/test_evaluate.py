@@ -20,6 +20,7 @@ from driftrec.report import load_served
 from driftrec.settings import Settings, get_settings
 from models import metrics
 from streams.datasets import ml100k_events
+from streams.error_memory import KEY_SPACE
 
 # ---------------------------------------------------------------------------------------------
 # metrics: hand-worked cases
@@ -157,7 +158,7 @@ def test_prequential_harness_end_to_end(isolated: Settings, tmp_path) -> None:
     # non-zero served compensation below are what prove it contributed
     r = redis.Redis.from_url(isolated.redis_url)
     assert int(r.get(f"{isolated.key_prefix}:{{snap:dsl}}:latest") or 0) >= 1, "no DSL snapshot published"
-    assert any(True for _ in r.scan_iter(match=f"{isolated.key_prefix}:em:*", count=1000)), "no error-memory keys"
+    assert any(True for _ in r.scan_iter(match=f"{isolated.key_prefix}:{KEY_SPACE}:*", count=1000)), "no error-memory keys"
     if "tpp" in default_learners(isolated):
         assert wm.get('driftrec_learner_events_total{learner="tpp"}', 0) > 0
         assert any(True for _ in r.scan_iter(match=f"{isolated.key_prefix}:{{u:*}}:tpp", count=1000))

@@ -65,7 +65,7 @@ async def served_predictions(settings: Settings, window: list[Event]) -> tuple[n
         m = settings.memory
         lsh = RandomProjectionLSH(scorer.hidden, m.n_tables, m.n_bits, seed=m.seed, version=settings.dsl.generation)
         keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation, m.n_shards)
-        comp = await read_compensation(redis, keys, lsh, hidden, base, lam=m.lambda_, prior=m.prior)
+        comp = await read_compensation(redis, keys, lsh, hidden, base, lam=m.lambda_, gamma=m.gamma, prior=m.prior)
         return base, base + comp
     finally:
         await redis.aclose()
