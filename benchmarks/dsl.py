@@ -32,8 +32,6 @@ import torch
 from models.dsl import DSLRecommender, SparseMF
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gowalla-lightgcn"
-if not DEFAULT_DATA.is_dir():
-    DEFAULT_DATA = Path("/work/shared/data/gowalla-lightgcn")
 
 
 def log(msg: str) -> None:

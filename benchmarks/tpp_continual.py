@@ -273,8 +273,8 @@ def plot(hist: dict[str, dict[str, list[float]]], shift: dict[str, float], out: 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/data/tpp-taobao-easytpp"))
-    ap.add_argument("--shift-data", type=Path, default=Path("/work/shared/data/tpp-taxi-easytpp"))
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tpp-taobao-easytpp")
+    ap.add_argument("--shift-data", type=Path, default=ROOT.parent / "shared" / "data" / "tpp-taxi-easytpp")
     ap.add_argument("--no-shift", action="store_true", help="skip the domain-shift run")
     ap.add_argument("--periods", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +14,11 @@ from models.dsl import CSRTable, DSLRecommender, SparseMF, SparseScorer, sample_
 from models.interaction import Interaction
 from models.sparse import DSLSchedule, RowAdam, SparseParameterSet, cosine_update_fraction
 
+from tests.conftest import SHARED_DATA
+
 torch.set_num_threads(1)
 
-TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao-userbehavior-sample" / "UserBehavior.csv"
-if not TAOBAO.is_file():
-    TAOBAO = Path("/work/shared/data/taobao-userbehavior-sample/UserBehavior.csv")
+TAOBAO = SHARED_DATA / "taobao-userbehavior-sample" / "UserBehavior.csv"
 
 
 def _toy_model(seed: int = 0) -> tuple[dict[str, torch.nn.Parameter], torch.nn.Parameter]:

@@ -12,9 +12,11 @@ import torch
 from models.prompt_tpp import PromptTPP, TypeVocabulary
 from models.tpp import HomogeneousPoisson, NeuralTPP, collate
 
+from tests.conftest import SHARED_DATA
+
 torch.set_num_threads(1)
 
-TAOBAO = Path("/work/shared/data/tpp-taobao-easytpp")
+TAOBAO = SHARED_DATA / "tpp-taobao-easytpp"
 
 
 def random_sequences(n_seq: int, n_types: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
