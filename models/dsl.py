@@ -24,7 +24,7 @@ Deviations from the paper (see ``models/sparse.py`` for the mask machinery's own
   stream on a CPU. The gradient used for growth is still the full dense gradient of the batch.
 * The benchmark trains for a few epochs (default 8; the authors train LightGCN for 1000) to fit
   a 2-core CPU budget, with the authors' lr 1e-2 cosine-decayed to 1e-4 and L2 reg 1e-4.
-* ``DSLRecommender`` adds first-order terms (a bias column per user/item/category row, in the
+* ``DSLRecommender`` adds first-order terms (a bias per user/item/category row, in the
   same global sparsity group as the embeddings). Chosen on ML-100K events 25,000-50,000 (the demo
   reports events 0-25,000): prequential AUC 0.661 -> 0.669, log-loss 0.648 -> 0.643, at +3 % of
   the parameter budget. On that segment a higher lr (0.03, 0.1) or smaller micro-batches (16-64)
@@ -335,8 +335,8 @@ class DSLRecommender:
         )
         # First-order terms (a bias per user, item and category row), as in FM / Wide & Deep: a
         # rating stream is dominated by user leniency and item quality, which an online MLP over
-        # embeddings learns slowly. They are one more column of each table, masked and budgeted
-        # with the embeddings in the same global group, so DSL decides which rows keep a bias.
+        # embeddings learns slowly. They are (n_rows × 1) tables masked and budgeted with the
+        # embeddings in the same global group, so DSL decides which rows keep a bias.
         self.biases = torch.nn.ParameterDict(
             {name: torch.nn.Parameter(torch.zeros(n_rows, 1)) for name in (_SALTS if first_order else ())}
         )

@@ -253,3 +253,32 @@ def test_learns_real_taobao_stream_better_than_popularity() -> None:
     # Most later Taobao events are items never seen before, so popularity can even fall below
     # chance here; the model must beat both.
     assert np.mean(auc_model) > max(np.mean(auc_pop), 0.5) + 0.03, (np.mean(auc_model), np.mean(auc_pop))
+
+
+def test_first_order_terms_are_budgeted_and_older_snapshots_still_load() -> None:
+    import io
+    import json
+
+    new = DSLRecommender(n_rows=1024, dim=8, density=0.1, hidden=8, seed=0)
+    assert {"emb.bias_user", "emb.bias_item", "emb.bias_cat"} <= set(new.masks.params)
+    before = new.n_active_params
+    xs = [Interaction(f"u{k % 13}", f"i{k % 17}", float(k), category="c", label=k % 2) for k in range(64)]
+    for _ in range(5):
+        new.learn_many(xs)
+    assert new.n_active_params == before
+    np.testing.assert_allclose(SparseScorer.from_snapshot(new.to_snapshot()).predict_proba_many(xs),
+                               new.predict_proba_many(xs), atol=1e-5)
+    # a snapshot written before first-order terms existed has no "first_order" in its config
+    old = DSLRecommender(n_rows=1024, dim=8, density=0.1, hidden=8, seed=0, first_order=False)
+    with np.load(io.BytesIO(old.to_snapshot()), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    del meta["config"]["first_order"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    restored = DSLRecommender.from_snapshot(buf.getvalue())
+    assert not restored.biases
+    np.testing.assert_allclose(restored.predict_proba_many(xs), old.predict_proba_many(xs), atol=1e-6)
+    np.testing.assert_allclose(SparseScorer.from_snapshot(buf.getvalue()).predict_proba_many(xs),
+                               old.predict_proba_many(xs), atol=1e-5)
