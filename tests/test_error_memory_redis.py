@@ -28,7 +28,7 @@ async def redis() -> AsyncIterator[Redis]:
     try:
         await client.ping()
     except Exception as exc:  # pragma: no cover - environment without Redis
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+        pytest.fail(f"no Redis at {REDIS_URL} (these tests need a real one): {exc}")
     yield client
     await client.aclose()
 

@@ -151,8 +151,8 @@ def test_type_vocabulary_first_seen_order_overflow_and_round_trip() -> None:
     assert clone.ids == vocab.ids and clone.names() == ["shoes", "books", "<other>"]
 
 
-@pytest.mark.skipif(not TAOBAO.exists(), reason="Taobao TPP data not available")
 def test_learns_real_taobao_better_than_poisson() -> None:
+    assert TAOBAO.is_dir(), f"shared data missing: {TAOBAO}"
     train = load_easytpp(TAOBAO / "train.json", 160)
     dev = load_easytpp(TAOBAO / "dev.json", 60)
     poisson = HomogeneousPoisson(17).learn_many(train).log_likelihood_many(dev)
