@@ -37,6 +37,17 @@ Deviations from the paper (see ``models/sparse.py`` for the mask machinery's own
   moves the hidden space between snapshots, so a query's LSH codes drift away from those its
   neighbours were written under. Keying the memory on a representation that is stable across
   snapshots would let both gains add up; not done yet.
+* **Grow on touch** (``grow_on_touch``, default on; our addition for online training). A uniform
+  random mask over hashed tables of 65,536 rows spends ~96 % of the budget on rows ML-100K never
+  uses, and a used row starts with ~3 of 32 weights and a 10 % chance of a bias; only an
+  exploration (every ΔT micro-batches) moves budget to it. So when a micro-batch touches a row,
+  all its weights are grown (at zero, as the paper grows weights) and as many active weights of
+  never-touched rows are pruned at random (they never had a gradient: their magnitudes are init
+  noise), falling back to the smallest magnitudes once no untouched row is left. The active count
+  stays exact and the periodic prune-and-grow still runs. On events 25,000-50,000: AUC 0.669 ->
+  0.702 and log-loss 0.643 -> 0.620, level with the same network trained dense (0.701 / 0.621).
+  It also restored the error memory's gain on the shifted genre through Kafka, where ΔT = 20 had
+  cost it.
 * Head matrices of ``DSLRecommender`` default to ``head_density=0.5``: they are <0.1 % of the
   parameters, and at 10 % density the 32-weight output layer would keep 3 weights. The reported
   ``n_active_params / n_total_params`` covers every parameter (biases are dense and counted).
@@ -320,11 +331,13 @@ class DSLRecommender:
         anneal_steps: int = 10_000,
         init_std: float = 0.01,
         first_order: bool = True,
+        grow_on_touch: bool = True,
     ) -> None:
         self.config: dict[str, Any] = {
             "n_rows": n_rows, "dim": dim, "density": density, "hidden": hidden, "lr": lr,
             "prune_every": prune_every, "seed": seed, "head_density": head_density,
             "anneal_steps": anneal_steps, "init_std": init_std, "first_order": first_order,
+            "grow_on_touch": grow_on_touch,
         }
         torch.manual_seed(seed)
         self.n_rows, self.dim, self.hidden = n_rows, dim, hidden
@@ -396,6 +409,11 @@ class DSLRecommender:
         if not batch:
             return float("nan")
         u, i, c = self._rows([x.user_id for x in batch], [x.item_id for x in batch], [x.category for x in batch])
+        if self.config.get("grow_on_touch"):
+            touched = {"user": u, "item": i, "cat": c}
+            self.masks.grow_touched_rows(
+                {**{f"emb.{k}": r for k, r in touched.items()},
+                 **{f"emb.bias_{k}": r for k, r in touched.items() if k in self.biases}}, self.opts)
         y = torch.tensor([float(x.label) for x in batch])
         logit, _ = self._forward(u, i, c)
         loss = F.binary_cross_entropy_with_logits(logit, y)
@@ -457,6 +475,8 @@ class DSLRecommender:
             arrays[f"{name}.shape"] = np.asarray(p.shape, dtype=np.int64)
         for name, p in self._dense_params.items():
             arrays[f"{name}.dense"] = p.detach().numpy().astype(np.float32)
+        for name, rows in self.masks.touched_rows.items():  # a resumed trainer must not prune live rows
+            arrays[f"{name}.touched"] = np.flatnonzero(rows.numpy()).astype(np.int64)
         meta = {"format": SNAPSHOT_FORMAT, "config": self.config, "step": self.step,
                 "n_active_params": self.n_active_params, "n_total_params": self.n_total_params}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -480,6 +500,11 @@ class DSLRecommender:
                 model.masks.masks[name] = mask.view_as(p)
             for name, p in model._dense_params.items():
                 p.copy_(torch.from_numpy(arrays[f"{name}.dense"]))
+            for name, p in model.masks.params.items():
+                if f"{name}.touched" in arrays:
+                    rows = torch.zeros(p.shape[0], dtype=torch.bool)
+                    rows[torch.from_numpy(arrays[f"{name}.touched"])] = True
+                    model.masks.touched_rows[name] = rows
         model.step = int(meta["step"])
         return model
 

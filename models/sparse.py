@@ -128,6 +128,7 @@ class SparseParameterSet:
         # before they had any chance to train when explorations are close together).
         self.protect_grown = protect_grown
         self._recent: dict[str, torch.Tensor] = {}
+        self.touched_rows: dict[str, torch.Tensor] = {}  # rows the stream has touched (grow_touched_rows)
         self.params: dict[str, torch.nn.Parameter] = dict(params)
         self.groups: dict[str, str] = {name: (groups or {}).get(name, "global") for name in self.params}
         self._gen = torch.Generator().manual_seed(seed)
@@ -317,6 +318,144 @@ class SparseParameterSet:
         grown_idx = torch.topk(grow_score, k, largest=True).indices
         new_masks[grown_idx] = True
 
+        return self._apply(names, masks, new_masks, optimizers)
+
+    @torch.no_grad()
+    def grow_touched_rows(
+        self,
+        touched: Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+    ) -> tuple[int, int]:
+        """Activate every weight of the rows a batch touched; prune as many elsewhere in the group.
+
+        Why: online, a uniform random initial mask spreads the budget over every row of a hashed
+        table, most of which the stream never uses, and a used row can only learn in the few
+        weights it happened to draw until an exploration reassigns the budget. Growing a row when
+        the stream touches it (at zero, like any grown weight) keeps the active count exact and
+        moves the budget to live rows at once. Donors are active weights of rows the stream has
+        *never* touched, drawn at random: they never received a gradient, so their magnitudes are
+        initialisation noise and the paper's magnitude order among them carries no information
+        (and a random draw avoids a full-table ``topk`` per batch). Only when no such row is left
+        does it fall back to the smallest-magnitude weights outside the batch's rows. ``touched``
+        maps a 2-D tensor's name to the batch's row indices; ``self.touched_rows`` remembers them
+        (snapshots must keep it). Returns ``(pruned, grown)``.
+        """
+        opts = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        pruned = grown = 0
+        by_group: dict[str, list[str]] = {}
+        for name, g in self.groups.items():
+            by_group.setdefault(g, []).append(name)
+        for names in by_group.values():
+            grow: dict[str, torch.Tensor] = {}
+            for n in names:
+                if n not in touched:
+                    continue
+                seen = self.touched_rows.setdefault(n, torch.zeros(self.params[n].shape[0], dtype=torch.bool))
+                rows = torch.unique(touched[n])
+                seen[rows] = True
+                cols = self.params[n].shape[1]
+                flat = (rows[:, None] * cols + torch.arange(cols)).reshape(-1)
+                off = flat[~self.masks[n].reshape(-1)[flat]]
+                if off.numel():
+                    grow[n] = off
+            k = sum(int(v.numel()) for v in grow.values())
+            if k == 0:
+                continue
+            donors = self._untouched_donors(names, k)
+            short = k - sum(int(v.numel()) for v in donors.values())
+            if short > 0:  # no untouched rows left: smallest magnitudes outside the touched rows
+                extra = self._smallest_outside(names, grow, donors, short)
+                for n, idx in extra.items():
+                    donors[n] = torch.cat([donors[n], idx]) if n in donors else idx
+                short = k - sum(int(v.numel()) for v in donors.values())
+                if short > 0:  # the budget cannot cover every touched row: grow a random subset
+                    allg = torch.cat([torch.stack([torch.full_like(v, i), v], 1) for i, v in
+                                      enumerate(grow[n] for n in names if n in grow)])
+                    keep = allg[torch.randperm(allg.shape[0], generator=self._gen)[: k - short]]
+                    keys = [n for n in names if n in grow]
+                    grow = {keys[i]: keep[keep[:, 0] == i, 1] for i in range(len(keys))}
+            for n in names:
+                on, off = grow.get(n), donors.get(n)
+                if on is None and off is None:
+                    continue
+                self._set(n, on, off, opts)
+                grown += 0 if on is None else int(on.numel())
+                pruned += 0 if off is None else int(off.numel())
+        return pruned, grown
+
+    def _untouched_donors(self, names: list[str], k: int, rounds: int = 8) -> dict[str, torch.Tensor]:
+        """Up to ``k`` distinct active positions in rows never touched, drawn uniformly."""
+        sizes = [self.params[n].numel() for n in names]
+        total = sum(sizes)
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        found = torch.zeros(0, dtype=torch.long)
+        for _ in range(rounds):
+            draw = torch.randint(total, (max(4 * (k - found.numel()), 1024),), generator=self._gen)
+            ok = torch.zeros(draw.numel(), dtype=torch.bool)
+            for j, n in enumerate(names):
+                inside = (draw >= offsets[j]) & (draw < offsets[j + 1])
+                local = draw[inside] - offsets[j]
+                cols = self.params[n].shape[1]
+                seen = self.touched_rows.get(n)
+                good = self.masks[n].reshape(-1)[local]
+                if seen is not None:
+                    good &= ~seen[local // cols]
+                ok[inside] = good
+            found = torch.unique(torch.cat([found, draw[ok]]))
+            if found.numel() >= k:
+                found = found[torch.randperm(found.numel(), generator=self._gen)[:k]]
+                break
+        out: dict[str, torch.Tensor] = {}
+        for j, n in enumerate(names):
+            idx = found[(found >= offsets[j]) & (found < offsets[j + 1])] - offsets[j]
+            if idx.numel():
+                out[n] = idx
+        return out
+
+    def _smallest_outside(self, names: list[str], grow: Mapping[str, torch.Tensor],
+                          taken: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """The ``k`` smallest-magnitude active weights outside the rows being grown."""
+        scores = []
+        for n in names:
+            p = self.params[n]
+            sc = torch.where(self.masks[n], p.detach().abs(), torch.full_like(p, math.inf)).reshape(-1)
+            if n in grow:
+                cols = p.shape[1]
+                rows = torch.unique(grow[n] // cols)
+                sc[(rows[:, None] * cols + torch.arange(cols)).reshape(-1)] = math.inf
+            if n in taken:
+                sc[taken[n]] = math.inf
+            scores.append(sc)
+        flat = torch.cat(scores)
+        k = min(k, int(torch.isfinite(flat).sum()))
+        if k <= 0:
+            return {}
+        idx = torch.topk(flat, k, largest=False).indices
+        sizes = torch.tensor([0, *[self.params[n].numel() for n in names]]).cumsum(0)
+        return {n: idx[(idx >= sizes[j]) & (idx < sizes[j + 1])] - sizes[j] for j, n in enumerate(names)
+                if bool(((idx >= sizes[j]) & (idx < sizes[j + 1])).any())}
+
+    def _set(self, name: str, on: torch.Tensor | None, off: torch.Tensor | None,
+             optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Switch flat positions of one tensor on (at zero) / off, resetting their optimiser moments."""
+        p = self.params[name]
+        mask = self.masks[name].reshape(-1)
+        data = p.data.reshape(-1)
+        changed = torch.cat([t for t in (on, off) if t is not None])
+        if on is not None:
+            mask[on] = True
+        if off is not None:
+            mask[off] = False
+        data[changed] = 0.0  # grown weights start at zero, pruned ones leave
+        for opt in optimizers:
+            for value in opt.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.reshape(-1)[changed] = 0.0
+
+    def _apply(self, names: list[str], masks: torch.Tensor, new_masks: torch.Tensor,
+               optimizers: Sequence[torch.optim.Optimizer]) -> tuple[int, int]:
+        """Install a group's new masks: grown weights start at zero, pruned ones leave, and the
+        optimiser moments of every changed position are reset."""
         newly_on = new_masks & ~masks
         turned_off = masks & ~new_masks
         changed = newly_on | turned_off

@@ -282,3 +282,32 @@ def test_first_order_terms_are_budgeted_and_older_snapshots_still_load() -> None
     np.testing.assert_allclose(restored.predict_proba_many(xs), old.predict_proba_many(xs), atol=1e-6)
     np.testing.assert_allclose(SparseScorer.from_snapshot(buf.getvalue()).predict_proba_many(xs),
                                old.predict_proba_many(xs), atol=1e-5)
+
+
+def test_grow_on_touch_completes_touched_rows_from_untouched_donors_at_constant_budget() -> None:
+    model = DSLRecommender(n_rows=512, dim=8, density=0.1, hidden=8, seed=0, grow_on_touch=True, prune_every=0)
+    masks = model.masks
+    before = {n: m.clone() for n, m in masks.masks.items()}
+    budget = masks.n_active
+    xs = [Interaction(f"u{k % 5}", f"i{k % 7}", float(k), category="c", label=k % 2) for k in range(32)]
+    u, i, _ = model._rows([x.user_id for x in xs], [x.item_id for x in xs], [x.category for x in xs])
+    model.learn_many(xs)
+    assert masks.n_active == budget
+    for name, rows in (("emb.user", u.unique()), ("emb.item", i.unique()), ("emb.bias_user", u.unique())):
+        assert masks.masks[name][rows].all(), name  # every weight of a touched row is active
+        assert masks.touched_rows[name][rows].all()
+    # donors came only from rows the stream never touched
+    for name, m in masks.masks.items():
+        if name.startswith("emb."):
+            lost = before[name] & ~m
+            assert not lost[masks.touched_rows[name]].any(), name
+    # a second pass over the same rows grows nothing more; weights stay inside the masks
+    model.learn_many(xs)
+    assert masks.n_active == budget
+    for name, p in masks.params.items():
+        assert (p.detach()[~masks.masks[name]] == 0).all(), name
+    # the trainer resumes with the same notion of live rows
+    restored = DSLRecommender.from_snapshot(model.to_snapshot())
+    for name, rows in masks.touched_rows.items():
+        assert torch.equal(restored.masks.touched_rows[name], rows)
+    np.testing.assert_allclose(restored.predict_proba_many(xs), model.predict_proba_many(xs), atol=1e-6)
