@@ -94,7 +94,9 @@ class ServingSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     max_candidates: int = 2000
-    tpp_weight: float = 0.5
+    tpp_weight: float = 0.5  # the TPP term's starting weight; the trainer learns it (below)
+    # learn the TPP term's weight from labelled events (models/fusion.py) and serve the learned one
+    learn_tpp_weight: bool = True
     # TPP term decays with the time since the user's last event: a propensity learned an hour ago
     # says little about what the user does next week.
     tpp_tau_s: float = 3600.0

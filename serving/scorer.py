@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,14 +55,13 @@ from redis.exceptions import RedisError
 from driftrec.settings import Settings
 from models.dsl import SparseScorer
 from models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
+from models.fusion import TPPWeight, tpp_terms  # noqa: F401 - tpp_terms is part of this module's API
 from serving.compensation import BucketNames, estimates_from_values, plan_buckets
 from streams.error_memory import MemoryKeys
 from streams.snapshots import SnapshotKeys, load_snapshot
 from streams.state import StateKeys
 
 log = logging.getLogger(__name__)
-
-_TINY_P = 1e-12  # a propensity of exactly 0 would give ln 0; the clip bounds the term anyway
 
 
 @dataclass(frozen=True)
@@ -75,6 +73,7 @@ class LoadedSnapshot:
     catalog: dict[str, str]  # item_id → category, the items the trainer has seen
     names: BucketNames | None  # error-memory key table for this model's hidden dim
     standardizer: HiddenStandardizer | None = None  # hidden statistics the memory was hashed with
+    tpp_weight: float | None = None  # learned by the trainer (models/fusion.py); None: use the setting
 
 
 @dataclass
@@ -113,44 +112,6 @@ class ScorerStats:
     redis_errors: int = 0
     tpp_parse_errors: int = 0
     loaded_at: float | None = None
-
-
-def tpp_terms(
-    payload: bytes | None,
-    categories: Sequence[str | None],
-    now: float,
-    *,
-    weight: float,
-    tau_s: float,
-    clip: float,
-) -> np.ndarray:
-    """The logit-space TPP term per candidate from a user's stored propensity (see module doc).
-
-    Raises ``ValueError`` on a payload that is not the TPP agent's format; callers treat that as
-    "no propensity".
-    """
-    n = len(categories)
-    if payload is None or weight == 0.0:
-        return np.zeros(n)
-    doc = orjson.loads(payload)
-    if not isinstance(doc, dict) or not isinstance(doc.get("probs"), dict):
-        raise ValueError("tpp payload must be an object with a 'probs' object")
-    probs: dict[str, Any] = doc["probs"]
-    k = doc.get("n_types") or len(probs)
-    last_ts = doc.get("ts")
-    if not isinstance(k, (int, float)) or k <= 0:
-        raise ValueError(f"tpp n_types must be a positive number, got {k!r}")
-    decay = 1.0
-    if isinstance(last_ts, (int, float)) and math.isfinite(last_ts) and tau_s > 0:
-        decay = math.exp(-max(now - float(last_ts), 0.0) / tau_s)
-    scale = weight * decay
-    lut: dict[str, float] = {}
-    for cat, p in probs.items():
-        if isinstance(p, (int, float)) and math.isfinite(p) and p >= 0:
-            lut[cat] = min(max(scale * math.log(float(k) * max(float(p), _TINY_P)), -clip), clip)
-    if not lut:
-        return np.zeros(n)
-    return np.fromiter((lut.get(c, 0.0) if c is not None else 0.0 for c in categories), dtype=np.float64, count=n)
 
 
 def fuse(base: np.ndarray, compensation: np.ndarray, tpp: np.ndarray, eps: float) -> np.ndarray:
@@ -251,7 +212,10 @@ class Scorer:
             names = BucketNames(self.memory_keys, lsh)
         stats = parts.get("hidden_stats")
         standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
-        return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names, standardizer=standardizer)
+        fusion = parts.get("fusion")
+        tpp_weight = TPPWeight.from_bytes(fusion).w if fusion and self.settings.serving.learn_tpp_weight else None
+        return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names, standardizer=standardizer,
+                              tpp_weight=tpp_weight)
 
     # ---- scoring -------------------------------------------------------------------------------
     async def score(self, user_id: str, candidates: Sequence[str], ts: float | None = None) -> ScoreResult:
@@ -301,7 +265,8 @@ class Scorer:
                 compensation = compensation_delta(base, e_hat, m.lambda_, eps)
             if s.tpp.enabled:
                 try:
-                    tpp = tpp_terms(replies[-1], cats, now, weight=s.serving.tpp_weight,
+                    weight = snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight
+                    tpp = tpp_terms(replies[-1], cats, now, weight=weight,
                                     tau_s=s.serving.tpp_tau_s, clip=s.serving.tpp_clip)
                 except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
                     self.stats.tpp_parse_errors += 1

@@ -28,10 +28,12 @@ from redis.asyncio import Redis
 from driftrec.settings import Settings
 from models.dsl import DSLRecommender, SparseScorer, sample_negatives
 from models.error_memory import HiddenStandardizer
+from models.fusion import TPPWeight, tpp_log_ratios
 from models.interaction import Interaction
 from streams.events import Event
 from streams.memory_agent import ErrorMemoryWriter
 from streams.snapshots import SnapshotKeys, load_snapshot, publish_snapshot
+from streams.state import StateKeys
 
 log = logging.getLogger(__name__)
 POSITIVE_KINDS = {"click", "purchase", "cart", "fav", "buy"}
@@ -69,6 +71,10 @@ class DSLTrainer:
         self.standardizer: HiddenStandardizer | None = None  # the served snapshot's hidden statistics
         self.recent: deque[Interaction] = deque(maxlen=2000)  # to fit those statistics at publish
         self.memory = ErrorMemoryWriter(redis, settings) if settings.memory.enabled else None
+        sv = settings.serving
+        self.fusion = TPPWeight(w=sv.tpp_weight, clip=sv.tpp_clip) if sv.learn_tpp_weight and settings.tpp.enabled \
+            else None
+        self.state_keys = StateKeys(settings.key_prefix)
         self.catalog: dict[str, str] = {}
         self.item_pool: deque[str] = deque(maxlen=5000)
         self.version: int | None = None
@@ -85,6 +91,8 @@ class DSLTrainer:
                 self.served = SparseScorer.from_snapshot(parts["model"])
                 if "hidden_stats" in parts:
                     self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"])
+                if "fusion" in parts and self.fusion is not None:
+                    self.fusion = TPPWeight.from_bytes(parts["fusion"], clip=self.fusion.clip)
                 self.catalog = orjson.loads(parts.get("catalog", b"{}"))
                 log.info("trainer resumed from snapshot v%s (step %d)", self.version, self.model.step)
             else:
@@ -111,6 +119,8 @@ class DSLTrainer:
         if self.memory is not None and self.served is not None:
             # test-then-train: the served snapshot's errors are recorded before the model learns
             await self.memory.write(self.served, self.standardizer, [e.to_interaction() for e in fresh])
+        if self.fusion is not None and self.served is not None:
+            await self._learn_tpp_weight(fresh)
         examples = training_examples(fresh, self.rng, list(self.item_pool), self.negatives)
         self.item_pool.extend(e.item_id for e in fresh)
         self.recent.extend(x for x in examples if x.label is not None)
@@ -123,11 +133,44 @@ class DSLTrainer:
             await self.publish()
         return len(fresh)
 
+    async def _learn_tpp_weight(self, events: Sequence[Event]) -> None:
+        """One step of the TPP term's weight on the served snapshot's predictions (test-then-train).
+
+        A user's stored propensity is used only if it was computed before the event (its ``ts``
+        is earlier): the TPP agent runs beside this one and may already have learned the batch.
+        """
+        labelled = [e for e in events if e.label is not None and e.category]
+        if not labelled or self.fusion is None or self.served is None:
+            return
+        users = list(dict.fromkeys(e.user_id for e in labelled))
+        pipe = self.redis.pipeline(transaction=False)
+        for u in users:
+            pipe.get(self.state_keys.user_tpp(u))
+        payloads = dict(zip(users, await pipe.execute()))
+        tau = self.settings.serving.tpp_tau_s
+        feature = np.zeros(len(labelled))
+        for j, e in enumerate(labelled):
+            raw = payloads.get(e.user_id)
+            try:
+                ts = orjson.loads(raw).get("ts") if raw else None
+                if isinstance(ts, (int, float)) and ts < e.ts:
+                    feature[j] = tpp_log_ratios(raw, [e.category], e.ts, tau_s=tau)[0]
+            except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
+                continue  # an unreadable propensity teaches nothing (serving treats it as absent)
+        if not feature.any():
+            return
+        eps = self.settings.serving.eps
+        probs = np.clip(self.served.predict_proba_many([e.to_interaction() for e in labelled]), eps, 1 - eps)
+        self.fusion.learn_many(np.log(probs) - np.log1p(-probs), feature,
+                               np.array([e.label for e in labelled], dtype=np.float64))
+
     async def publish(self) -> int:
         model = await self._ensure_model()
         blob = model.to_snapshot()
         served = SparseScorer.from_snapshot(blob)
         parts = {"model": blob, "catalog": orjson.dumps(self.catalog)}
+        if self.fusion is not None:
+            parts["fusion"] = self.fusion.to_bytes()
         if self.recent:
             standardizer = HiddenStandardizer.fit(served.predict_with_hidden(list(self.recent))[1])
             parts["hidden_stats"] = standardizer.to_bytes()
