@@ -15,8 +15,10 @@ Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
     score_i = sigmoid(logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i)
 
 with ``λ = settings.memory.lambda``, ``ê`` the memory's shrunk error estimate (see
-``models/error_memory.py``), ``w = serving.tpp_weight``, ``τ = serving.tpp_tau_s``,
-``c = serving.tpp_clip``, ``K`` the TPP's number of event types.
+``models/error_memory.py``), ``w`` the weight the trainer learned and published with the snapshot
+(``models/fusion.py``; ``serving.tpp_weight`` before any is learned or when
+``serving.learn_tpp_weight`` is off), ``τ = serving.tpp_tau_s``, ``c = serving.tpp_clip``, ``K`` the
+TPP's number of event types.
 
 Why these spaces: the error memory estimates ``y − ŷ`` in probability units, so its correction is
 added there (ReLoop2's formulation). The TPP says how much *more likely than uniform* the user's
