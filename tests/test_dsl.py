@@ -311,3 +311,18 @@ def test_grow_on_touch_completes_touched_rows_from_untouched_donors_at_constant_
     for name, rows in masks.touched_rows.items():
         assert torch.equal(restored.masks.touched_rows[name], rows)
     np.testing.assert_allclose(restored.predict_proba_many(xs), model.predict_proba_many(xs), atol=1e-6)
+
+
+def test_grow_on_touch_keeps_the_budget_when_untouched_rows_run_out() -> None:
+    for seed, touches in ((0, [range(5), range(5, 10)]), (1, [range(10)]), (2, [range(8), range(10)])):
+        gen = torch.Generator().manual_seed(seed)
+        params = {"t": torch.nn.Parameter(torch.randn(10, 4, generator=gen)),
+                  "b": torch.nn.Parameter(torch.randn(10, 1, generator=gen))}
+        masks = SparseParameterSet(params, {"t": 0.5, "b": 0.5}, groups={"t": "g", "b": "g"}, seed=seed)
+        budget = masks.n_active
+        for rows in touches:
+            r = torch.tensor(list(rows))
+            pruned, grown = masks.grow_touched_rows({"t": r, "b": r})
+            assert pruned == grown and masks.n_active == budget, (seed, list(rows))
+            for name, p in params.items():
+                assert (p.detach()[~masks.masks[name]] == 0).all()
