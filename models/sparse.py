@@ -267,16 +267,8 @@ class SparseParameterSet:
         rows whose weights matter (magnitude) or would matter (gradient).
         """
         report = PruneGrowReport(fraction=fraction)
-        if optimizer is None:
-            opts: list[torch.optim.Optimizer] = []
-        elif isinstance(optimizer, torch.optim.Optimizer):
-            opts = [optimizer]
-        else:
-            opts = list(optimizer)
-        by_group: dict[str, list[str]] = {}
-        for name, g in self.groups.items():
-            by_group.setdefault(g, []).append(name)
-        for names in by_group.values():
+        opts = _optimizer_list(optimizer)
+        for names in self._group_members():
             pruned, grown = self._explore_group(names, dense_grads, fraction, opts)
             report.n_pruned += pruned
             report.n_grown += grown
@@ -340,12 +332,9 @@ class SparseParameterSet:
         maps a 2-D tensor's name to the batch's row indices; ``self.touched_rows`` remembers them
         (snapshots must keep it). Returns ``(pruned, grown)``.
         """
-        opts = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        opts = _optimizer_list(optimizer)
         pruned = grown = 0
-        by_group: dict[str, list[str]] = {}
-        for name, g in self.groups.items():
-            by_group.setdefault(g, []).append(name)
-        for names in by_group.values():
+        for names in self._group_members():
             grow: dict[str, torch.Tensor] = {}
             for n in names:
                 if n not in touched:
@@ -367,13 +356,9 @@ class SparseParameterSet:
                 extra = self._smallest_outside(names, grow, donors, short)
                 for n, idx in extra.items():
                     donors[n] = torch.cat([donors[n], idx]) if n in donors else idx
-                short = k - sum(int(v.numel()) for v in donors.values())
-                if short > 0:  # the budget cannot cover every touched row: grow a random subset
-                    allg = torch.cat([torch.stack([torch.full_like(v, i), v], 1) for i, v in
-                                      enumerate(grow[n] for n in names if n in grow)])
-                    keep = allg[torch.randperm(allg.shape[0], generator=self._gen)[: k - short]]
-                    keys = [n for n in names if n in grow]
-                    grow = {keys[i]: keep[keep[:, 0] == i, 1] for i in range(len(keys))}
+                available = sum(int(v.numel()) for v in donors.values())
+                if available < k:  # the budget cannot cover every touched row: grow a random subset
+                    grow = self._random_subset(grow, available)
             for n in names:
                 on, off = grow.get(n), donors.get(n)
                 if on is None and off is None:
@@ -382,6 +367,21 @@ class SparseParameterSet:
                 grown += 0 if on is None else int(on.numel())
                 pruned += 0 if off is None else int(off.numel())
         return pruned, grown
+
+    def _group_members(self) -> list[list[str]]:
+        """Tensor names per group, in declaration order."""
+        by_group: dict[str, list[str]] = {}
+        for name, g in self.groups.items():
+            by_group.setdefault(g, []).append(name)
+        return list(by_group.values())
+
+    def _random_subset(self, positions: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """``k`` of the flat positions (per tensor name), drawn uniformly across tensors."""
+        names = list(positions)
+        sizes = torch.tensor([0, *(positions[n].numel() for n in names)]).cumsum(0)
+        keep = torch.randperm(int(sizes[-1]), generator=self._gen)[:k]
+        out = {n: positions[n][keep[(keep >= sizes[j]) & (keep < sizes[j + 1])] - sizes[j]] for j, n in enumerate(names)}
+        return {n: v for n, v in out.items() if v.numel()}
 
     def _untouched_donors(self, names: list[str], k: int, rounds: int = 8) -> dict[str, torch.Tensor]:
         """Up to ``k`` distinct active positions in rows never touched, drawn uniformly."""
@@ -477,6 +477,14 @@ class SparseParameterSet:
                     if isinstance(value, torch.Tensor) and value.shape == p.shape:
                         value.masked_fill_(ch, 0.0)
         return int(turned_off.sum()), int(newly_on.sum())
+
+
+def _optimizer_list(
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    return [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
 
 
 class RowAdam(torch.optim.Optimizer):

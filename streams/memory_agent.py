@@ -5,7 +5,8 @@ agent: the memory must hold the errors users actually saw, i.e. those of the sna
 had loaded *before* the model learned these events. A separate agent racing the trainer would
 sometimes score with a snapshot that already learned the batch and store errors that were never
 made (we measured compensation turning harmful that way). The trainer knows exactly which
-snapshot is being served — the one it last published — so it hands that scorer here first.
+snapshot is being served — the one it last published — so it scores the batch with it and hands
+those predictions here first.
 Writes are idempotent per event id (see ``streams.error_memory``).
 """
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 from redis.asyncio import Redis
 
 from driftrec.settings import Settings
-from models.dsl import SparseScorer
 from models.error_memory import HiddenStandardizer, RandomProjectionLSH
 from models.interaction import Interaction
 from streams.error_memory import MemoryKeys, write_errors
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class ErrorMemoryWriter:
-    """Writes ``(LSH(hidden), y − ŷ, ts)`` of the served scorer for labelled interactions."""
+    """Writes ``(LSH(hidden), ts, y, ŷ)`` of the served snapshot's predictions for labelled interactions."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -34,15 +35,14 @@ class ErrorMemoryWriter:
         self.keys = MemoryKeys.from_settings(settings.key_prefix, self.generation, self.cfg.n_shards)
         self.lsh: RandomProjectionLSH | None = None
 
-    async def write(self, served: SparseScorer, standardizer: HiddenStandardizer | None,
-                    interactions: list[Interaction]) -> int:
-        labelled = [x for x in interactions if x.label is not None]
+    async def write(self, labelled: list[Interaction], probs: np.ndarray, hidden: np.ndarray,
+                    standardizer: HiddenStandardizer | None) -> int:
+        """Store the served ``probs``/``hidden`` of labelled interactions (the trainer's one forward pass)."""
         if not labelled:
             return 0
         if self.lsh is None:
-            self.lsh = RandomProjectionLSH(dim=served.hidden, n_tables=self.cfg.n_tables, n_bits=self.cfg.n_bits,
+            self.lsh = RandomProjectionLSH(dim=hidden.shape[1], n_tables=self.cfg.n_tables, n_bits=self.cfg.n_bits,
                                            seed=self.cfg.seed, version=self.generation)
-        probs, hidden = served.predict_with_hidden(labelled)
         if standardizer is not None:
             hidden = standardizer.transform(hidden)
         await write_errors(self.redis, self.keys, self.lsh, labelled, probs, hidden,

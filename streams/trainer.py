@@ -116,11 +116,16 @@ class DSLTrainer:
         for e in fresh:
             if e.category:
                 self.catalog[e.item_id] = e.category
-        if self.memory is not None and self.served is not None:
-            # test-then-train: the served snapshot's errors are recorded before the model learns
-            await self.memory.write(self.served, self.standardizer, [e.to_interaction() for e in fresh])
-        if self.fusion is not None and self.served is not None:
-            await self._learn_tpp_weight(fresh)
+        labelled = [e for e in fresh if e.label is not None]
+        if self.served is not None and labelled and (self.memory is not None or self.fusion is not None):
+            # test-then-train: what the served snapshot predicted, before the model learns the batch
+            # (one forward pass feeds both the error memory and the TPP weight)
+            interactions = [e.to_interaction() for e in labelled]
+            probs, hidden = self.served.predict_with_hidden(interactions)
+            if self.memory is not None:
+                await self.memory.write(interactions, probs, hidden, self.standardizer)
+            if self.fusion is not None:
+                await self._learn_tpp_weight(labelled, probs)
         examples = training_examples(fresh, self.rng, list(self.item_pool), self.negatives)
         self.item_pool.extend(e.item_id for e in fresh)
         self.recent.extend(x for x in examples if x.label is not None)
@@ -133,35 +138,42 @@ class DSLTrainer:
             await self.publish()
         return len(fresh)
 
-    async def _learn_tpp_weight(self, events: Sequence[Event]) -> None:
-        """One step of the TPP term's weight on the served snapshot's predictions (test-then-train).
+    async def _learn_tpp_weight(self, labelled: Sequence[Event], probs: np.ndarray) -> None:
+        """One step of the TPP term's weight on the served predictions ``probs`` (test-then-train).
 
         A user's stored propensity is used only if it was computed before the event (its ``ts``
         is earlier): the TPP agent runs beside this one and may already have learned the batch.
         """
-        labelled = [e for e in events if e.label is not None and e.category]
-        if not labelled or self.fusion is None or self.served is None:
+        if self.fusion is None:
             return
-        users = list(dict.fromkeys(e.user_id for e in labelled))
+        users = list(dict.fromkeys(e.user_id for e in labelled if e.category))
+        if not users:
+            return
         pipe = self.redis.pipeline(transaction=False)
         for u in users:
             pipe.get(self.state_keys.user_tpp(u))
-        payloads = dict(zip(users, await pipe.execute()))
+        stored: dict[str, tuple[bytes, float]] = {}  # user -> (payload, the propensity's ts)
+        for u, raw in zip(users, await pipe.execute()):
+            try:
+                ts = orjson.loads(raw).get("ts") if raw else None
+            except (AttributeError, orjson.JSONDecodeError):
+                continue  # an unreadable propensity teaches nothing (serving treats it as absent)
+            if isinstance(ts, (int, float)):
+                stored[u] = (raw, float(ts))
         tau = self.settings.serving.tpp_tau_s
         feature = np.zeros(len(labelled))
         for j, e in enumerate(labelled):
-            raw = payloads.get(e.user_id)
-            try:
-                ts = orjson.loads(raw).get("ts") if raw else None
-                if isinstance(ts, (int, float)) and ts < e.ts:
-                    feature[j] = tpp_log_ratios(raw, [e.category], e.ts, tau_s=tau)[0]
-            except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
-                continue  # an unreadable propensity teaches nothing (serving treats it as absent)
+            raw_ts = stored.get(e.user_id)
+            if e.category and raw_ts is not None and raw_ts[1] < e.ts:
+                try:
+                    feature[j] = tpp_log_ratios(raw_ts[0], [e.category], e.ts, tau_s=tau)[0]
+                except (ValueError, TypeError):
+                    continue
         if not feature.any():
             return
         eps = self.settings.serving.eps
-        probs = np.clip(self.served.predict_proba_many([e.to_interaction() for e in labelled]), eps, 1 - eps)
-        self.fusion.learn_many(np.log(probs) - np.log1p(-probs), feature,
+        p = np.clip(probs, eps, 1 - eps)
+        self.fusion.learn_many(np.log(p) - np.log1p(-p), feature,
                                np.array([e.label for e in labelled], dtype=np.float64))
 
     async def publish(self) -> int:
