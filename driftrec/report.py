@@ -84,7 +84,7 @@ def plot_series(series: dict[str, Any], variants: list[str], out: Path) -> dict[
         fig, ax = plt.subplots(figsize=(8, 4.2), dpi=100)
         for v in variants:
             ys = [np.nan if val is None else val for val in series[v][name]]
-            style = "-" if v in SERVED_VARIANTS else "--"
+            style = "-" if v in SERVED_VARIANTS else (":" if v.endswith("@event") else "--")
             ax.plot(x, ys, style, label=v, linewidth=2.0 if v == "full" else 1.2)
         ax.set_title(f"{titles[name]}, window {series['window_events']} events")
         ax.set_xlabel("event index (stream order)")

@@ -487,6 +487,15 @@ def _optimizer_list(
     return [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
 
 
+def _row_gradient(p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, their gradient rows) of ``p.grad``, sparse or dense."""
+    g = p.grad
+    if g.is_sparse:
+        g = g.coalesce()
+        return g.indices()[0], g.values()
+    return torch.arange(p.shape[0]), g
+
+
 class RowAdam(torch.optim.Optimizer):
     """Lazy Adam for row-sparse embedding gradients: a step touches only the batch's rows.
 
@@ -514,15 +523,40 @@ class RowAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = state["step"]
-                g = p.grad
-                if g.is_sparse:
-                    g = g.coalesce()
-                    rows, gv = g.indices()[0], g.values()
-                else:
-                    rows, gv = torch.arange(p.shape[0]), g
+                rows, gv = _row_gradient(p)
                 m = state["exp_avg"][rows].mul_(b1).add_(gv, alpha=1 - b1)
                 v = state["exp_avg_sq"][rows].mul_(b2).addcmul_(gv, gv, value=1 - b2)
                 state["exp_avg"][rows] = m
                 state["exp_avg_sq"][rows] = v
                 step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
                 p[rows] = p[rows] - step_size * m / (v.sqrt() + eps)
+
+
+class RowAdagrad(torch.optim.Optimizer):
+    """Lazy Adagrad for row-sparse gradients (the classic per-coordinate online learner).
+
+    Why beside :class:`RowAdam`: a first-order weight (a user's or item's bias) must move fast on
+    the user's first few events and settle as evidence piles up. Adam's step is ~``lr`` whatever
+    the evidence, so a bias trained with the embeddings' small ``lr`` needs dozens of micro-batches
+    to learn a user's leniency; Adagrad's ``lr / sqrt(Σ g²)`` takes a large first step and
+    anneals per row (as FTRL / Vowpal Wabbit do for their linear terms). State ``sum_sq`` is
+    table-shaped, so prune-and-grow resets it for changed entries like any other moment.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float = 0.5, eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, eps = group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["sum_sq"] = torch.zeros_like(p)
+                rows, gv = _row_gradient(p)
+                s = state["sum_sq"][rows].addcmul_(gv, gv)
+                state["sum_sq"][rows] = s
+                p[rows] = p[rows] - lr * gv / (s.sqrt() + eps)

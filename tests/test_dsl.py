@@ -12,7 +12,7 @@ import torch
 
 from models.dsl import CSRTable, DSLRecommender, SparseMF, SparseScorer, sample_negatives
 from models.interaction import Interaction
-from models.sparse import DSLSchedule, RowAdam, SparseParameterSet, cosine_update_fraction
+from models.sparse import DSLSchedule, RowAdagrad, RowAdam, SparseParameterSet, cosine_update_fraction
 
 from tests.conftest import SHARED_DATA
 
@@ -326,3 +326,31 @@ def test_grow_on_touch_keeps_the_budget_when_untouched_rows_run_out() -> None:
             assert pruned == grown and masks.n_active == budget, (seed, list(rows))
             for name, p in params.items():
                 assert (p.detach()[~masks.masks[name]] == 0).all()
+
+
+def test_row_adagrad_matches_torch_adagrad_and_leaves_other_rows() -> None:
+    """Row-sparse Adagrad = torch's Adagrad on the touched rows; untouched rows and state stay put."""
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(6, 3))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    opt, ref_opt = RowAdagrad([ours], lr=0.3, eps=1e-10), torch.optim.Adagrad([ref], lr=0.3, eps=1e-10)
+    rows = torch.tensor([1, 4, 4])
+    for step in range(3):
+        for p, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss = (torch.nn.functional.embedding(rows, p, sparse=p is ours) ** 2).sum() * (step + 1)
+            loss.backward()
+            o.step()
+    assert torch.allclose(ours, ref, atol=1e-6)
+    untouched = [0, 2, 3, 5]
+    assert torch.equal(opt.state[ours]["sum_sq"][untouched], torch.zeros(4, 3))
+
+
+def test_first_order_weights_learn_a_user_bias_within_a_few_batches() -> None:
+    """Why Adagrad for biases: one lenient user is learned in a handful of micro-batches."""
+    model = DSLRecommender(n_rows=1024, dim=8, density=0.5, seed=0)
+    before = model.predict_one(Interaction("lenient", "i0", ts=0.0))
+    for b in range(5):
+        model.learn_many([Interaction("lenient", f"i{b * 8 + j}", ts=0.0, label=1) for j in range(8)])
+    after = model.predict_one(Interaction("lenient", "new-item", ts=0.0))
+    assert after - before > 0.2, (before, after)

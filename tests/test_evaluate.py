@@ -183,6 +183,34 @@ def test_prequential_harness_end_to_end(isolated: Settings, tmp_path) -> None:
     assert ranked and all(rec["n_candidates"] == 50 for rec in ranked)
     rec20, _ = metrics.ranking([x["rank"]["full"][0] for x in ranked], [x["rank"]["full"][1] for x in ranked])
     assert report["variants"]["full"]["recall20"] == pytest.approx(rec20, abs=1e-6)
-    for v in ("base", "base+memory", "base+tpp", "full", "river-lr", "river-fm", "vw"):
+    for v in ("base", "base+memory", "base+tpp", "full", "river-lr", "river-fm", "vw",
+              "river-lr@event", "river-fm@event", "vw@event"):
         assert set(report["variants"][v]) == {"auc", "logloss", "recall20", "ndcg20", "events_per_s"}
         assert len(report["series"][v]["auc"]) == len(report["series"]["end_index"]) >= 2
+
+    # synchronous: all of a window is scored by one snapshot, and the next window by a newer one
+    # (the trainer publishes after every batch and the run waits until the service serves it)
+    assert run["synchronous"] is True and run["max_observed_lag"] >= 0
+    by_window: dict[int, set] = {}
+    for rec in records:
+        by_window.setdefault(rec["published_before"], set()).add(rec["model_version"])
+    assert all(len(v) == 1 for v in by_window.values()), "a window was scored by more than one snapshot"
+    versions = [next(iter(by_window[k])) for k in sorted(by_window)]
+    assert versions[0] is None and all(v is not None for v in versions[1:])
+    assert all(b > a for a, b in zip(versions[1:], versions[2:])), "a window was scored by a stale snapshot"
+
+    # the peers: "<peer>" learns each window after scoring it, "<peer>@event" each event
+    from models.baselines import make_peer
+
+    window_peer, event_peer = make_peer("river-lr"), make_peer("river-lr")
+    for start in range(0, len(records), opts.window):
+        chunk = records[start:start + opts.window]
+        for rec in chunk:
+            cat = rec["category"]
+            assert rec["scores"]["river-lr"] == pytest.approx(
+                window_peer.predict_many(rec["user_id"], [rec["item_id"]], [cat])[0], abs=1e-9)
+            assert rec["scores"]["river-lr@event"] == pytest.approx(
+                event_peer.predict_many(rec["user_id"], [rec["item_id"]], [cat])[0], abs=1e-9)
+            event_peer.learn_one(rec["user_id"], rec["item_id"], cat, rec["label"])
+        for rec in chunk:
+            window_peer.learn_one(rec["user_id"], rec["item_id"], rec["category"], rec["label"])
