@@ -14,8 +14,16 @@ Paper (Wang et al., WSDM 2024, arXiv:2402.02855): the authors' code (github.com/
 was checked (see ``models/sparse.py``), but the paper's result table could not be retrieved with
 the tools available when this was written, so no paper numbers are copied here; the claim under
 test is the paper's qualitative one: at high sparsity DSL stays close to the dense model.
-Defaults (8 epochs, dim 64, ΔT 200, 1 thread) fit in ~15-20 min on a 2-core machine; timings
-depend on machine load (the development machine's cores are shared with other jobs).
+Defaults (8 epochs, dim 64, ΔT 200, 1 thread, ``--init aligned``) run in ~2.5 min on a 2-core
+machine; timings depend on machine load.
+
+Mask init. ``--init aligned`` (shared columns per table, ``models/sparse.py``) is the default
+because it won on the validation split (``--select paper paper_aligned``: Recall@20 0.0476 vs
+0.0172 for the paper's uniform init; declared as a second selection round before it ran).
+``--init random`` reproduces the paper's init. Test figures, 8 epochs, same seed: uniform init
+s80 / s90 / s95 Recall@20 0.0376 / 0.0218 / 0.0117; aligned 0.0739 / 0.0552 / 0.0432 (dense
+0.1107). Even aligned, 90 % sparsity stays ~50 % below dense, and below a dense model with the
+same budget (dim 6: validation 0.0723 vs 0.0476), so the issue's "within 5 %" target is not met.
 """
 
 from __future__ import annotations
@@ -106,7 +114,7 @@ def inference_times(model: SparseMF, n_items: int, seed: int, repeats: int) -> d
 
 
 def run_gowalla(data: Path, epochs: int, dim: int, seed: int, prune_every: int, repeats: int,
-                grow_from: str = "batch") -> dict[str, float]:
+                grow_from: str = "batch", init: str = "random") -> dict[str, float]:
     train = read_lightgcn(data / "train.txt")
     test = read_lightgcn(data / "test.txt")
     n_users = max(len(train), len(test))
@@ -121,7 +129,8 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, prune_every: int, 
     result: dict[str, float] = {}
     for tag, density in (("dense", 1.0), ("s80", 0.2), ("s90", 0.1), ("s95", 0.05)):
         model = SparseMF(n_users, n_items, dim=dim, density=density, batch_size=batch,
-                         prune_every=prune_every, total_steps=total_steps, seed=seed, grow_from=grow_from)
+                         prune_every=prune_every, total_steps=total_steps, seed=seed, grow_from=grow_from,
+                         init=init)
         log(f"[{tag}] density={density} active={model.n_active_params:,}/{model.n_total_params:,}")
         t0 = time.perf_counter()
         for epoch in range(1, epochs + 1):
@@ -181,6 +190,8 @@ SELECT_CONFIGS: dict[str, dict[str, object]] = {
     "p02_dt400_protect_lr3e-2": dict(prune_every=400, initial_fraction=0.2, protect_grown=True, lr=3e-2),
     "p02_dt400_protect_window": dict(prune_every=400, initial_fraction=0.2, protect_grown=True, lr=1e-2,
                                      grow_from="window"),
+    # added in a second round (declared before its runs): shared-column mask init, see models/sparse.py
+    "paper_aligned": dict(prune_every=200, initial_fraction=0.5, protect_grown=False, lr=1e-2, init="aligned"),
 }
 
 
@@ -249,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grow-from", choices=("batch", "window"), default="batch",
                     help="growth score: last batch's dense gradient (paper) or |grad| summed over the ΔT window")
+    ap.add_argument("--init", choices=("random", "aligned"), default="aligned",
+                    help="mask init: uniform (paper) or shared columns per table (models/sparse.py)")
     ap.add_argument("--skip-ml100k", action="store_true")
     ap.add_argument("--select", nargs="*", default=None,
                     help=f"only compare settings on a validation split of train.txt: dense and/or {list(SELECT_CONFIGS)}")
@@ -263,9 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"benchmark": "dsl-select", "epochs": args.epochs, "density": args.select_density, **res}))
         return
     result: dict[str, object] = {"benchmark": "dsl", "data": str(args.data), "epochs": args.epochs, "dim": args.dim,
-                                 "prune_every": args.prune_every, "grow_from": args.grow_from}
+                                 "prune_every": args.prune_every, "grow_from": args.grow_from, "init": args.init}
     result.update(run_gowalla(args.data, args.epochs, args.dim, args.seed, args.prune_every, args.repeats,
-                              args.grow_from))
+                              args.grow_from, args.init))
     if args.skip_ml100k:
         result["ml100k"] = "skipped (--skip-ml100k)"
     else:

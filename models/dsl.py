@@ -117,6 +117,7 @@ class SparseMF:
         initial_fraction: float = DEFAULT_INITIAL_FRACTION,
         floor_fraction: float = DEFAULT_FLOOR_FRACTION,
         protect_grown: bool = False,
+        init: str = "random",
     ) -> None:
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
@@ -128,7 +129,7 @@ class SparseMF:
         # dense gradient DSL grows from is recovered exactly at exploration steps (see sparse.py).
         self.opt = RowAdam([self.user, self.item], lr=lr)
         self.masks = SparseParameterSet({"user": self.user, "item": self.item}, density, seed=seed,
-                                        grow_from=grow_from, protect_grown=protect_grown)
+                                        grow_from=grow_from, protect_grown=protect_grown, init=init)
         self.schedule = DSLSchedule(prune_every=prune_every, total_steps=total_steps,
                                     initial_fraction=initial_fraction, floor_fraction=floor_fraction)
         self.step = 0

@@ -44,6 +44,14 @@ Deviations, with reasons:
   few, short epochs the last batch covers a small share of rows, so the paper's score regrows
   mostly that batch's rows (the critique made by SparseRec, arXiv:2411.12205). Off by default so
   the benchmark measures the paper's rule; it has not been benchmarked end to end here.
+* **Optional aligned init** (``init="aligned"``; the Gowalla benchmark's default since it was
+  chosen on a validation split, ``SparseParameterSet`` and the online model default to the
+  paper's uniform init). Every row of a group's 2-D tables starts active on the same columns
+  (see ``_aligned_mask``), so a factorisation's ``u · v`` counts all of them from the first step;
+  uniform masks at 10 % density overlap on ~0.6 of 64 columns. Validation Recall@20 (10 % per-user
+  hold-out of Gowalla's train.txt, 8 epochs, density 0.1): uniform 0.0172, aligned 0.0476 (dense
+  dim 64: 0.1096; a dense model of the same budget, dim 6: 0.0723). Only 2-D tables in a
+  multi-column group are aligned; a head's weight matrix should use ``random``.
 * **Online, unbounded streams.** ``cosine_update_fraction`` holds ``p(t)`` at the floor after
   ``total_steps`` (``CosineAnnealingLR`` would start climbing again), so a long-lived online model
   keeps a small, steady amount of exploration, which also helps it follow drift.
@@ -104,6 +112,27 @@ class PruneGrowReport:
     active_per_tensor: dict[str, int] = field(default_factory=dict)
 
 
+def _aligned_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Every row active on the same leading columns of ``column_order``; the remainder of the
+    exact budget (fewer than one column's worth) goes to random rows on the next column.
+
+    Why (``init="aligned"``, our option; the paper draws masks uniformly): a factorisation scores
+    with ``u · v``, which only counts dimensions active on *both* sides. Uniform masks at density
+    ``d`` overlap on ``d²·dim`` dimensions in expectation (0.64 of 64 at 10 %), so almost every
+    score starts at 0 and a user row is grown only where item rows happen to be active. Shared
+    columns make every pair overlap fully from the first step; prune-and-grow then moves the
+    budget between rows and columns as the paper does.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    full, rest = divmod(n_active, rows)
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    mask[:, column_order[:full]] = True
+    if rest:
+        mask[torch.randperm(rows, generator=gen)[:rest], column_order[full]] = True
+    return mask
+
+
 class SparseParameterSet:
     """Binary masks at a fixed active count over several tensors, with DSL prune-and-grow.
 
@@ -119,9 +148,12 @@ class SparseParameterSet:
         seed: int = 0,
         grow_from: str = "batch",
         protect_grown: bool = False,
+        init: str = "random",
     ) -> None:
         if grow_from not in ("batch", "window"):
             raise ValueError("grow_from must be 'batch' (the paper) or 'window'")
+        if init not in ("random", "aligned"):
+            raise ValueError("init must be 'random' (the paper) or 'aligned'")
         self.grow_from = grow_from
         # protect_grown: weights grown in the last exploration cannot be pruned in the next one
         # (RigL-style grace period; they start at zero, so magnitude pruning would remove them
@@ -133,12 +165,19 @@ class SparseParameterSet:
         self.groups: dict[str, str] = {name: (groups or {}).get(name, "global") for name in self.params}
         self._gen = torch.Generator().manual_seed(seed)
         self.masks: dict[str, torch.Tensor] = {}
+        column_order: dict[tuple[str, int], torch.Tensor] = {}  # aligned init: one order per group and width
         for name, p in self.params.items():
             d = float(density[name] if isinstance(density, Mapping) else density)
             if not 0.0 < d <= 1.0:
                 raise ValueError(f"density for {name} must be in (0, 1], got {d}")
             n = p.numel()
             n_active = max(1, min(n, round(d * n)))
+            if init == "aligned" and p.dim() == 2 and p.shape[1] > 1:
+                key = (self.groups[name], p.shape[1])
+                if key not in column_order:
+                    column_order[key] = torch.randperm(p.shape[1], generator=self._gen)
+                self.masks[name] = _aligned_mask(p.shape, n_active, column_order[key], self._gen)
+                continue
             mask = torch.zeros(n, dtype=torch.bool)
             mask[torch.randperm(n, generator=self._gen)[:n_active]] = True
             self.masks[name] = mask.view_as(p)

@@ -354,3 +354,28 @@ def test_first_order_weights_learn_a_user_bias_within_a_few_batches() -> None:
         model.learn_many([Interaction("lenient", f"i{b * 8 + j}", ts=0.0, label=1) for j in range(8)])
     after = model.predict_one(Interaction("lenient", "new-item", ts=0.0))
     assert after - before > 0.2, (before, after)
+
+
+def test_aligned_init_keeps_the_exact_budget_and_shares_columns_across_a_group() -> None:
+    """init="aligned": exact per-tensor counts, and user/item rows overlap on the same columns."""
+    user = torch.nn.Parameter(torch.randn(101, 64))
+    item = torch.nn.Parameter(torch.randn(53, 64))
+    aligned = SparseParameterSet({"user": user, "item": item}, 0.1, seed=3, init="aligned")
+    assert aligned.active_per_tensor() == {"user": round(0.1 * 101 * 64), "item": round(0.1 * 53 * 64)}
+    overlap = aligned.masks["user"].float() @ aligned.masks["item"].float().T
+    assert overlap.min() >= 6  # every pair shares the 6 common columns (+ the remainder column)
+    uniform = SparseParameterSet({"user": user, "item": item}, 0.1, seed=3)
+    assert (uniform.masks["user"].float() @ uniform.masks["item"].float().T).mean() < 1.0
+    with pytest.raises(ValueError, match="init"):
+        SparseParameterSet({"user": user}, 0.1, init="diagonal")
+
+
+def test_aligned_sparse_mf_keeps_its_budget_through_prune_and_grow() -> None:
+    rng = np.random.default_rng(0)
+    model = SparseMF(40, 30, dim=16, density=0.25, batch_size=64, prune_every=3, total_steps=50, init="aligned")
+    budget = model.n_active_params
+    users, items = rng.integers(0, 40, 600), rng.integers(0, 30, 600)
+    for _ in range(3):
+        model.fit_epoch(users, items)
+    assert model.last_report is not None and model.last_report.n_grown > 0
+    assert model.n_active_params == budget
