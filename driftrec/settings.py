@@ -35,7 +35,9 @@ class MemorySettings(BaseModel):
     n_shards: int = 16  # hash-tag shards per table (slots per table on a Redis Cluster)
     bucket_capacity: int = 32
     ttl_s: int = 0  # 0 = no TTL; FIFO capacity alone bounds memory
-    lambda_: float = Field(0.5, alias="lambda")
+    lambda_: float = Field(0.5, alias="lambda")  # the starting λ when learn_lambda, else the λ served
+    # learn λ from served predictions (models/fusion.MemoryLambda) and serve the learned one
+    learn_lambda: bool = True
     prior: float = 1.0  # shrinkage of the error estimate toward 0 where few neighbours were found
     # 1 = neighbours' labels vs the query's current prediction (the paper's experiments); 0 =
     # neighbours' own served errors (goes stale as the model learns); see models/error_memory.py

@@ -14,10 +14,11 @@ Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
            = 0                                                 otherwise                 (logit space)
     score_i = sigmoid(logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i)
 
-with ``λ = settings.memory.lambda``, ``ê`` the memory's shrunk error estimate (see
-``models/error_memory.py``), ``w`` the weight the trainer learned and published with the snapshot
-(``models/fusion.py``; ``serving.tpp_weight`` before any is learned or when
-``serving.learn_tpp_weight`` is off), ``τ = serving.tpp_tau_s``, ``c = serving.tpp_clip``, ``K`` the
+with ``λ`` the error memory's weight the trainer learned and published with the snapshot
+(``models/fusion.MemoryLambda``; ``memory.lambda`` before any is learned or when
+``memory.learn_lambda`` is off), ``ê`` the memory's shrunk error estimate (see
+``models/error_memory.py``), ``w`` the TPP weight, learned likewise (``serving.tpp_weight`` before
+any is learned or when ``serving.learn_tpp_weight`` is off), ``τ = serving.tpp_tau_s``, ``c = serving.tpp_clip``, ``K`` the
 TPP's number of event types.
 
 Why these spaces: the error memory estimates ``y − ŷ`` in probability units, so its correction is
@@ -57,7 +58,7 @@ from redis.exceptions import RedisError
 from driftrec.settings import Settings
 from models.dsl import SparseScorer
 from models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
-from models.fusion import TPPWeight, tpp_terms  # noqa: F401 - tpp_terms is part of this module's API
+from models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms  # noqa: F401 - tpp_terms is API
 from serving.compensation import BucketNames, estimates_from_values, plan_buckets
 from streams.error_memory import MemoryKeys
 from streams.snapshots import SnapshotKeys, load_snapshot
@@ -76,6 +77,7 @@ class LoadedSnapshot:
     names: BucketNames | None  # error-memory key table for this model's hidden dim
     standardizer: HiddenStandardizer | None = None  # hidden statistics the memory was hashed with
     tpp_weight: float | None = None  # learned by the trainer (models/fusion.py); None: use the setting
+    memory_lambda: float | None = None  # likewise for the error memory's λ
 
 
 @dataclass
@@ -214,10 +216,11 @@ class Scorer:
             names = BucketNames(self.memory_keys, lsh)
         stats = parts.get("hidden_stats")
         standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
-        fusion = parts.get("fusion")
-        tpp_weight = TPPWeight.from_bytes(fusion).w if fusion and self.settings.serving.learn_tpp_weight else None
+        fusion = read_fusion(parts.get("fusion"))
+        tpp = TPPWeight.from_dict(fusion) if self.settings.serving.learn_tpp_weight else None
+        lam = MemoryLambda.from_dict(fusion) if self.settings.memory.learn_lambda else None
         return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names, standardizer=standardizer,
-                              tpp_weight=tpp_weight)
+                              tpp_weight=tpp.w if tpp else None, memory_lambda=lam.lam if lam else None)
 
     # ---- scoring -------------------------------------------------------------------------------
     async def score(self, user_id: str, candidates: Sequence[str], ts: float | None = None) -> ScoreResult:
@@ -264,7 +267,8 @@ class Scorer:
                 m = s.memory
                 e_hat, _ = estimates_from_values(replies[0], plan, base, gamma=m.gamma, prior=m.prior,
                                                  half_life_s=m.half_life_s, now=now)
-                compensation = compensation_delta(base, e_hat, m.lambda_, eps)
+                lam = snap.memory_lambda if snap.memory_lambda is not None else m.lambda_  # type: ignore[union-attr]
+                compensation = compensation_delta(base, e_hat, lam, eps)
             if s.tpp.enabled:
                 try:
                     weight = snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight

@@ -13,6 +13,7 @@ Writes are idempotent per event id (see ``streams.error_memory``).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from redis.asyncio import Redis
@@ -21,6 +22,9 @@ from driftrec.settings import Settings
 from models.error_memory import HiddenStandardizer, RandomProjectionLSH
 from models.interaction import Interaction
 from streams.error_memory import MemoryKeys, write_errors
+
+if TYPE_CHECKING:
+    from serving.compensation import BucketNames
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,24 @@ class ErrorMemoryWriter:
         self.generation = settings.dsl.generation
         self.keys = MemoryKeys.from_settings(settings.key_prefix, self.generation, self.cfg.n_shards)
         self.lsh: RandomProjectionLSH | None = None
+        self.names: BucketNames | None = None  # the read side's key table, built on the first estimate
+
+    async def estimate(self, probs: np.ndarray, hidden: np.ndarray, standardizer: HiddenStandardizer | None,
+                       now: float | None = None) -> np.ndarray:
+        """ê per sample as the scoring service would read it now (zeros before anything was written)."""
+        from serving.compensation import read_estimates  # the read path the scoring service uses
+
+        if self.lsh is None or len(probs) == 0:
+            return np.zeros(len(probs))
+        keyed = standardizer.transform(hidden) if standardizer is not None else hidden
+        if self.names is None:
+            from serving.compensation import BucketNames
+
+            self.names = BucketNames(self.keys, self.lsh)
+        c = self.cfg
+        e_hat, _ = await read_estimates(self.redis, self.keys, self.lsh, keyed, probs, gamma=c.gamma, prior=c.prior,
+                                        half_life_s=c.half_life_s, now=now, names=self.names)
+        return e_hat
 
     async def write(self, labelled: list[Interaction], probs: np.ndarray, hidden: np.ndarray,
                     standardizer: HiddenStandardizer | None) -> int:

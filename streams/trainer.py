@@ -5,7 +5,8 @@ of starting over, so a crash costs at most the steps since the last snapshot (ev
 ``snapshot_every_steps`` steps or ``snapshot_every_s`` seconds, whichever comes first).
 Redelivered events are not learned twice: each event id is marked once (SET NX) before its
 gradient step. With the error memory on, the errors of the *served* snapshot on each fresh batch
-are written before the step (see ``streams.memory_agent`` for why here).
+are written before the step (see ``streams.memory_agent`` for why here), after the memory's
+estimate for them has taught the memory's λ (``models.fusion.MemoryLambda``).
 
 Implicit feedback: an event with a label trains on that label; an unlabelled ``click`` /
 ``purchase`` / ``cart`` / ``fav`` is a positive and gets ``negatives`` sampled items from the
@@ -28,7 +29,7 @@ from redis.asyncio import Redis
 from driftrec.settings import Settings
 from models.dsl import DSLRecommender, SparseScorer, sample_negatives
 from models.error_memory import HiddenStandardizer
-from models.fusion import TPPWeight, tpp_log_ratios
+from models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_log_ratios
 from models.interaction import Interaction
 from streams.events import Event
 from streams.memory_agent import ErrorMemoryWriter
@@ -71,9 +72,10 @@ class DSLTrainer:
         self.standardizer: HiddenStandardizer | None = None  # the served snapshot's hidden statistics
         self.recent: deque[Interaction] = deque(maxlen=2000)  # to fit those statistics at publish
         self.memory = ErrorMemoryWriter(redis, settings) if settings.memory.enabled else None
-        sv = settings.serving
+        sv, mem = settings.serving, settings.memory
         self.fusion = TPPWeight(w=sv.tpp_weight, clip=sv.tpp_clip) if sv.learn_tpp_weight and settings.tpp.enabled \
             else None
+        self.memory_lambda = MemoryLambda(lam=mem.lambda_, eps=sv.eps) if mem.enabled and mem.learn_lambda else None
         self.state_keys = StateKeys(settings.key_prefix)
         self.catalog: dict[str, str] = {}
         self.item_pool: deque[str] = deque(maxlen=5000)
@@ -91,8 +93,11 @@ class DSLTrainer:
                 self.served = SparseScorer.from_snapshot(parts["model"])
                 if "hidden_stats" in parts:
                     self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"])
-                if "fusion" in parts and self.fusion is not None:
-                    self.fusion = TPPWeight.from_bytes(parts["fusion"], clip=self.fusion.clip)
+                fusion = read_fusion(parts.get("fusion"))
+                if self.fusion is not None:
+                    self.fusion = TPPWeight.from_dict(fusion, clip=self.fusion.clip) or self.fusion
+                if self.memory_lambda is not None:
+                    self.memory_lambda = MemoryLambda.from_dict(fusion, eps=self.memory_lambda.eps) or self.memory_lambda
                 self.catalog = orjson.loads(parts.get("catalog", b"{}"))
                 log.info("trainer resumed from snapshot v%s (step %d)", self.version, self.model.step)
             else:
@@ -123,6 +128,9 @@ class DSLTrainer:
             interactions = [e.to_interaction() for e in labelled]
             probs, hidden = self.served.predict_with_hidden(interactions)
             if self.memory is not None:
+                if self.memory_lambda is not None:  # what the memory said before it hears of these events
+                    e_hat = await self.memory.estimate(probs, hidden, self.standardizer, now=labelled[-1].ts)
+                    self.memory_lambda.learn_many(probs, e_hat, np.array([e.label for e in labelled], dtype=np.float64))
                 await self.memory.write(interactions, probs, hidden, self.standardizer)
             if self.fusion is not None:
                 await self._learn_tpp_weight(labelled, probs)
@@ -181,8 +189,10 @@ class DSLTrainer:
         blob = model.to_snapshot()
         served = SparseScorer.from_snapshot(blob)
         parts = {"model": blob, "catalog": orjson.dumps(self.catalog)}
-        if self.fusion is not None:
-            parts["fusion"] = self.fusion.to_bytes()
+        fusion = {**(self.fusion.to_dict() if self.fusion is not None else {}),
+                  **(self.memory_lambda.to_dict() if self.memory_lambda is not None else {})}
+        if fusion:
+            parts["fusion"] = orjson.dumps(fusion)
         if self.recent:
             standardizer = HiddenStandardizer.fit(served.predict_with_hidden(list(self.recent))[1])
             parts["hidden_stats"] = standardizer.to_bytes()

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from models.fusion import TPPWeight, tpp_log_ratios, tpp_terms
@@ -79,3 +80,58 @@ async def test_scorer_serves_the_learned_weight(redis: Redis, prefix: str) -> No
     await scorer.close()
     await scorer2.close()
     assert orjson.loads(parts["fusion"])["tpp_weight"] == -0.25
+
+
+# ---- the error memory's λ ------------------------------------------------------------------
+def test_memory_lambda_gradient_matches_finite_differences() -> None:
+    from models.fusion import MemoryLambda
+
+    rng = np.random.default_rng(0)
+    base, e_hat = rng.uniform(0.2, 0.8, 64), rng.normal(0, 0.1, 64)
+    y = (rng.random(64) < 0.5).astype(float)
+
+    def loss(lam: float) -> float:
+        q = np.clip(base + lam * e_hat, 1e-4, 1 - 1e-4)
+        return float(np.mean(-(y * np.log(q) + (1 - y) * np.log(1 - q))))
+
+    m = MemoryLambda(lam=0.4)
+    grad, n = m.gradient(base, e_hat, y)
+    assert n == 64
+    assert grad == pytest.approx((loss(0.4 + 1e-6) - loss(0.4 - 1e-6)) / 2e-6, rel=1e-5)
+    m.learn_many(base, e_hat, y)
+    assert (m.lam - 0.4) * grad < 0  # a step against the gradient
+
+
+def test_memory_lambda_follows_what_the_memory_is_worth() -> None:
+    """λ falls toward 0 where ê is noise and climbs toward 1 where ê points at the label."""
+    from models.fusion import MemoryLambda
+
+    rng = np.random.default_rng(1)
+    noise, useful = MemoryLambda(lam=0.5), MemoryLambda(lam=0.5)
+    for _ in range(300):
+        base = np.full(200, 0.5)
+        y = (rng.random(200) < 0.5).astype(float)
+        noise.learn_many(base, rng.normal(0, 0.2, 200), y)
+        useful.learn_many(base, 0.3 * (y - 0.5), y)
+    assert noise.lam < 0.15 and useful.lam > 0.95
+    assert 0.0 <= noise.lam <= 1.0 and useful.lam <= 1.0
+    again = MemoryLambda.from_dict(useful.to_dict())
+    assert again is not None and again.lam == useful.lam and MemoryLambda.from_dict({"tpp_weight": 1.0}) is None
+
+
+async def test_scorer_loads_the_learned_memory_lambda(redis: Redis, prefix: str) -> None:  # noqa: F811
+    from models.fusion import MemoryLambda
+
+    parts = {**snapshot_parts(), "fusion": orjson.dumps({**TPPWeight(w=0.1).to_dict(),
+                                                          **MemoryLambda(lam=0.2).to_dict()})}
+    await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), parts)
+    learned = Scorer(make_settings(prefix), redis)
+    off = make_settings(prefix)
+    off.memory = off.memory.model_copy(update={"learn_lambda": False})
+    configured = Scorer(off, redis)
+    assert await learned.refresh() and await configured.refresh()
+    assert learned.current is not None and learned.current.memory_lambda == 0.2
+    assert learned.current.tpp_weight == 0.1
+    assert configured.current is not None and configured.current.memory_lambda is None
+    await learned.close()
+    await configured.close()
