@@ -76,12 +76,14 @@ def evaluate(
     source: Annotated[str, typer.Argument(help="ml-100k, taobao-sample, or a JSONL file of events")] = "ml-100k",
     out: Annotated[Path, typer.Option(help="report folder")] = Path("reports/latest"),
     limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N events")] = None,
+    sync: Annotated[bool, typer.Option(help="score each window with a state that learned every earlier event "
+                                            "(--no-sync: score while learning, as deployed)")] = True,
 ) -> None:
     """Prequential (test-then-train) evaluation through the real broker; writes report.json/.html."""
     from driftrec.evaluate import run_evaluation
 
     _logging()
-    report_path = run_evaluation(get_settings(), source, out, limit=limit)
+    report_path = run_evaluation(get_settings(), source, out, limit=limit, synchronous=sync)
     typer.echo(f"report: {report_path}")
 
 
