@@ -65,6 +65,17 @@ default config. (freeze=none was run after fixing a bug that made it identical t
 query function switched to the frozen copy whatever the mode; see models/prompt_tpp.py.)
 On the evaluation periods it therefore reproduces the default run: LL prompt 0.582 vs finetune
 0.556 (better), type error 0.4225 vs 0.4168 (worse): target NOT met, as dev already suggested.
+
+Seeds (``--seed 1`` / ``--seed 2``, ``--no-shift``, same defaults): LL prompt 0.640 / 0.589 vs
+finetune 0.574 / 0.551; type error prompt 0.4198 / 0.4222 vs finetune 0.4167 / 0.4167. The type
+error gap has the same sign in all three seeds, so it is not seed noise.
+
+Second selection round (dev only, seeds 0+1, each config declared before it ran; mean dev LL /
+type error, finetune -0.748 / 0.4737): prompts only from the second period on (the backbone
+first learns alone, as L2P assumes a pre-trained backbone) -0.715 / 0.4779; top-N 1 instead of 5
+-0.751 / 0.4763; prompt length 1 instead of 5 -0.747 / 0.4788. None is eligible (none beats
+finetune's dev type error), so nothing was run on the evaluation periods and the default stays.
+Every variant that adds prompts improves LL (time modelling) and costs next-type accuracy here.
 """
 
 from __future__ import annotations
