@@ -264,9 +264,12 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
     events = [x for x in items if isinstance(x, Event)]
     rejects = [x for x in items if not isinstance(x, Event)]
 
+    from streams.snapshots import SnapshotKeys
+
+    latest_key = SnapshotKeys(settings.key_prefix, "dsl").latest
     limits = httpx.Limits(max_connections=opts.concurrency, max_keepalive_connections=opts.concurrency)
     async with httpx.AsyncClient(base_url=serving_url(settings), timeout=60.0, limits=limits) as client, \
-            httpx.AsyncClient() as metrics_client:
+            httpx.AsyncClient() as metrics_client, AsyncRedis.from_url(settings.redis_url) as snapshots_redis:
         async def ask(plan: _Plan) -> dict[str, Any]:
             body = orjson.dumps({"user_id": plan.event.user_id, "candidates": plan.candidates, "ts": plan.event.ts})
             async with sem:
@@ -325,7 +328,7 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
                         break
                     await asyncio.sleep(0.02)
                 if opts.synchronous and "trainer" in learners:
-                    await _until_served_latest(client, settings)
+                    await _until_served_latest(client, snapshots_redis, latest_key)
                 run.lag_waits_s += time.perf_counter() - t2
                 if run.records:
                     bar.set_postfix(v=run.records[-1]["model_version"], lag=lag, refresh=False)
@@ -338,29 +341,24 @@ def _max_lag(opts: EvalOptions) -> int:
     return opts.max_lag if opts.max_lag is not None else 2 * opts.window
 
 
-async def _until_served_latest(client: httpx.AsyncClient, settings: Settings, timeout_s: float = 60.0) -> None:
+async def _until_served_latest(client: httpx.AsyncClient, r: AsyncRedis, latest_key: str,
+                               timeout_s: float = 60.0) -> None:
     """Wait until the scoring service has loaded the newest DSL snapshot in Redis.
 
     Called once the trainer has learned every published event; in synchronous mode the trainer
     publishes after every batch, so the newest snapshot has learned them all.
     """
-    from streams.snapshots import SnapshotKeys
-
-    latest_key = SnapshotKeys(settings.key_prefix, "dsl").latest
-    r = AsyncRedis.from_url(settings.redis_url)
     deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            raw = await r.get(latest_key)
-            if raw is None:
-                return  # nothing published yet (no labelled event so far)
-            resp = await client.get("/healthz")
-            if resp.status_code == 200 and resp.json().get("model_version") == int(raw):
-                return
-            await asyncio.sleep(0.02)
-    finally:
-        await r.aclose()
-    raise RuntimeError(f"the scoring service did not load DSL snapshot {int(raw)} within {timeout_s:.0f} s")
+    raw = None
+    while time.monotonic() < deadline:
+        raw = await r.get(latest_key)
+        if raw is None:
+            return  # nothing published yet (no labelled event so far)
+        resp = await client.get("/healthz")
+        if resp.status_code == 200 and resp.json().get("model_version") == int(raw):
+            return
+        await asyncio.sleep(0.02)
+    raise RuntimeError(f"the scoring service did not load DSL snapshot {raw!r} within {timeout_s:.0f} s")
 
 
 def _record(plan: _Plan, resp: dict[str, Any], eps: float, published_before: int) -> dict[str, Any]:
