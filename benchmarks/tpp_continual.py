@@ -73,7 +73,9 @@ error gap has the same sign in all three seeds, so it is not seed noise.
 Second selection round (dev only, seeds 0+1, each config declared before it ran; mean dev LL /
 type error, finetune -0.748 / 0.4737): prompts only from the second period on (the backbone
 first learns alone, as L2P assumes a pre-trained backbone) -0.715 / 0.4779; top-N 1 instead of 5
--0.751 / 0.4763; prompt length 1 instead of 5 -0.747 / 0.4788. None is eligible (none beats
+-0.751 / 0.4763; prompt length 1 instead of 5 -0.747 / 0.4788; the official code's alternate-batch
+updates (pool and TPP stepped on alternate batches after the first period; not kept in the code)
+-1.014 / 0.4906. None is eligible (none beats
 finetune's dev type error), so nothing was run on the evaluation periods and the default stays.
 Every variant that adds prompts improves LL (time modelling) and costs next-type accuracy here.
 """
