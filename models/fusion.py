@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from models.error_memory import compensate
+
 TINY_P = 1e-12  # a zero propensity counts as this, so ln(K·p) stays finite (and is then clipped)
 
 
@@ -81,8 +83,9 @@ def rms_step(grad: float, v: float, t: int, rho: float) -> tuple[float, int, flo
 
     Why not Adagrad (as for the TPP weight) for the memory's λ: Adagrad's step shrinks as
     ``1/sqrt(steps)`` forever, so a λ learned on a long stationary stretch could no longer rise
-    when a shift makes the memory worth trusting -- the one moment it exists for. A running scale keeps the step ~``lr`` per update; the correction
-    keeps the first steps from being ``1/sqrt(1 − rho)`` times too large.
+    when a shift makes the memory worth trusting -- the one moment it exists for. A running scale
+    keeps the step ~``lr`` per update; the correction keeps the first steps from being
+    ``1/sqrt(1 − rho)`` times too large.
     """
     t += 1
     v = rho * v + (1.0 - rho) * grad * grad
@@ -172,14 +175,10 @@ class MemoryLambda:
     _t: int = 0
     n_seen: int = 0
 
-    def compensated(self, base: np.ndarray, e_hat: np.ndarray) -> np.ndarray:
-        return np.clip(np.asarray(base, dtype=np.float64) + self.lam * np.asarray(e_hat, dtype=np.float64),
-                       self.eps, 1.0 - self.eps)
-
     def gradient(self, base: np.ndarray, e_hat: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
         """d(mean log-loss of q)/dλ over the events that carry a gradient, and their count."""
         e = np.asarray(e_hat, dtype=np.float64)
-        q = self.compensated(base, e)
+        q = compensate(base, e, self.lam, self.eps)  # the served base + memory, as serving computes it
         active = (e != 0.0) & (q > self.eps) & (q < 1.0 - self.eps)
         if not active.any():
             return 0.0, 0

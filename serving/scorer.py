@@ -18,8 +18,8 @@ with ``λ`` the error memory's weight the trainer learned and published with the
 (``models/fusion.MemoryLambda``; ``memory.lambda`` before any is learned or when
 ``memory.learn_lambda`` is off), ``ê`` the memory's shrunk error estimate (see
 ``models/error_memory.py``), ``w`` the TPP weight, learned likewise (``serving.tpp_weight`` before
-any is learned or when ``serving.learn_tpp_weight`` is off), ``τ = serving.tpp_tau_s``, ``c = serving.tpp_clip``, ``K`` the
-TPP's number of event types.
+any is learned or when ``serving.learn_tpp_weight`` is off), ``τ = serving.tpp_tau_s``,
+``c = serving.tpp_clip``, ``K`` the TPP's number of event types.
 
 Why these spaces: the error memory estimates ``y − ŷ`` in probability units, so its correction is
 added there (ReLoop2's formulation). The TPP says how much *more likely than uniform* the user's

@@ -13,7 +13,6 @@ Writes are idempotent per event id (see ``streams.error_memory``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 from redis.asyncio import Redis
@@ -21,10 +20,8 @@ from redis.asyncio import Redis
 from driftrec.settings import Settings
 from models.error_memory import HiddenStandardizer, RandomProjectionLSH
 from models.interaction import Interaction
+from serving.compensation import BucketNames, read_estimates  # the scoring service's read path
 from streams.error_memory import MemoryKeys, write_errors
-
-if TYPE_CHECKING:
-    from serving.compensation import BucketNames
 
 log = logging.getLogger(__name__)
 
@@ -38,35 +35,39 @@ class ErrorMemoryWriter:
         self.generation = settings.dsl.generation
         self.keys = MemoryKeys.from_settings(settings.key_prefix, self.generation, self.cfg.n_shards)
         self.lsh: RandomProjectionLSH | None = None
-        self.names: BucketNames | None = None  # the read side's key table, built on the first estimate
+        self.names: BucketNames | None = None  # the read side's key table (estimate_and_write)
 
-    async def estimate(self, probs: np.ndarray, hidden: np.ndarray, standardizer: HiddenStandardizer | None,
-                       now: float | None = None) -> np.ndarray:
-        """ê per sample as the scoring service would read it now (zeros before anything was written)."""
-        from serving.compensation import read_estimates  # the read path the scoring service uses
-
-        if self.lsh is None or len(probs) == 0:
-            return np.zeros(len(probs))
-        keyed = standardizer.transform(hidden) if standardizer is not None else hidden
-        if self.names is None:
-            from serving.compensation import BucketNames
-
-            self.names = BucketNames(self.keys, self.lsh)
-        c = self.cfg
-        e_hat, _ = await read_estimates(self.redis, self.keys, self.lsh, keyed, probs, gamma=c.gamma, prior=c.prior,
-                                        half_life_s=c.half_life_s, now=now, names=self.names)
-        return e_hat
+    def _keyed(self, hidden: np.ndarray, standardizer: HiddenStandardizer | None) -> np.ndarray:
+        """The hidden vectors as the memory hashes them (building the LSH on first use)."""
+        if self.lsh is None:
+            self.lsh = RandomProjectionLSH(dim=hidden.shape[1], n_tables=self.cfg.n_tables, n_bits=self.cfg.n_bits,
+                                           seed=self.cfg.seed, version=self.generation)
+        return standardizer.transform(hidden) if standardizer is not None else hidden
 
     async def write(self, labelled: list[Interaction], probs: np.ndarray, hidden: np.ndarray,
                     standardizer: HiddenStandardizer | None) -> int:
         """Store the served ``probs``/``hidden`` of labelled interactions (the trainer's one forward pass)."""
         if not labelled:
             return 0
-        if self.lsh is None:
-            self.lsh = RandomProjectionLSH(dim=hidden.shape[1], n_tables=self.cfg.n_tables, n_bits=self.cfg.n_bits,
-                                           seed=self.cfg.seed, version=self.generation)
-        if standardizer is not None:
-            hidden = standardizer.transform(hidden)
-        await write_errors(self.redis, self.keys, self.lsh, labelled, probs, hidden,
-                           capacity=self.cfg.bucket_capacity, ttl_s=self.cfg.ttl_s)
+        await self._write(labelled, probs, self._keyed(hidden, standardizer))
         return len(labelled)
+
+    async def estimate_and_write(self, labelled: list[Interaction], probs: np.ndarray, hidden: np.ndarray,
+                                 standardizer: HiddenStandardizer | None) -> np.ndarray:
+        """ê per sample as the scoring service would have read it before these samples, then write
+        them (one hashing of the batch for both)."""
+        if not labelled:
+            return np.zeros(0)
+        keyed = self._keyed(hidden, standardizer)
+        if self.names is None:
+            self.names = BucketNames(self.keys, self.lsh)  # type: ignore[arg-type]
+        c = self.cfg
+        e_hat, _ = await read_estimates(self.redis, self.keys, self.lsh, keyed, probs,  # type: ignore[arg-type]
+                                        gamma=c.gamma, prior=c.prior, half_life_s=c.half_life_s,
+                                        now=labelled[-1].ts, names=self.names)
+        await self._write(labelled, probs, keyed)
+        return e_hat
+
+    async def _write(self, labelled: list[Interaction], probs: np.ndarray, keyed: np.ndarray) -> None:
+        await write_errors(self.redis, self.keys, self.lsh, labelled, probs, keyed,  # type: ignore[arg-type]
+                           capacity=self.cfg.bucket_capacity, ttl_s=self.cfg.ttl_s)

@@ -97,7 +97,8 @@ class DSLTrainer:
                 if self.fusion is not None:
                     self.fusion = TPPWeight.from_dict(fusion, clip=self.fusion.clip) or self.fusion
                 if self.memory_lambda is not None:
-                    self.memory_lambda = MemoryLambda.from_dict(fusion, eps=self.memory_lambda.eps) or self.memory_lambda
+                    learned = MemoryLambda.from_dict(fusion, eps=self.memory_lambda.eps)
+                    self.memory_lambda = learned or self.memory_lambda
                 self.catalog = orjson.loads(parts.get("catalog", b"{}"))
                 log.info("trainer resumed from snapshot v%s (step %d)", self.version, self.model.step)
             else:
@@ -127,10 +128,11 @@ class DSLTrainer:
             # (one forward pass feeds both the error memory and the TPP weight)
             interactions = [e.to_interaction() for e in labelled]
             probs, hidden = self.served.predict_with_hidden(interactions)
-            if self.memory is not None:
-                if self.memory_lambda is not None:  # what the memory said before it hears of these events
-                    e_hat = await self.memory.estimate(probs, hidden, self.standardizer, now=labelled[-1].ts)
-                    self.memory_lambda.learn_many(probs, e_hat, np.array([e.label for e in labelled], dtype=np.float64))
+            if self.memory is not None and self.memory_lambda is not None:
+                # what the memory said before it hears of these events teaches λ
+                e_hat = await self.memory.estimate_and_write(interactions, probs, hidden, self.standardizer)
+                self.memory_lambda.learn_many(probs, e_hat, np.array([e.label for e in labelled], dtype=np.float64))
+            elif self.memory is not None:
                 await self.memory.write(interactions, probs, hidden, self.standardizer)
             if self.fusion is not None:
                 await self._learn_tpp_weight(labelled, probs)
