@@ -48,7 +48,8 @@ is then run ONCE on the train.json periods (the evaluation periods), next to ret
 finetune, and that run's figures are the reported result; the domain-shift run is skipped in
 this mode to keep the wall time down.
 
-Notes (defaults, 5 periods x 260 sequences, 5 epochs, seed 0, ~6-8 min on 2 shared cores):
+Notes (5 periods x 260 sequences, 5 epochs -- the default until the third round below --, seed 0,
+~6-8 min on 2 shared cores):
 PromptTPP beats naive fine-tuning on mean LL/event (0.582 vs 0.556) but not on next-type error
 (0.4225 vs 0.4168), so the issue's target (both) is NOT met. A first version that froze the
 TPP's own type embedding as the query function gave LL 0.621 and type error 0.4228 (also not
@@ -78,6 +79,21 @@ updates (pool and TPP stepped on alternate batches after the first period; not k
 -1.014 / 0.4906. None is eligible (none beats
 finetune's dev type error), so nothing was run on the evaluation periods and the default stays.
 Every variant that adds prompts improves LL (time modelling) and costs next-type accuracy here.
+
+Third round (dev only, seeds 0+1, declared before running): (a) zero-init gated prefixes
+(``PromptTPP(gated=True)``, LLaMA-Adapter style: prompts read through their own softmax and
+added with a per-head gate tanh(g), g = 0 at the start, so prompts cannot slow early learning)
+-0.7477 / 0.4739 at 5 epochs: level with finetune, not eligible; (b) the training budget per
+period. At 5 epochs every model is far from converged -- dev LL -0.75, and on the evaluation
+periods both finetune and PromptTPP stay above the error of "repeat the last type" (0.400 mean
+over the 4 forecast periods) -- whereas the paper trains each period to convergence. At 20
+epochs on dev: finetune 0.307 / 0.4681, PromptTPP 0.343 / 0.4582: eligible, so the default is now
+``--epochs 20``. Evaluation periods, seed 0, run once (``--epochs 20``, ~8-10 min): LL prompt
+0.971 vs finetune 0.918 (retrain 0.815); type error prompt 0.4105 vs finetune 0.4096 (retrain
+0.4124) -- per period 0.4494 / 0.4107 / 0.3957 / 0.3860 vs 0.4442 / 0.4100 / 0.3927 / 0.3916:
+PromptTPP is better in the last period and on average 0.0009 worse, so the target is still NOT
+met (the 5-epoch gap was 0.0057). Domain shift at 20 epochs: Taobao LL after learning Taxi
+-4.39 (prompt) vs -4.38 (finetune) vs -6.35 (retrain); zero-shot Taxi LL -3.03 vs -3.39.
 """
 
 from __future__ import annotations
@@ -290,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shift-data", type=Path, default=ROOT.parent / "shared" / "data" / "tpp-taxi-easytpp")
     ap.add_argument("--no-shift", action="store_true", help="skip the domain-shift run")
     ap.add_argument("--periods", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=20, help="passes per period (chosen on dev; see the docstring)")
     ap.add_argument("--shift-seqs", type=int, default=260, help="sequences per domain in the shift run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

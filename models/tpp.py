@@ -101,6 +101,17 @@ class PrefixAttention(nn.Module):
         assert d % heads == 0
         self.h, self.dh = heads, d // heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        # Set by a prompt model that wants zero-init gated prefixes (see ``gate_prefixes``).
+        self.prefix_gate: nn.Parameter | None = None
+
+    def gate_prefixes(self) -> None:
+        """Read prefixes through their own softmax, added with a per-head gate tanh(g), g = 0.
+
+        The LLaMA-Adapter form (Zhang et al., 2023): at g = 0 the layer is exactly the
+        prompt-free one, and prompts only take part once the loss opens their gate, instead of
+        25 random prefix tokens taking attention mass from the history from the first step.
+        """
+        self.prefix_gate = nn.Parameter(torch.zeros(self.h))
 
     def forward(
         self,
@@ -121,6 +132,12 @@ class PrefixAttention(nn.Module):
             pk = self.k(prefix).view(b, n, -1, self.h, self.dh)
             pv = self.v(prefix).view(b, n, -1, self.h, self.dh)
             ps = torch.einsum("bnshd,bnphd->bnshp", q, pk) * scale
+            if self.prefix_gate is not None:
+                att = torch.nan_to_num(torch.softmax(scores, dim=-1))
+                out = torch.einsum("bnshm,bmhd->bnshd", att, v)
+                att_p = torch.softmax(ps, dim=-1) * torch.tanh(self.prefix_gate).view(1, 1, 1, -1, 1)
+                out = out + torch.einsum("bnshp,bnphd->bnshd", att_p, pv)
+                return self.o(out.reshape(b, n, s, d))
             att = torch.softmax(torch.cat([ps, scores], dim=-1), dim=-1)
             att = torch.nan_to_num(att)
             p = pk.shape[2]

@@ -106,6 +106,28 @@ def test_prompts_are_retrieved_and_change_outputs() -> None:
     assert np.allclose(after, model.propensity(t, k, t[-1] + 0.3), atol=1e-6)
 
 
+def test_gated_prompts_start_silent_and_open_with_their_gate() -> None:
+    seqs = random_sequences(3, 4, seed=2)
+    gated, plain = PromptTPP(4, gated=True, seed=0), NeuralTPP(4, seed=0)
+    gated.learn_many(seqs, epochs=3)  # the first step only reaches the zero-initialised head
+    plain.learn_many(seqs)  # fits the time scale; the weights are then copied over
+    sites = (*gated.net.enc, gated.net.ct_attn)
+    assert all(float(site.prefix_gate.abs().sum()) > 0 for site in sites)  # the gates did learn
+    with torch.no_grad():
+        for site in sites:
+            site.prefix_gate.zero_()
+    plain.net.load_state_dict({k: v for k, v in gated.net.state_dict().items() if "prefix_gate" not in k})
+    t, k = seqs[0]
+    # g = 0: exactly the prompt-free network, whatever the prompts hold
+    np.testing.assert_allclose(gated.propensity(t, k, t[-1] + 0.3), plain.propensity(t, k, t[-1] + 0.3), atol=1e-6)
+    with torch.no_grad():
+        for site in sites:
+            site.prefix_gate.fill_(0.5)
+    assert not np.allclose(gated.propensity(t, k, t[-1] + 0.3), plain.propensity(t, k, t[-1] + 0.3), atol=1e-6)
+    again = PromptTPP.from_bytes(gated.to_bytes())  # the gates are part of the snapshot
+    np.testing.assert_allclose(again.propensity(t, k, t[-1] + 0.3), gated.propensity(t, k, t[-1] + 0.3), atol=1e-6)
+
+
 @pytest.mark.parametrize("freeze", ["query", "encoder"])
 def test_second_period_leaves_frozen_parts_unchanged(freeze: str) -> None:
     model = PromptTPP(4, freeze=freeze, seed=0)
