@@ -267,13 +267,23 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
     from streams.snapshots import SnapshotKeys
 
     latest_key = SnapshotKeys(settings.key_prefix, "dsl").latest
-    limits = httpx.Limits(max_connections=opts.concurrency, max_keepalive_connections=opts.concurrency)
+    # pooled connections expire well before the service's keep-alive timeout: a synchronous window
+    # can wait seconds for the worker, and a connection the server closes while we reuse it fails
+    limits = httpx.Limits(max_connections=opts.concurrency, max_keepalive_connections=opts.concurrency,
+                          keepalive_expiry=min(2.0, settings.serving.keep_alive_s / 2))
     async with httpx.AsyncClient(base_url=serving_url(settings), timeout=60.0, limits=limits) as client, \
             httpx.AsyncClient() as metrics_client, AsyncRedis.from_url(settings.redis_url) as snapshots_redis:
         async def ask(plan: _Plan) -> dict[str, Any]:
             body = orjson.dumps({"user_id": plan.event.user_id, "candidates": plan.candidates, "ts": plan.event.ts})
             async with sem:
-                resp = await client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+                for attempt in range(2):  # scoring is read-only, so one retry on a dropped connection is safe
+                    try:
+                        resp = await client.post("/v1/score", content=body,
+                                                 headers={"content-type": "application/json"})
+                        break
+                    except httpx.TransportError:
+                        if attempt:
+                            raise
             if resp.status_code != 200:
                 raise RuntimeError(f"scoring service answered {resp.status_code}: {resp.text[:300]}")
             return orjson.loads(resp.content)
@@ -483,6 +493,13 @@ def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None
                 final_metrics = _wait_drained(s, run.published, opts.drain_timeout_s)
                 health = serving_healthy(s)
                 counts = _redis_counts(s)
+        except Exception as exc:
+            # a child that died takes the real cause with it; say which one and how, with its log
+            dead = [(p, p.exit_reason()) for p in procs if p.exit_reason() is not None]
+            if dead:
+                detail = "\n".join(f"{why}; last lines of {p.log_path}:\n{p.log_tail(15)}" for p, why in dead)
+                raise RuntimeError(f"evaluation stopped: {detail}") from exc
+            raise
         finally:
             for proc in reversed(procs):
                 proc.stop()

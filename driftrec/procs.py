@@ -7,6 +7,7 @@ one place (``tests/infra.py`` re-exports :func:`settings_env`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,6 +76,16 @@ class ChildProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def exit_reason(self) -> str | None:
+        """How the child ended (``None`` while it runs): its exit code or the signal that killed it."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        code = self.proc.returncode
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"{self.name} was killed by {signal.Signals(-code).name}"
+        return f"{self.name} exited with code {code}"
 
     def stop(self, timeout_s: float = 20.0) -> None:
         if not self.alive:

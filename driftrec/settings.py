@@ -35,7 +35,9 @@ class MemorySettings(BaseModel):
     n_shards: int = 16  # hash-tag shards per table (slots per table on a Redis Cluster)
     bucket_capacity: int = 32
     ttl_s: int = 0  # 0 = no TTL; FIFO capacity alone bounds memory
-    lambda_: float = Field(0.5, alias="lambda")  # the starting λ when learn_lambda, else the λ served
+    # the starting λ when learn_lambda (0: no evidence yet, no correction; chosen on a cold start of
+    # ML-100K events 25,000-50,000, see models/fusion.py), else the λ served
+    lambda_: float = Field(0.0, alias="lambda")
     # learn λ from served predictions (models/fusion.MemoryLambda) and serve the learned one
     learn_lambda: bool = True
     prior: float = 1.0  # shrinkage of the error estimate toward 0 where few neighbours were found
@@ -44,6 +46,11 @@ class MemorySettings(BaseModel):
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     half_life_s: float = 0.0  # 0 = no recency weighting (FIFO refresh only)
     batch_size: int = 256
+    # session memory (models/session_memory.py): the served errors of this user in this category;
+    # capacity 0 turns it off; chosen on ML-100K events 25,000-50,000 (see that module)
+    session_capacity: int = Field(8, ge=0)
+    session_gamma: float = Field(0.0, ge=0.0, le=1.0)
+    session_lambda: float = Field(0.0, ge=0.0, le=1.0)  # the starting μ when learn_lambda, else the μ served
 
 
 class DSLSettings(BaseModel):
@@ -95,8 +102,11 @@ class ServingSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # idle keep-alive connections are closed after this long; longer than clients' pool expiry
+    # (httpx: 5 s), else a client can reuse a connection the server is closing (a ReadError)
+    keep_alive_s: float = Field(30.0, gt=0)
     max_candidates: int = 2000
-    tpp_weight: float = 0.5  # the TPP term's starting weight; the trainer learns it (below)
+    tpp_weight: float = 0.0  # the TPP term's starting weight (0, like λ); the trainer learns it (below)
     # learn the TPP term's weight from labelled events (models/fusion.py) and serve the learned one
     learn_tpp_weight: bool = True
     # TPP term decays with the time since the user's last event: a propensity learned an hour ago

@@ -25,6 +25,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import contextlib  # noqa: E402
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -223,4 +224,5 @@ def run_server(settings: Settings) -> None:
 
     torch.set_num_threads(1)  # torch is loaded with the snapshot code, never used to score
     uvicorn.run(create_app(settings), host=settings.serving.host, port=settings.serving.port,
-                workers=1, access_log=False, log_level="warning", loop="auto", http="auto")
+                workers=1, access_log=False, log_level="warning", loop="auto", http="auto",
+                timeout_keep_alive=int(math.ceil(settings.serving.keep_alive_s)))

@@ -14,6 +14,7 @@ the same pipeline as its other reads (one round trip per request in total).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,9 @@ from models.error_memory import (
     estimate_from_sums,
     recency_weights,
 )
+from models.session_memory import session_code
 from streams.error_memory import ENTRY_BYTES, MemoryKeys
+
 _ENTRY = np.dtype("<f8")
 
 
@@ -74,6 +77,21 @@ def plan_buckets(names: BucketNames, hidden: np.ndarray) -> BucketPlan:
     distinct = np.flatnonzero(present)
     position = np.cumsum(present) - 1
     return BucketPlan(names.names[distinct].tolist(), position[flat])
+
+
+def plan_session_buckets(keys: MemoryKeys, user_id: str, categories: Sequence[str | None]) -> BucketPlan:
+    """The session memory's keys for a candidate list: one ``(user, category)`` bucket each,
+    fetched once per distinct category (``models.session_memory``)."""
+    names: list[bytes] = []
+    where: dict[str | None, int] = {}
+    rows = np.zeros((len(categories), 1), dtype=np.int64)
+    for i, cat in enumerate(categories):
+        pos = where.get(cat)
+        if pos is None:
+            pos = where[cat] = len(names)
+            names.append(keys.session_bucket(session_code(user_id, cat))[1].encode())
+        rows[i, 0] = pos
+    return BucketPlan(names, rows)
 
 
 def estimates_from_values(

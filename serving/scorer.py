@@ -6,7 +6,8 @@ Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
 
     base_i = DSL probability of (u, i, category(i))            if settings.dsl.enabled and a snapshot
            = settings.serving.cold_start_base (0.5)            otherwise
-    comp_i = clip(base_i + λ·ê_i, eps, 1 − eps) − base_i       if settings.memory.enabled and a snapshot
+    comp_i = clip(base_i + λ·ê_i + μ·ĉ_i, eps, 1 − eps) − base_i
+                                                               if settings.memory.enabled and a snapshot
            = 0                                                 otherwise           (probability space)
     tpp_i  = clip(w · exp(−max(ts − tpp.ts, 0)/τ) · ln(K · p_u(category(i))), −c, c)
                                                                if settings.tpp.enabled, the user has a
@@ -17,7 +18,9 @@ Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
 with ``λ`` the error memory's weight the trainer learned and published with the snapshot
 (``models/fusion.MemoryLambda``; ``memory.lambda`` before any is learned or when
 ``memory.learn_lambda`` is off), ``ê`` the memory's shrunk error estimate (see
-``models/error_memory.py``), ``w`` the TPP weight, learned likewise (``serving.tpp_weight`` before
+``models/error_memory.py``), ``ĉ`` the session memory's estimate from this user's recent served
+errors in category(i) and ``μ`` its learned weight (``models/session_memory.py``; ``memory.session_lambda``
+before any is learned), ``w`` the TPP weight, learned likewise (``serving.tpp_weight`` before
 any is learned or when ``serving.learn_tpp_weight`` is off), ``τ = serving.tpp_tau_s``,
 ``c = serving.tpp_clip``, ``K`` the TPP's number of event types.
 
@@ -35,8 +38,8 @@ shipped with the snapshot; unknown items have no category (DSL "unknown category
 With the DSL switched off but the memory on, the snapshot is still used for its hidden vectors
 (the memory is keyed by them) and ``base`` is the constant.
 
-Per request the Redis work is one pipelined round trip: the error-memory ``MGET`` and the
-user's TPP ``GET``. If Redis fails, the request is still answered from the in-process model
+Per request the Redis work is one pipelined round trip: the error-memory ``MGET``, the session
+memory's ``MGET`` (one bucket per distinct candidate category) and the user's TPP ``GET``. If Redis fails, the request is still answered from the in-process model
 (compensation and tpp 0) and the failure is counted; scoring must not go down with the cache.
 """
 
@@ -59,7 +62,7 @@ from driftrec.settings import Settings
 from models.dsl import SparseScorer
 from models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
 from models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms  # noqa: F401 - tpp_terms is API
-from serving.compensation import BucketNames, estimates_from_values, plan_buckets
+from serving.compensation import BucketNames, estimates_from_values, plan_buckets, plan_session_buckets
 from streams.error_memory import MemoryKeys
 from streams.snapshots import SnapshotKeys, load_snapshot
 from streams.state import StateKeys
@@ -78,6 +81,7 @@ class LoadedSnapshot:
     standardizer: HiddenStandardizer | None = None  # hidden statistics the memory was hashed with
     tpp_weight: float | None = None  # learned by the trainer (models/fusion.py); None: use the setting
     memory_lambda: float | None = None  # likewise for the error memory's λ
+    session_lambda: float | None = None  # and for the session memory's μ
 
 
 @dataclass
@@ -219,8 +223,10 @@ class Scorer:
         fusion = read_fusion(parts.get("fusion"))
         tpp = TPPWeight.from_dict(fusion) if self.settings.serving.learn_tpp_weight else None
         lam = MemoryLambda.from_dict(fusion) if self.settings.memory.learn_lambda else None
+        mu = MemoryLambda.from_dict(fusion, key="session") if self.settings.memory.learn_lambda else None
         return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names, standardizer=standardizer,
-                              tpp_weight=tpp.w if tpp else None, memory_lambda=lam.lam if lam else None)
+                              tpp_weight=tpp.w if tpp else None, memory_lambda=lam.lam if lam else None,
+                              session_lambda=mu.lam if mu else None)
 
     # ---- scoring -------------------------------------------------------------------------------
     async def score(self, user_id: str, candidates: Sequence[str], ts: float | None = None) -> ScoreResult:
@@ -247,6 +253,10 @@ class Scorer:
             keyed = snap.standardizer.transform(hidden) if snap.standardizer is not None else hidden
             plan = plan_buckets(snap.names, keyed)
             pipe.mget(plan.names)
+        session_plan = None
+        if plan is not None and s.memory.session_capacity > 0:
+            session_plan = plan_session_buckets(self.memory_keys, user_id, cats)
+            pipe.mget(session_plan.names)
         if s.tpp.enabled:
             pipe.get(self.state_keys.user_tpp(user_id))
         replies: list[Any] = []
@@ -268,7 +278,13 @@ class Scorer:
                 e_hat, _ = estimates_from_values(replies[0], plan, base, gamma=m.gamma, prior=m.prior,
                                                  half_life_s=m.half_life_s, now=now)
                 lam = snap.memory_lambda if snap.memory_lambda is not None else m.lambda_  # type: ignore[union-attr]
-                compensation = compensation_delta(base, e_hat, lam, eps)
+                correction = lam * e_hat
+                if session_plan is not None:
+                    c_hat, _ = estimates_from_values(replies[1], session_plan, base, gamma=m.session_gamma,
+                                                     prior=m.prior)
+                    mu = snap.session_lambda if snap.session_lambda is not None else m.session_lambda  # type: ignore[union-attr]
+                    correction = correction + mu * c_hat
+                compensation = compensation_delta(base, correction, 1.0, eps)
             if s.tpp.enabled:
                 try:
                     weight = snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight

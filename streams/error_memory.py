@@ -38,6 +38,7 @@ from redis.exceptions import NoScriptError
 
 from models.error_memory import HiddenPredictor, RandomProjectionLSH
 from models.interaction import Interaction, stable_hash
+from models.session_memory import session_code
 
 # KEYS: z1, s1, z2, s2, ...   ARGV: capacity, ttl_s, then per bucket: m, m × (event_id, ts, y, ŷ)
 ENTRY_BYTES = 24  # one (ts, y, ŷ_served) triple of little-endian float64
@@ -124,6 +125,12 @@ class MemoryKeys:
         base = f"{self.prefix}:{KEY_SPACE}:{self.tag(table, code)}:b{code}"
         return f"{base}:z", f"{base}:s"
 
+    def session_bucket(self, code: int) -> tuple[str, str]:
+        """``(zset_key, snapshot_key)`` of a session-memory bucket (``models.session_memory``):
+        same entry format and script as the LSH buckets, its own shard tags (``u`` for "user")."""
+        base = f"{self.prefix}:{KEY_SPACE}:{{v{self.version}:u:s{code % self.n_shards}}}:b{code}"
+        return f"{base}:z", f"{base}:s"
+
     def pattern(self) -> str:
         """SCAN pattern matching this version's keys (cleanup, memory accounting)."""
         return f"{self.prefix}:{KEY_SPACE}:{{v{self.version}:*"
@@ -182,6 +189,34 @@ async def write_errors(
         args.extend(entries)
     results = await _run_scripts(redis, list(groups.values()), capacity, ttl_s)
     return int(sum(results))
+
+
+async def write_session_errors(
+    redis: Redis,
+    keys: MemoryKeys,
+    interactions: Sequence[Interaction],
+    probs: np.ndarray,
+    *,
+    capacity: int,
+    ttl_s: int = 0,
+) -> int:
+    """Store ``(event_id, ts, y, ŷ)`` of every labelled interaction in its ``(user, category)``
+    bucket (``models.session_memory``); idempotent per event id like :func:`write_errors`."""
+    groups: dict[int, tuple[list[str], list[str | int]]] = {}
+    per_bucket: dict[int, list[str]] = defaultdict(list)
+    for x, p in zip(interactions, np.asarray(probs, dtype=np.float64)):
+        if x.label is None:
+            continue
+        code = session_code(x.user_id, x.category)
+        per_bucket[code].extend((event_key(x), repr(float(x.ts)), repr(float(x.label)), repr(float(p))))
+    for code, entries in per_bucket.items():
+        keys_, args = groups.setdefault(code % keys.n_shards, ([], []))
+        keys_.extend(keys.session_bucket(code))
+        args.append(len(entries) // 4)
+        args.extend(entries)
+    if not groups:
+        return 0
+    return int(sum(await _run_scripts(redis, list(groups.values()), capacity, ttl_s)))
 
 
 async def _run_scripts(

@@ -20,8 +20,13 @@ from redis.asyncio import Redis
 from driftrec.settings import Settings
 from models.error_memory import HiddenStandardizer, RandomProjectionLSH
 from models.interaction import Interaction
-from serving.compensation import BucketNames, read_estimates  # the scoring service's read path
-from streams.error_memory import MemoryKeys, write_errors
+from serving.compensation import (  # the scoring service's read path
+    BucketNames,
+    estimates_from_values,
+    plan_session_buckets,
+    read_estimates,
+)
+from streams.error_memory import MemoryKeys, write_errors, write_session_errors
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,30 @@ class ErrorMemoryWriter:
                                         gamma=c.gamma, prior=c.prior, half_life_s=c.half_life_s,
                                         now=labelled[-1].ts, names=self.names)
         await self._write(labelled, probs, keyed)
+        return e_hat
+
+    async def session_estimate_and_write(self, labelled: list[Interaction], probs: np.ndarray) -> np.ndarray:
+        """ĉ per sample from its ``(user, category)`` bucket as the scoring service would have read
+        it before these samples, then write them (``models.session_memory``); zeros when off.
+
+        Samples of one batch are estimated before any of them is written, as serving sees them."""
+        c = self.cfg
+        if not labelled or c.session_capacity <= 0:
+            return np.zeros(len(labelled))
+        e_hat = np.zeros(len(labelled))
+        by_user: dict[str, list[int]] = {}
+        for i, x in enumerate(labelled):
+            by_user.setdefault(x.user_id, []).append(i)
+        plans = {u: plan_session_buckets(self.keys, u, [labelled[i].category for i in rows])
+                 for u, rows in by_user.items()}
+        pipe = self.redis.pipeline(transaction=False)
+        for plan in plans.values():
+            pipe.mget(plan.names)
+        replies = await pipe.execute()
+        for (u, rows), plan, values in zip(by_user.items(), plans.values(), replies):
+            e_hat[rows], _ = estimates_from_values(values, plan, probs[rows], gamma=c.session_gamma, prior=c.prior)
+        await write_session_errors(self.redis, self.keys, labelled, probs, capacity=c.session_capacity,
+                                   ttl_s=c.ttl_s)
         return e_hat
 
     async def _write(self, labelled: list[Interaction], probs: np.ndarray, keyed: np.ndarray) -> None:

@@ -6,7 +6,8 @@ of starting over, so a crash costs at most the steps since the last snapshot (ev
 Redelivered events are not learned twice: each event id is marked once (SET NX) before its
 gradient step. With the error memory on, the errors of the *served* snapshot on each fresh batch
 are written before the step (see ``streams.memory_agent`` for why here), after the memory's
-estimate for them has taught the memory's λ (``models.fusion.MemoryLambda``).
+estimate for them has taught the memory's λ (``models.fusion.MemoryLambda``); the session
+memory's ``(user, category)`` buckets are read, taught μ, and written the same way.
 
 Implicit feedback: an event with a label trains on that label; an unlabelled ``click`` /
 ``purchase`` / ``cart`` / ``fav`` is a positive and gets ``negatives`` sampled items from the
@@ -76,6 +77,8 @@ class DSLTrainer:
         self.fusion = TPPWeight(w=sv.tpp_weight, clip=sv.tpp_clip) if sv.learn_tpp_weight and settings.tpp.enabled \
             else None
         self.memory_lambda = MemoryLambda(lam=mem.lambda_, eps=sv.eps) if mem.enabled and mem.learn_lambda else None
+        self.session_lambda = MemoryLambda(lam=mem.session_lambda, eps=sv.eps, key="session") \
+            if mem.enabled and mem.learn_lambda and mem.session_capacity > 0 else None
         self.state_keys = StateKeys(settings.key_prefix)
         self.catalog: dict[str, str] = {}
         self.item_pool: deque[str] = deque(maxlen=5000)
@@ -99,6 +102,9 @@ class DSLTrainer:
                 if self.memory_lambda is not None:
                     learned = MemoryLambda.from_dict(fusion, eps=self.memory_lambda.eps)
                     self.memory_lambda = learned or self.memory_lambda
+                if self.session_lambda is not None:
+                    learned = MemoryLambda.from_dict(fusion, key="session", eps=self.session_lambda.eps)
+                    self.session_lambda = learned or self.session_lambda
                 self.catalog = orjson.loads(parts.get("catalog", b"{}"))
                 log.info("trainer resumed from snapshot v%s (step %d)", self.version, self.model.step)
             else:
@@ -134,6 +140,10 @@ class DSLTrainer:
                 self.memory_lambda.learn_many(probs, e_hat, np.array([e.label for e in labelled], dtype=np.float64))
             elif self.memory is not None:
                 await self.memory.write(interactions, probs, hidden, self.standardizer)
+            if self.memory is not None:
+                c_hat = await self.memory.session_estimate_and_write(interactions, probs)
+                if self.session_lambda is not None:
+                    self.session_lambda.learn_many(probs, c_hat, np.array([e.label for e in labelled], dtype=np.float64))
             if self.fusion is not None:
                 await self._learn_tpp_weight(labelled, probs)
         examples = training_examples(fresh, self.rng, list(self.item_pool), self.negatives)
@@ -192,7 +202,8 @@ class DSLTrainer:
         served = SparseScorer.from_snapshot(blob)
         parts = {"model": blob, "catalog": orjson.dumps(self.catalog)}
         fusion = {**(self.fusion.to_dict() if self.fusion is not None else {}),
-                  **(self.memory_lambda.to_dict() if self.memory_lambda is not None else {})}
+                  **(self.memory_lambda.to_dict() if self.memory_lambda is not None else {}),
+                  **(self.session_lambda.to_dict() if self.session_lambda is not None else {})}
         if fusion:
             parts["fusion"] = orjson.dumps(fusion)
         if self.recent:

@@ -62,8 +62,11 @@ def snapshot_parts(steps: int = 4) -> dict[str, bytes]:
 
 
 def make_settings(prefix: str, redis_url: str = REDIS_URL, **serving: object) -> Settings:
+    """Configured weights λ = w = 0.5 (the defaults start at 0 and are learned), so every term
+    shows in a score before any weight has been learned."""
     s = Settings(redis_url=redis_url, key_prefix=prefix)
-    s.serving = s.serving.model_copy(update={"reload_every_s": 0.0, **serving})
+    s.serving = s.serving.model_copy(update={"reload_every_s": 0.0, "tpp_weight": 0.5, **serving})
+    s.memory = s.memory.model_copy(update={"lambda_": 0.5})
     return s
 
 

@@ -35,6 +35,7 @@ from streams.snapshots import SnapshotKeys, load_snapshot
 from tests.infra import WorkerProcess, wait_for
 
 N_EVENTS, FLIP_AT, WINDOW = 16_000, 0.6, 400
+SHIFT_LAMBDA = 0.5
 
 
 def flipped_stream() -> tuple[list[Event], str, int]:
@@ -66,7 +67,9 @@ async def served_predictions(settings: Settings, window: list[Event]) -> tuple[n
         m = settings.memory
         lsh = RandomProjectionLSH(scorer.hidden, m.n_tables, m.n_bits, seed=m.seed, version=settings.dsl.generation)
         keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation, m.n_shards)
-        comp = await read_compensation(redis, keys, lsh, hidden, base, lam=m.lambda_, gamma=m.gamma, prior=m.prior)
+        # the memory's content is under test, at the paper's scale of λ (the served λ is learned
+        # from 0, see models/fusion.py)
+        comp = await read_compensation(redis, keys, lsh, hidden, base, lam=SHIFT_LAMBDA, gamma=m.gamma, prior=m.prior)
         return base, base + comp
     finally:
         await redis.aclose()
