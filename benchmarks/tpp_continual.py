@@ -92,7 +92,10 @@ epochs on dev: finetune 0.307 / 0.4681, PromptTPP 0.343 / 0.4582: eligible, so t
 0.971 vs finetune 0.918 (retrain 0.815); type error prompt 0.4105 vs finetune 0.4096 (retrain
 0.4124) -- per period 0.4494 / 0.4107 / 0.3957 / 0.3860 vs 0.4442 / 0.4100 / 0.3927 / 0.3916:
 PromptTPP is better in the last period and on average 0.0009 worse, so the target is still NOT
-met (the 5-epoch gap was 0.0057). Domain shift at 20 epochs: Taobao LL after learning Taxi
+met (the 5-epoch gap was 0.0057). Seeds 1 / 2 (``--seed N --no-shift``, 20 epochs): LL prompt
+0.993 / 0.922 vs finetune 0.914 / 0.894; type error prompt 0.4103 / 0.4097 vs finetune 0.4099 /
+0.4116. Over the three seeds PromptTPP's LL is better every time and its type error is a tie
+within seed noise (prompt − finetune +0.0009, +0.0004, −0.0019; mean −0.0002). Domain shift at 20 epochs: Taobao LL after learning Taxi
 -4.39 (prompt) vs -4.38 (finetune) vs -6.35 (retrain); zero-shot Taxi LL -3.03 vs -3.39.
 """
 
