@@ -9,7 +9,7 @@ object of figures.
                                   [--no-sync]
 
 The default slice is the demo's (the first 25,000 ML-100K events, ranking a fixed-seed 20 % of the
-positives), which runs in ~2 minutes on a 2-core machine (synchronous windows, the default);
+positives), which runs in 2-4 minutes on a 2-core machine (synchronous windows, the default);
 ``--limit 0`` evaluates the whole stream. ``--no-sync`` scores while the worker learns, with the
 trainer's own snapshot schedule (the deployment's timing, see ``driftrec/evaluate.py``).
 """

@@ -78,7 +78,8 @@ log = logging.getLogger(__name__)
 # windows: ~215 labelled events/s for the whole loop (scoring, publishing, waiting for the worker
 # and the snapshot), so 25,000 events (a quarter of ML-100K, ~98 days of it) take ~2 minutes plus
 # start-up and the report; the margin covers slower or busier machines (an earlier, slower build
-# ran at ~50 events/s). Full ML-100K: ``driftrec evaluate ml-100k``.
+# ran at ~50 events/s; with the session memory, on a VM with ~50 % CPU steal, `make demo` took
+# 251 s in all at ~113 events/s). Full ML-100K: ``driftrec evaluate ml-100k``.
 DEMO_LIMIT: int | None = 25_000
 DEMO_RANK_FRACTION = 0.2
 

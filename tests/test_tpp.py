@@ -112,7 +112,7 @@ def test_gated_prompts_start_silent_and_open_with_their_gate() -> None:
     gated.learn_many(seqs, epochs=3)  # the first step only reaches the zero-initialised head
     plain.learn_many(seqs)  # fits the time scale; the weights are then copied over
     sites = (*gated.net.enc, gated.net.ct_attn)
-    assert all(float(site.prefix_gate.abs().sum()) > 0 for site in sites)  # the gates did learn
+    assert all(float(site.prefix_gate.detach().abs().sum()) > 0 for site in sites)  # the gates did learn
     with torch.no_grad():
         for site in sites:
             site.prefix_gate.zero_()
