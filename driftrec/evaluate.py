@@ -496,7 +496,7 @@ def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None
                 counts = _redis_counts(s)
         except Exception as exc:
             # a child that died takes the real cause with it; say which one and how, with its log
-            dead = [(p, p.exit_reason()) for p in procs if p.exit_reason() is not None]
+            dead = [(p, why) for p in procs if (why := p.exit_reason()) is not None]
             if dead:
                 detail = "\n".join(f"{why}; last lines of {p.log_path}:\n{p.log_tail(15)}" for p, why in dead)
                 raise RuntimeError(f"evaluation stopped: {detail}") from exc

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.error_memory import estimate_from_sums
+from models.error_memory import estimate_from_sums, fifo_keep
 from models.interaction import stable_hash
 
 DEFAULT_SESSION_CAPACITY = 8
@@ -63,13 +63,11 @@ class SessionMemory:
         self._buckets: dict[int, dict[str, tuple[float, float, float]]] = defaultdict(dict)
 
     def learn_one(self, user_id: str, category: str | None, y: int, y_hat: float, ts: float, event_id: str) -> None:
-        bucket = self._buckets[session_code(user_id, category)]
-        if event_id in bucket:
-            return
-        bucket[event_id] = (float(ts), float(y), float(y_hat))
-        if len(bucket) > self.capacity:
-            newest = sorted(bucket.items(), key=lambda kv: (kv[1][0], kv[0]))[-self.capacity:]
-            self._buckets[session_code(user_id, category)] = dict(newest)
+        code = session_code(user_id, category)
+        bucket = self._buckets[code]
+        if event_id not in bucket:
+            bucket[event_id] = (float(ts), float(y), float(y_hat))
+            self._buckets[code] = fifo_keep(bucket, self.capacity)
 
     def estimate_many(self, user_id: str, categories: Sequence[str | None], base_probs: np.ndarray) -> np.ndarray:
         """ĉ per candidate (its category's bucket); 0 where the bucket is empty."""

@@ -79,17 +79,17 @@ def plan_buckets(names: BucketNames, hidden: np.ndarray) -> BucketPlan:
     return BucketPlan(names.names[distinct].tolist(), position[flat])
 
 
-def plan_session_buckets(keys: MemoryKeys, user_id: str, categories: Sequence[str | None]) -> BucketPlan:
-    """The session memory's keys for a candidate list: one ``(user, category)`` bucket each,
-    fetched once per distinct category (``models.session_memory``)."""
+def plan_session_buckets(keys: MemoryKeys, pairs: Sequence[tuple[str, str | None]]) -> BucketPlan:
+    """The session memory's keys for ``(user, category)`` pairs (a candidate list, or a trainer
+    batch): one bucket each, every distinct pair fetched once (``models.session_memory``)."""
     names: list[bytes] = []
-    where: dict[str | None, int] = {}
-    rows = np.zeros((len(categories), 1), dtype=np.int64)
-    for i, cat in enumerate(categories):
-        pos = where.get(cat)
+    where: dict[tuple[str, str | None], int] = {}
+    rows = np.zeros((len(pairs), 1), dtype=np.int64)
+    for i, pair in enumerate(pairs):
+        pos = where.get(pair)
         if pos is None:
-            pos = where[cat] = len(names)
-            names.append(keys.session_bucket(session_code(user_id, cat))[1].encode())
+            pos = where[pair] = len(names)
+            names.append(keys.session_bucket(session_code(*pair))[1].encode())
         rows[i, 0] = pos
     return BucketPlan(names, rows)
 

@@ -255,7 +255,7 @@ class Scorer:
             pipe.mget(plan.names)
         session_plan = None
         if plan is not None and s.memory.session_capacity > 0:
-            session_plan = plan_session_buckets(self.memory_keys, user_id, cats)
+            session_plan = plan_session_buckets(self.memory_keys, [(user_id, c) for c in cats])
             pipe.mget(session_plan.names)
         if s.tpp.enabled:
             pipe.get(self.state_keys.user_tpp(user_id))

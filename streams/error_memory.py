@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from redis.asyncio import Redis
@@ -39,6 +40,8 @@ from redis.exceptions import NoScriptError
 from models.error_memory import HiddenPredictor, RandomProjectionLSH
 from models.interaction import Interaction, stable_hash
 from models.session_memory import session_code
+
+B = TypeVar("B", bound=Hashable)  # a bucket id: (table, code) for LSH buckets, code for sessions
 
 # KEYS: z1, s1, z2, s2, ...   ARGV: capacity, ttl_s, then per bucket: m, m × (event_id, ts, y, ŷ)
 ENTRY_BYTES = 24  # one (ts, y, ŷ_served) triple of little-endian float64
@@ -176,19 +179,30 @@ async def write_errors(
     served = np.asarray(probs, dtype=np.float64)[idx]
     per_bucket: dict[tuple[int, int], list[str]] = defaultdict(list)
     for row, i in enumerate(labelled):
-        x = interactions[i]
-        entry = (event_key(x), repr(float(x.ts)), repr(float(x.label)), repr(float(served[row])))  # type: ignore[arg-type]
+        entry = _entry(interactions[i], float(served[row]))
         for t in range(lsh.n_tables):
             per_bucket[(t, int(codes[row, t]))].extend(entry)
     # one script call per (table, shard): its buckets share a slot
-    groups: dict[tuple[int, int], tuple[list[str], list[str | int]]] = {}
-    for (t, c), entries in per_bucket.items():
-        keys_, args = groups.setdefault((t, c % keys.n_shards), ([], []))
-        keys_.extend(keys.bucket(t, c))
+    calls = _script_calls(per_bucket, lambda b: (b[0], b[1] % keys.n_shards), lambda b: keys.bucket(*b))
+    return int(sum(await _run_scripts(redis, calls, capacity, ttl_s)))
+
+
+def _entry(x: Interaction, served: float) -> tuple[str, str, str, str]:
+    """One entry's script arguments: ``(event_id, ts, y, ŷ)`` as exact decimal text."""
+    return event_key(x), repr(float(x.ts)), repr(float(x.label)), repr(served)  # type: ignore[arg-type]
+
+
+def _script_calls(per_bucket: dict[B, list[str]], slot: Callable[[B], Hashable],
+                  bucket_keys: Callable[[B], tuple[str, str]]) -> list[tuple[list[str], list[str | int]]]:
+    """One script call per hash-tag slot (a call's keys must share one), each bucket's entries
+    preceded by their count, as ``WRITE_BUCKETS_LUA`` reads its arguments."""
+    groups: dict[Hashable, tuple[list[str], list[str | int]]] = {}
+    for bucket, entries in per_bucket.items():
+        keys_, args = groups.setdefault(slot(bucket), ([], []))
+        keys_.extend(bucket_keys(bucket))
         args.append(len(entries) // 4)
         args.extend(entries)
-    results = await _run_scripts(redis, list(groups.values()), capacity, ttl_s)
-    return int(sum(results))
+    return list(groups.values())
 
 
 async def write_session_errors(
@@ -202,21 +216,14 @@ async def write_session_errors(
 ) -> int:
     """Store ``(event_id, ts, y, ŷ)`` of every labelled interaction in its ``(user, category)``
     bucket (``models.session_memory``); idempotent per event id like :func:`write_errors`."""
-    groups: dict[int, tuple[list[str], list[str | int]]] = {}
     per_bucket: dict[int, list[str]] = defaultdict(list)
     for x, p in zip(interactions, np.asarray(probs, dtype=np.float64)):
-        if x.label is None:
-            continue
-        code = session_code(x.user_id, x.category)
-        per_bucket[code].extend((event_key(x), repr(float(x.ts)), repr(float(x.label)), repr(float(p))))
-    for code, entries in per_bucket.items():
-        keys_, args = groups.setdefault(code % keys.n_shards, ([], []))
-        keys_.extend(keys.session_bucket(code))
-        args.append(len(entries) // 4)
-        args.extend(entries)
-    if not groups:
+        if x.label is not None:
+            per_bucket[session_code(x.user_id, x.category)].extend(_entry(x, float(p)))
+    if not per_bucket:
         return 0
-    return int(sum(await _run_scripts(redis, list(groups.values()), capacity, ttl_s)))
+    calls = _script_calls(per_bucket, lambda code: code % keys.n_shards, keys.session_bucket)
+    return int(sum(await _run_scripts(redis, calls, capacity, ttl_s)))
 
 
 async def _run_scripts(

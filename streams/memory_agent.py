@@ -81,18 +81,9 @@ class ErrorMemoryWriter:
         c = self.cfg
         if not labelled or c.session_capacity <= 0:
             return np.zeros(len(labelled))
-        e_hat = np.zeros(len(labelled))
-        by_user: dict[str, list[int]] = {}
-        for i, x in enumerate(labelled):
-            by_user.setdefault(x.user_id, []).append(i)
-        plans = {u: plan_session_buckets(self.keys, u, [labelled[i].category for i in rows])
-                 for u, rows in by_user.items()}
-        pipe = self.redis.pipeline(transaction=False)
-        for plan in plans.values():
-            pipe.mget(plan.names)
-        replies = await pipe.execute()
-        for (u, rows), plan, values in zip(by_user.items(), plans.values(), replies):
-            e_hat[rows], _ = estimates_from_values(values, plan, probs[rows], gamma=c.session_gamma, prior=c.prior)
+        plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
+        e_hat, _ = estimates_from_values(await self.redis.mget(plan.names), plan, probs, gamma=c.session_gamma,
+                                         prior=c.prior)
         await write_session_errors(self.redis, self.keys, labelled, probs, capacity=c.session_capacity,
                                    ttl_s=c.ttl_s)
         return e_hat

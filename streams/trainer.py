@@ -134,16 +134,17 @@ class DSLTrainer:
             # (one forward pass feeds both the error memory and the TPP weight)
             interactions = [e.to_interaction() for e in labelled]
             probs, hidden = self.served.predict_with_hidden(interactions)
+            labels = np.array([e.label for e in labelled], dtype=np.float64)
             if self.memory is not None and self.memory_lambda is not None:
                 # what the memory said before it hears of these events teaches λ
                 e_hat = await self.memory.estimate_and_write(interactions, probs, hidden, self.standardizer)
-                self.memory_lambda.learn_many(probs, e_hat, np.array([e.label for e in labelled], dtype=np.float64))
+                self.memory_lambda.learn_many(probs, e_hat, labels)
             elif self.memory is not None:
                 await self.memory.write(interactions, probs, hidden, self.standardizer)
             if self.memory is not None:
                 c_hat = await self.memory.session_estimate_and_write(interactions, probs)
                 if self.session_lambda is not None:
-                    self.session_lambda.learn_many(probs, c_hat, np.array([e.label for e in labelled], dtype=np.float64))
+                    self.session_lambda.learn_many(probs, c_hat, labels)
             if self.fusion is not None:
                 await self._learn_tpp_weight(labelled, probs)
         examples = training_examples(fresh, self.rng, list(self.item_pool), self.negatives)

@@ -56,7 +56,7 @@ async def test_redis_buckets_answer_like_the_reference(redis: Redis, prefix: str
     query = np.array([0.3, 0.6, 0.5, 0.1])
     cats = ["c0", "c1", None, "never"]
     for user in ("a", "b", "c", "nobody"):
-        plan = plan_session_buckets(keys, user, cats)
+        plan = plan_session_buckets(keys, [(user, c) for c in cats])
         values = await redis.mget(plan.names)
         got, _ = estimates_from_values(values, plan, query, gamma=0.0, prior=1.0)
         np.testing.assert_allclose(got, ref.estimate_many(user, cats, query), atol=1e-12)
