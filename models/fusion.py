@@ -76,7 +76,9 @@ def tpp_log_ratios(payload: bytes | None, categories: Sequence[str | None], now:
     decay = 1.0
     if isinstance(last_ts, (int, float)) and math.isfinite(last_ts) and tau_s > 0:
         decay = math.exp(-max(now - float(last_ts), 0.0) / tau_s)
-    lut = {cat: decay * math.log(float(k) * max(float(p), TINY_P)) for cat, p in probs.items()
+    # a probability above 1 is malformed; capping it keeps k·p finite (k·p overflowed to inf, and
+    # inf times a decay that underflowed to 0 is NaN)
+    lut = {cat: decay * math.log(float(k) * min(max(float(p), TINY_P), 1.0)) for cat, p in probs.items()
            if isinstance(p, (int, float)) and math.isfinite(p) and p >= 0}
     if not lut:
         return np.zeros(n)

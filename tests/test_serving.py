@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import example, given, settings as hsettings, strategies as st
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, ConnectionPool
 
@@ -142,6 +142,7 @@ def test_score_is_always_a_probability(base: float, comp: float, tpp: float, eps
 @hsettings(max_examples=100, deadline=None)
 @given(p=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10), st.text(max_size=3)),
        k=st.integers(1, 10**9), w=st.floats(-1e3, 1e3), age=st.floats(-1e9, 1e9))
+@example(p=6.4789906289525375e+302, k=277465, w=1.0, age=44708.0)  # k·p overflowed, decay underflowed: NaN
 def test_tpp_term_is_bounded_for_any_payload(p: object, k: int, w: float, age: float) -> None:
     payload = orjson.dumps({"ts": TS - age, "probs": {"c1": p}, "n_types": k}, option=orjson.OPT_SERIALIZE_NUMPY) \
         if not (isinstance(p, float) and not math.isfinite(p)) else orjson.dumps({"ts": TS, "probs": {"c1": None}})
