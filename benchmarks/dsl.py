@@ -6,7 +6,9 @@ What it does, all in one run: trains MF-BPR dense and with DSL at 80 %, 90 % and
 by the same code path (``models.dsl.SparseMF``), evaluates full ranking over all items with each
 user's train items excluded (LightGCN protocol, last epoch, no test-set selection), times
 training, and times scoring 100 and 1,000 random candidates for one user (median of many
-repeats): dense numpy gather + matvec vs the sparse CSR scorer (``CSRTable.dot``). Optionally a
+repeats, a fresh candidate set per call): dense numpy gather + matvec vs the sparse model's
+serving layout (``models.dsl.sparse_table``: CSR, or rows over the table's support columns when
+that is smaller), with plain CSR reported beside it. Optionally a
 prequential AUC of dense vs sparse ``DSLRecommender`` on MovieLens-100K, when the verified
 ML-100K cache already exists (no network is used here). The last line is one JSON object.
 
@@ -14,16 +16,35 @@ Paper (Wang et al., WSDM 2024, arXiv:2402.02855): the authors' code (github.com/
 was checked (see ``models/sparse.py``), but the paper's result table could not be retrieved with
 the tools available when this was written, so no paper numbers are copied here; the claim under
 test is the paper's qualitative one: at high sparsity DSL stays close to the dense model.
-Defaults (8 epochs, dim 64, ΔT 200, 1 thread, ``--init aligned``) run in ~2.5 min on a 2-core
-machine; timings depend on machine load.
+Defaults (8 epochs, dim 64, 1 thread, ``--config aligned_gentle``) run in ~3.5 min on a 2-core
+machine, ML-100K included; timings depend on machine load.
 
-Mask init. ``--init aligned`` (shared columns per table, ``models/sparse.py``) is the default
-because it won on the validation split (``--select paper paper_aligned``: Recall@20 0.0476 vs
-0.0172 for the paper's uniform init; declared as a second selection round before it ran).
-``--init random`` reproduces the paper's init. Test figures, 8 epochs, same seed: uniform init
-s80 / s90 / s95 Recall@20 0.0376 / 0.0218 / 0.0117; aligned 0.0739 / 0.0552 / 0.0432 (dense
-0.1107). Even aligned, 90 % sparsity stays ~50 % below dense, and below a dense model with the
-same budget (dim 6: validation 0.0723 vs 0.0476), so the issue's "within 5 %" target is not met.
+Mask init. ``--init aligned`` (shared columns per table, ``models/sparse.py``) won on the
+validation split (``--select paper paper_aligned``: Recall@20 0.0476 vs 0.0172 for the paper's
+uniform init; declared as a second selection round before it ran). ``--init random`` reproduces
+the paper's init. Test figures, 8 epochs, same seed: uniform init s80 / s90 / s95 Recall@20
+0.0376 / 0.0218 / 0.0117; aligned 0.0739 / 0.0552 / 0.0432 (dense 0.1107).
+
+Third round (validation only, density 0.1, every config declared before it ran; ``--select
+NAME ...``): aligned prefixes whose length follows each row's train frequency ** 0.5 / ** 1
+(``aligned_freq05`` / ``aligned_freq10``, mixed-dimension style) 0.0329 / 0.0270, worse than
+equal prefixes (0.0476); aligned with no exploration at all (``aligned_static``, a fixed dense
+rank-7 model with holes; a diagnostic, not DSL) 0.0696; aligned with gentle exploration
+(``aligned_gentle``: ΔT 800, initial prune fraction 0.1 annealed as the paper does, grown weights
+protected for one round) 0.0661. So the paper's ΔT 200 / fraction 0.5 (scaled to our short runs)
+cost a third of the recall, and ``aligned_gentle``, the best setting that still prunes and grows,
+is the default (``--config paper_aligned`` is the previous one). Test figures with it: s80 / s90 /
+s95 Recall@20 0.0940 / 0.0765 / 0.0605 (dense 0.1107): s90 is 31 % below dense. The issue's
+"within 5 %" target is not met: even the static model of the same budget is 36 % below dense on
+validation, so the gap is the budget's, not the exploration's. Longer training narrows it only
+slowly: at 24 epochs (validation) ``aligned_gentle`` 0.0734 vs dense 0.1135, 35 % below (40 % at
+8 epochs).
+
+Serving layout. Prune-and-grow on aligned masks never leaves the shared columns (a weight's
+gradient is the other side's weight on that column, zero outside them), so a trained s90 item
+table lives on 7 of 64 columns, 82 % filled. ``sparse_table`` then stores it over those columns
+(1.1 MB, vs 2.1 MB CSR and 10.5 MB dense) and scores 1,000 candidates with one 1000×7 gather and a
+matvec: 0.010 ms vs 0.018-0.025 ms for the dense model and 0.033 ms for CSR.
 """
 
 from __future__ import annotations
@@ -37,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.dsl import DSLRecommender, SparseMF
+from models.dsl import CSRTable, DSLRecommender, SparseMF, SupportTable
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gowalla-lightgcn"
 
@@ -78,43 +99,59 @@ def evaluate(model: SparseMF, train: list[np.ndarray], test: list[np.ndarray], k
     return float(np.mean(recalls)), float(np.mean(ndcgs))
 
 
-def median_us(fn, repeats: int) -> float:
-    fn()
+def median_us(fn, args: list, repeats: int) -> float:
+    """Median wall time of ``fn(arg)`` in ms, cycling through ``args`` (fresh rows each call)."""
+    fn(args[0])
     times = np.empty(repeats)
     for r in range(repeats):
+        arg = args[r % len(args)]
         t0 = time.perf_counter()
-        fn()
+        fn(arg)
         times[r] = time.perf_counter() - t0
     return float(np.median(times) * 1e3)  # milliseconds
 
 
 def inference_times(model: SparseMF, n_items: int, seed: int, repeats: int) -> dict[str, float]:
-    """Dense gather+matvec vs sparse CSR row-gather+SpMV for one user's candidates (ms)."""
+    """One user's candidates: dense gather+matvec vs the sparse serving layout and plain CSR (ms).
+
+    Each call scores a different random candidate set (256 sets in rotation), as a service
+    does, so rows are not all in cache from the previous call.
+    """
     rng = np.random.default_rng(seed)
     user_dense = model.user.detach().numpy()
     item_dense = np.ascontiguousarray(model.item.detach().numpy())
-    user_csr, item_csr = model.to_sparse_tables()
+    user_table, item_table = model.to_sparse_tables()
+    item_csr = CSRTable.from_dense(item_dense)
+    user_csr = CSRTable.from_dense(user_dense)
     u = int(rng.integers(len(user_dense)))
+    user_row = user_table.rows_dense(np.asarray([u]))
     out: dict[str, float] = {}
     for k in (100, 1000):
-        cand = rng.choice(n_items, size=k, replace=False).astype(np.int32)
+        sets = [rng.choice(n_items, size=k, replace=False).astype(np.int32) for _ in range(256)]
 
-        def dense() -> np.ndarray:
+        def dense(cand: np.ndarray) -> np.ndarray:
             return np.take(item_dense, cand, axis=0) @ user_dense[u]
 
-        def sparse() -> np.ndarray:
+        def served(cand: np.ndarray) -> np.ndarray:
+            return item_table.dot(cand, user_table.rows_dense(np.asarray([u]))[0])
+
+        def csr(cand: np.ndarray) -> np.ndarray:
             return item_csr.dot(cand, user_csr.rows_dense(np.asarray([u]))[0])
 
-        assert np.allclose(dense(), sparse(), atol=1e-4), "sparse scorer disagrees with dense"
-        out[f"dense_{k}"] = median_us(dense, repeats)
-        out[f"sparse_{k}"] = median_us(sparse, repeats)
+        for fn in (served, csr):
+            assert np.allclose(dense(sets[0]), fn(sets[0]), atol=1e-4), "sparse scorer disagrees with dense"
+        assert np.allclose(user_row[0], user_dense[u], atol=0)
+        out[f"dense_{k}"] = median_us(dense, sets, repeats)
+        out[f"sparse_{k}"] = median_us(served, sets, repeats)
+        out[f"csr_{k}"] = median_us(csr, sets, repeats)
     out["item_table_bytes_dense"] = float(item_dense.nbytes)
     out["item_table_bytes_csr"] = float(item_csr.nbytes)
+    out["item_table_bytes_served"] = float(item_table.nbytes)
     return out
 
 
-def run_gowalla(data: Path, epochs: int, dim: int, seed: int, prune_every: int, repeats: int,
-                grow_from: str = "batch", init: str = "random") -> dict[str, float]:
+def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
+                sparse_kw: dict[str, object]) -> dict[str, float]:
     train = read_lightgcn(data / "train.txt")
     test = read_lightgcn(data / "test.txt")
     n_users = max(len(train), len(test))
@@ -128,9 +165,11 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, prune_every: int, 
     total_steps = epochs * ((len(items) + batch - 1) // batch)
     result: dict[str, float] = {}
     for tag, density in (("dense", 1.0), ("s80", 0.2), ("s90", 0.1), ("s95", 0.05)):
+        kw = {} if density == 1.0 else dict(sparse_kw)
+        if "freq_alpha" in kw:
+            kw["row_weights"] = frequency_weights(users, items, n_users, n_items, float(kw.pop("freq_alpha")))
         model = SparseMF(n_users, n_items, dim=dim, density=density, batch_size=batch,
-                         prune_every=prune_every, total_steps=total_steps, seed=seed, grow_from=grow_from,
-                         init=init)
+                         total_steps=total_steps, seed=seed, **kw)  # type: ignore[arg-type]
         log(f"[{tag}] density={density} active={model.n_active_params:,}/{model.n_total_params:,}")
         t0 = time.perf_counter()
         for epoch in range(1, epochs + 1):
@@ -155,13 +194,20 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, prune_every: int, 
             times = inference_times(model, n_items, seed, repeats)
             key = "dense" if tag == "dense" else "s90"
             for k in (100, 1000):
-                # the dense model is served dense, the sparse model by its CSR scorer
+                # the dense model is served dense, the sparse model by its serving layout (sparse_table)
                 result[f"infer_ms_{k}_{key}"] = round(times[f"{'dense' if tag == 'dense' else 'sparse'}_{k}"], 4)
             if tag == "s90":
                 for k in (100, 1000):
                     result[f"infer_ms_{k}_s90_dense_storage"] = round(times[f"dense_{k}"], 4)
+                    result[f"infer_ms_{k}_s90_csr"] = round(times[f"csr_{k}"], 4)
+                _, item_table = model.to_sparse_tables()
+                result["s90_item_layout"] = type(item_table).__name__
+                if isinstance(item_table, SupportTable):
+                    result["s90_item_support_columns"] = int(item_table.columns.size)
+                    result["s90_item_padding"] = round(item_table.padding, 4)
                 result["item_table_bytes_dense"] = int(times["item_table_bytes_dense"])
                 result["item_table_bytes_csr_s90"] = int(times["item_table_bytes_csr"])
+                result["item_table_bytes_served_s90"] = int(times["item_table_bytes_served"])
             log(f"[{tag}] inference ms: " + ", ".join(f"{k}={v:.4f}" for k, v in times.items() if "bytes" not in k))
         del model
     result["recall20_s90_rel_gap"] = round(1 - result["recall20_s90"] / result["recall20_dense"], 4)
@@ -192,7 +238,28 @@ SELECT_CONFIGS: dict[str, dict[str, object]] = {
                                      grow_from="window"),
     # added in a second round (declared before its runs): shared-column mask init, see models/sparse.py
     "paper_aligned": dict(prune_every=200, initial_fraction=0.5, protect_grown=False, lr=1e-2, init="aligned"),
+    # third round (declared before its runs): aligned prefixes whose length follows the row's
+    # train frequency ** alpha (models/sparse.py, _nested_mask)
+    "aligned_freq05": dict(prune_every=200, initial_fraction=0.5, protect_grown=False, lr=1e-2, init="aligned",
+                           freq_alpha=0.5),
+    "aligned_freq10": dict(prune_every=200, initial_fraction=0.5, protect_grown=False, lr=1e-2, init="aligned",
+                           freq_alpha=1.0),
+    # diagnostics of the same round: aligned masks with no exploration at all (a fixed, dense
+    # low-rank model with a few holes) and with gentle exploration
+    "aligned_static": dict(prune_every=200, initial_fraction=0.0, floor_fraction=0.0, lr=1e-2, init="aligned"),
+    "aligned_gentle": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned"),
 }
+
+# The validation winner among DSL settings (third round; "aligned_static" has no prune-and-grow,
+# so it is a diagnostic, not a DSL candidate).
+DEFAULT_CONFIG = "aligned_gentle"
+
+
+def frequency_weights(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
+                      alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's train interaction count ** alpha: the prefix-length weights of nested masks."""
+    return (np.bincount(users, minlength=n_users).astype(np.float64) ** alpha,
+            np.bincount(items, minlength=n_items).astype(np.float64) ** alpha)
 
 
 def select(data: Path, epochs: int, dim: int, seed: int, names: list[str], density: float) -> dict[str, float]:
@@ -208,6 +275,8 @@ def select(data: Path, epochs: int, dim: int, seed: int, names: list[str], densi
     out: dict[str, float] = {}
     for name in names:
         kw = dict(SELECT_CONFIGS[name]) if name != "dense" else {}
+        if "freq_alpha" in kw:
+            kw["row_weights"] = frequency_weights(users, items, n_users, n_items, float(kw.pop("freq_alpha")))
         d = 1.0 if name == "dense" else density
         t0 = time.perf_counter()
         model = SparseMF(n_users, n_items, dim=dim, density=d, batch_size=2048, total_steps=total_steps,
@@ -254,14 +323,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with LightGCN train.txt/test.txt")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--prune-every", type=int, default=200, help="ΔT in optimiser steps")
+    ap.add_argument("--config", choices=list(SELECT_CONFIGS), default=DEFAULT_CONFIG,
+                    help="settings of the sparse models (chosen on the validation split; see the docstring)")
+    ap.add_argument("--prune-every", type=int, default=None, help="override the config's ΔT (optimiser steps)")
     ap.add_argument("--repeats", type=int, default=2000, help="repeats for inference timing")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grow-from", choices=("batch", "window"), default="batch",
-                    help="growth score: last batch's dense gradient (paper) or |grad| summed over the ΔT window")
-    ap.add_argument("--init", choices=("random", "aligned"), default="aligned",
-                    help="mask init: uniform (paper) or shared columns per table (models/sparse.py)")
+    ap.add_argument("--grow-from", choices=("batch", "window"), default=None,
+                    help="override the growth score: last batch's dense gradient (paper) or |grad| over the ΔT window")
+    ap.add_argument("--init", choices=("random", "aligned"), default=None,
+                    help="override the mask init: uniform (paper) or shared columns per table (models/sparse.py)")
     ap.add_argument("--skip-ml100k", action="store_true")
     ap.add_argument("--select", nargs="*", default=None,
                     help=f"only compare settings on a validation split of train.txt: dense and/or {list(SELECT_CONFIGS)}")
@@ -275,10 +346,13 @@ def main(argv: list[str] | None = None) -> None:
                      args.select_density)
         print(json.dumps({"benchmark": "dsl-select", "epochs": args.epochs, "density": args.select_density, **res}))
         return
+    sparse_kw = dict(SELECT_CONFIGS[args.config])
+    for key, value in (("prune_every", args.prune_every), ("grow_from", args.grow_from), ("init", args.init)):
+        if value is not None:
+            sparse_kw[key] = value
     result: dict[str, object] = {"benchmark": "dsl", "data": str(args.data), "epochs": args.epochs, "dim": args.dim,
-                                 "prune_every": args.prune_every, "grow_from": args.grow_from, "init": args.init}
-    result.update(run_gowalla(args.data, args.epochs, args.dim, args.seed, args.prune_every, args.repeats,
-                              args.grow_from, args.init))
+                                 "config": args.config, "sparse_settings": sparse_kw}
+    result.update(run_gowalla(args.data, args.epochs, args.dim, args.seed, args.repeats, sparse_kw))
     if args.skip_ml100k:
         result["ml100k"] = "skipped (--skip-ml100k)"
     else:

@@ -8,7 +8,8 @@ exactly the same code path.
 (so unknown ids are scored, never refused), a small interaction head whose last hidden layer ``h``
 feeds the ReLoop2 error memory, trained by micro-batches from the stream with DSL masks, and
 snapshots holding only active parameters. ``SparseScorer`` serves such a snapshot from sparse
-storage (CSR tables, CSR head matrices) without materialising dense weights.
+storage (CSR head matrices; each embedding table in CSR or, when smaller, over its support
+columns: ``SupportTable``) without materialising dense weights.
 
 Deviations from the paper (see ``models/sparse.py`` for the mask machinery's own):
 
@@ -118,6 +119,7 @@ class SparseMF:
         floor_fraction: float = DEFAULT_FLOOR_FRACTION,
         protect_grown: bool = False,
         init: str = "random",
+        row_weights: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
@@ -129,7 +131,10 @@ class SparseMF:
         # dense gradient DSL grows from is recovered exactly at exploration steps (see sparse.py).
         self.opt = RowAdam([self.user, self.item], lr=lr)
         self.masks = SparseParameterSet({"user": self.user, "item": self.item}, density, seed=seed,
-                                        grow_from=grow_from, protect_grown=protect_grown, init=init)
+                                        grow_from=grow_from, protect_grown=protect_grown, init=init,
+                                        row_weights=None if row_weights is None else {
+                                            "user": torch.as_tensor(row_weights[0]),
+                                            "item": torch.as_tensor(row_weights[1])})
         self.schedule = DSLSchedule(prune_every=prune_every, total_steps=total_steps,
                                     initial_fraction=initial_fraction, floor_fraction=floor_fraction)
         self.step = 0
@@ -203,9 +208,10 @@ class SparseMF:
                     scores[row, torch.from_numpy(np.asarray(seen))] = -math.inf
         return torch.topk(scores, k, dim=1).indices.numpy()
 
-    def to_sparse_tables(self) -> tuple["CSRTable", "CSRTable"]:
-        """Export both tables in CSR: the serving format for the sparse scorer."""
-        return CSRTable.from_dense(self.user.detach().numpy()), CSRTable.from_dense(self.item.detach().numpy())
+    def to_sparse_tables(self) -> tuple["SparseTable", "SparseTable"]:
+        """Export both tables in the serving layout (``sparse_table``: CSR or support columns)."""
+        return (sparse_table(CSRTable.from_dense(self.user.detach().numpy())),
+                sparse_table(CSRTable.from_dense(self.item.detach().numpy())))
 
 
 def _is_member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
@@ -288,6 +294,70 @@ class CSRTable:
         _sparsetools.csr_matvecs(n_out, n_in, x.shape[0], self.indptr, self.indices, self.data,
                                  np.ascontiguousarray(x.T), out.reshape(-1))
         return out.T
+
+
+class SupportTable:
+    """An embedding table stored over its *support*: the columns active in at least one row.
+
+    Each row keeps one value per support column, in order; a support column inactive in that row
+    is stored as 0 (padding, as in ELLPACK). Nothing outside the support is stored, and the
+    snapshot still carries only active entries; this layout is built from them at load time.
+
+    Why: DSL's masks on a factorisation concentrate on few columns (a weight can only grow where
+    the other side is active, see ``models/sparse.py``), so a table's support is often a small
+    fraction of ``dim``. Then a candidate row is a few contiguous floats with no index per entry:
+    scoring 1,000 candidates is one small gather and one matvec, and the table is smaller than
+    CSR. ``sparse_table`` picks this layout only when it takes fewer bytes than CSR.
+    """
+
+    __slots__ = ("columns", "values", "shape", "nnz")
+
+    def __init__(self, columns: np.ndarray, values: np.ndarray, shape: tuple[int, int], nnz: int) -> None:
+        self.columns = np.ascontiguousarray(columns, dtype=np.int64)
+        self.values = np.ascontiguousarray(values, dtype=np.float32)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.nnz = int(nnz)  # stored non-padding entries (active and non-zero)
+
+    @classmethod
+    def from_csr(cls, table: CSRTable) -> "SupportTable":
+        columns = np.unique(table.indices)
+        slot = np.full(table.shape[1], -1, dtype=np.int64)
+        slot[columns] = np.arange(columns.size)
+        values = np.zeros((table.shape[0], columns.size), dtype=np.float32)
+        rows = np.repeat(np.arange(table.shape[0]), np.diff(table.indptr))
+        values[rows, slot[table.indices]] = table.data
+        return cls(columns, values, table.shape, table.nnz)
+
+    @staticmethod
+    def nbytes_for(table: CSRTable) -> int:
+        n_support = int(np.unique(table.indices).size)
+        return table.shape[0] * n_support * 4 + n_support * 8
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes + self.columns.nbytes)
+
+    @property
+    def padding(self) -> float:
+        """Share of stored slots that are padding zeros."""
+        return 1.0 - self.nnz / max(self.values.size, 1)
+
+    def dot(self, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        """``table[rows] @ vector``: only the support columns of the vector are read."""
+        return np.take(self.values, rows, axis=0) @ np.asarray(vector, dtype=np.float32)[self.columns]
+
+    def rows_dense(self, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros((np.size(rows), self.shape[1]), dtype=np.float32)
+        out[:, self.columns] = np.take(self.values, rows, axis=0)
+        return out
+
+
+SparseTable = CSRTable | SupportTable
+
+
+def sparse_table(table: CSRTable) -> SparseTable:
+    """The smaller of the two layouts for this table: CSR, or rows over the support columns."""
+    return SupportTable.from_csr(table) if SupportTable.nbytes_for(table) < table.nbytes else table
 
 
 # =============================================================================================
@@ -535,9 +605,10 @@ def _read_snapshot(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 class SparseScorer:
     """Inference-only scorer over a snapshot, in sparse storage end to end.
 
-    Embedding tables and head matrices are CSR; candidate rows are gathered from CSR into small
-    dense blocks (the only dense memory is proportional to the request), so the served footprint
-    is the active-parameter count, not the table size.
+    Head matrices are CSR; embedding tables take the smaller of CSR and the support-column layout
+    (``sparse_table``). Candidate rows are gathered into small dense blocks (the only dense memory
+    is proportional to the request), so the served footprint follows the active-parameter count,
+    not the table size.
     """
 
     def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -550,8 +621,8 @@ class SparseScorer:
             shape = tuple(int(s) for s in arrays[f"{name}.shape"])
             return CSRTable.from_flat(arrays[f"{name}.idx"], arrays[f"{name}.val"], shape)  # type: ignore[arg-type]
 
-        self.tables = {k: csr(f"emb.{k}") for k in _SALTS}
-        self.biases = {k: csr(f"emb.bias_{k}") for k in _SALTS} if cfg.get("first_order") else {}
+        self.tables = {k: sparse_table(csr(f"emb.{k}")) for k in _SALTS}
+        self.biases = {k: sparse_table(csr(f"emb.bias_{k}")) for k in _SALTS} if cfg.get("first_order") else {}
         self.w = {k: csr(f"head.{k}.weight") for k in ("fc1", "fc2", "out")}
         self.b = {k: arrays[f"head.{k}.bias.dense"] for k in ("fc1", "fc2", "out")}
 

@@ -105,10 +105,12 @@ class PromptTPP(NeuralTPP):
         time_scale: float | None = None,
         max_gap: float | None = None,
         seed: int = 0,
+        copy_history: bool = False,
     ) -> None:
         super().__init__(
             n_types, hidden=hidden, n_layers=n_layers, heads=heads, lr=lr, batch_size=batch_size,
             n_mc=n_mc, grid_size=grid_size, time_scale=time_scale, max_gap=max_gap, seed=seed,
+            copy_history=copy_history,
         )
         if top_n > pool_size:
             raise ValueError("top_n must be <= pool_size")

@@ -133,6 +133,50 @@ def _aligned_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
     return mask
 
 
+def _nested_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
+                 row_weights: torch.Tensor) -> torch.Tensor:
+    """Aligned masks whose rows take different-length prefixes of one column order: row ``r``
+    gets ``k_r ≈ c·w_r`` leading columns (at least 1, at most all), ``c`` set so that
+    ``Σ k_r`` is exactly the budget.
+
+    Why (``row_weights``, our option): with equal-length prefixes no row can ever grow past the
+    shared columns, because a weight's gradient in a factorisation is the other side's weight on
+    the same column, zero everywhere outside the prefix; the budget then stays a dense low-rank
+    model with holes. Prefixes of different lengths (popular rows longer, as in mixed-dimension
+    embeddings) keep any two rows overlapping on the shorter prefix and give the rest of the
+    columns non-zero gradients, so prune-and-grow can move budget along them.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    w = row_weights.to(torch.float64).clamp_min(0)
+    if w.numel() != rows:
+        raise ValueError(f"row_weights has {w.numel()} entries for {rows} rows")
+    if not rows <= n_active <= rows * cols:
+        raise ValueError(f"nested init needs between 1 and {cols} columns per row, budget {n_active}")
+    w = w / w.mean() if float(w.sum()) > 0 else torch.ones_like(w)
+    lo, hi = 0.0, float(cols) / max(float(w[w > 0].min()), 1e-12) if bool((w > 0).any()) else float(cols)
+
+    def total(c: float) -> torch.Tensor:
+        return (c * w).floor().clamp(1, cols)
+
+    for _ in range(100):  # bisection on the scale c: Σ clamp(floor(c·w), 1, cols) is monotone in c
+        mid = 0.5 * (lo + hi)
+        if float(total(mid).sum()) > n_active:
+            hi = mid
+        else:
+            lo = mid
+    k = total(lo)
+    short = n_active - int(k.sum())  # 0 <= short < rows: one more column for the largest remainders
+    if short:
+        room = (k < cols)
+        frac = torch.where(room, lo * w - (lo * w).floor(), torch.full_like(w, -1.0))
+        k[torch.argsort(frac, descending=True, stable=True)[:short]] += 1
+    lengths = k.to(torch.long)
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    slots = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # row r: its first k_r slots
+    mask[:, column_order] = slots
+    return mask
+
+
 class SparseParameterSet:
     """Binary masks at a fixed active count over several tensors, with DSL prune-and-grow.
 
@@ -149,6 +193,7 @@ class SparseParameterSet:
         grow_from: str = "batch",
         protect_grown: bool = False,
         init: str = "random",
+        row_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if grow_from not in ("batch", "window"):
             raise ValueError("grow_from must be 'batch' (the paper) or 'window'")
@@ -176,7 +221,10 @@ class SparseParameterSet:
                 key = (self.groups[name], p.shape[1])
                 if key not in column_order:
                     column_order[key] = torch.randperm(p.shape[1], generator=self._gen)
-                self.masks[name] = _aligned_mask(p.shape, n_active, column_order[key], self._gen)
+                if row_weights is not None and name in row_weights:
+                    self.masks[name] = _nested_mask(p.shape, n_active, column_order[key], row_weights[name])
+                else:
+                    self.masks[name] = _aligned_mask(p.shape, n_active, column_order[key], self._gen)
                 continue
             mask = torch.zeros(n, dtype=torch.bool)
             mask[torch.randperm(n, generator=self._gen)[:n_active]] = True

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.dsl import CSRTable, DSLRecommender, SparseMF, SparseScorer, sample_negatives
+from models.dsl import CSRTable, DSLRecommender, SparseMF, SparseScorer, SupportTable, sample_negatives, sparse_table
 from models.interaction import Interaction
 from models.sparse import DSLSchedule, RowAdagrad, RowAdam, SparseParameterSet, cosine_update_fraction
 
@@ -177,7 +177,10 @@ def test_recommender_snapshot_round_trip_and_sparse_storage() -> None:
     p_sparse, h_sparse = scorer.predict_with_hidden(probe)
     np.testing.assert_allclose(p_sparse, p_dense, atol=1e-6)
     np.testing.assert_allclose(h_sparse, h_dense, atol=1e-5)
-    assert all(isinstance(t, CSRTable) for t in scorer.tables.values())
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        for name, table in scorer.tables.items():  # each table in the smaller of the two sparse layouts
+            csr = CSRTable.from_flat(npz[f"emb.{name}.idx"], npz[f"emb.{name}.val"], tuple(npz[f"emb.{name}.shape"]))
+            assert isinstance(table, (CSRTable, SupportTable)) and table.nbytes <= csr.nbytes
 
     items, cats = ["i1", "i2", "brand-new"], ["c1", None, None]
     probs, hidden = model.score_candidates("u3", items, cats, ts=123.0)
@@ -379,3 +382,51 @@ def test_aligned_sparse_mf_keeps_its_budget_through_prune_and_grow() -> None:
         model.fit_epoch(users, items)
     assert model.last_report is not None and model.last_report.n_grown > 0
     assert model.n_active_params == budget
+
+
+def test_support_layout_scores_like_csr_and_is_chosen_only_when_smaller() -> None:
+    """Entries confined to a few columns: rows over the support beat CSR in bytes and agree with it."""
+    rng = np.random.default_rng(0)
+    dense = np.zeros((500, 32), dtype=np.float32)
+    support = np.array([3, 7, 19, 30])
+    dense[:, support] = rng.normal(size=(500, 4)).astype(np.float32)
+    dense[rng.random((500, 32)) < 0.2] = 0.0  # holes inside the support become padding zeros
+    csr = CSRTable.from_dense(dense)
+    table = sparse_table(csr)
+    assert isinstance(table, SupportTable) and table.nbytes < csr.nbytes
+    assert table.nnz == csr.nnz and 0.1 < table.padding < 0.3
+    np.testing.assert_array_equal(table.columns, support)
+    rows, vector = rng.integers(0, 500, 100).astype(np.int32), rng.normal(size=32).astype(np.float32)
+    np.testing.assert_allclose(table.dot(rows, vector), dense[rows] @ vector, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(table.rows_dense(rows), dense[rows])
+    scattered = np.where(rng.random((500, 32)) < 0.1, dense.T[:1].T + 1.0, 0.0).astype(np.float32)
+    assert isinstance(sparse_table(CSRTable.from_dense(scattered)), CSRTable)  # all 32 columns: CSR is smaller
+
+
+def test_aligned_sparse_mf_is_served_over_its_support_columns() -> None:
+    rng = np.random.default_rng(1)
+    model = SparseMF(80, 120, dim=32, density=0.1, batch_size=64, prune_every=3, total_steps=60, init="aligned")
+    users, items = rng.integers(0, 80, 900), rng.integers(0, 120, 900)
+    for _ in range(2):
+        model.fit_epoch(users, items)
+    user_table, item_table = model.to_sparse_tables()
+    assert isinstance(item_table, SupportTable) and item_table.columns.size < 32
+    cand = rng.choice(120, 50, replace=False).astype(np.int32)
+    expected = model.item.detach().numpy()[cand] @ model.user.detach().numpy()[5]
+    np.testing.assert_allclose(item_table.dot(cand, user_table.rows_dense(np.array([5]))[0]), expected, atol=1e-6)
+
+
+def test_nested_init_gives_prefixes_of_one_column_order_by_row_weight() -> None:
+    """row_weights: exact budget, each row a prefix of the shared order, heavier rows no shorter."""
+    user = torch.nn.Parameter(torch.randn(50, 16))
+    item = torch.nn.Parameter(torch.randn(70, 16))
+    weights = {"user": torch.arange(1, 51, dtype=torch.float64), "item": torch.ones(70)}
+    masks = SparseParameterSet({"user": user, "item": item}, 0.2, seed=2, init="aligned", row_weights=weights).masks
+    assert int(masks["user"].sum()) == round(0.2 * 50 * 16) and int(masks["item"].sum()) == round(0.2 * 70 * 16)
+    lengths = masks["user"].sum(1)
+    assert bool((lengths[1:] >= lengths[:-1]).all()) and int(lengths.min()) >= 1 and int(lengths.max()) > 4
+    order = torch.argsort(masks["user"].sum(0), descending=True, stable=True)  # most-used column first
+    for row in masks["user"]:
+        k = int(row.sum())
+        assert bool(row[order[:k]].all())  # active columns are the first k of the shared order
+    assert bool((masks["user"][-1] | ~masks["item"][0]).all())  # the longest user row covers any item row

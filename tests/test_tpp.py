@@ -165,6 +165,41 @@ def test_serialisation_round_trip() -> None:
     assert not any(p.requires_grad for p in clone.frozen_parameters().values())
 
 
+def test_copy_history_starts_as_the_plain_net_and_learns_to_repeat_types() -> None:
+    """copy_history: zero-init (same intensities as without it), exact history features, and on
+    sequences made of runs of one type it learns to predict "repeat the last type"."""
+    rng = np.random.default_rng(3)
+    seqs = []
+    for _ in range(60):  # runs of one type; the next run's type is random
+        m = int(rng.integers(6, 14))
+        types = np.repeat(rng.integers(0, 6, size=m), 3)[:m].astype(np.int64)
+        seqs.append((100.0 + np.cumsum(rng.exponential(1.0, size=m)), types))
+    model = NeuralTPP(6, seed=0, copy_history=True)
+    model._fit_scales(seqs)
+    batch = collate(seqs[:4], model.time_scale)
+    h = model.net.encode(batch)
+    gaps = torch.full(h.shape[:2] + (2,), 0.3)
+    with_copy = model.net.intensity_at(batch, h, h, gaps, None)
+    head, model.net.copy_head = model.net.copy_head, None
+    torch.testing.assert_close(with_copy, model.net.intensity_at(batch, h, h, gaps, None))
+    model.net.copy_head = head
+    feats = model.net.history_features(batch, batch.types.shape[1])
+    t0 = seqs[0][1]
+    assert feats[0, 0, t0[0]] == 1 and feats[0, 2, 6 + t0[0]] == pytest.approx(float(np.mean(t0[:3] == t0[0])))
+    pad = int(batch.lengths[0])
+    if pad < batch.types.shape[1]:
+        assert float(feats[0, pad:, :6].sum()) == 0.0  # padded positions carry no type
+    model.learn_many(seqs, epochs=2)
+    preds = model.predict_next_all(seqs)
+    acc = float(np.mean([(p[1][:-1] == s[1][1:]).mean() for s, p in zip(seqs, preds)]))
+    repeat_last = float(np.mean([(s[1][:-1] == s[1][1:]).mean() for s in seqs]))
+    assert float(model.net.copy_head.weight.detach().abs().sum()) > 0  # the copy path took part
+    assert acc >= repeat_last - 0.02, (acc, repeat_last)
+    clone = NeuralTPP.from_bytes(model.to_bytes())
+    assert clone.net.copy_head is not None
+    assert model.log_likelihood_many(seqs) == pytest.approx(clone.log_likelihood_many(seqs))
+
+
 def test_type_vocabulary_first_seen_order_overflow_and_round_trip() -> None:
     vocab = TypeVocabulary(3)
     assert [vocab.add(c) for c in ["shoes", "books", "shoes", "toys", None]] == [0, 1, 0, 2, 2]
