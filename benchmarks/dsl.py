@@ -16,35 +16,49 @@ Paper (Wang et al., WSDM 2024, arXiv:2402.02855): the authors' code (github.com/
 was checked (see ``models/sparse.py``), but the paper's result table could not be retrieved with
 the tools available when this was written, so no paper numbers are copied here; the claim under
 test is the paper's qualitative one: at high sparsity DSL stays close to the dense model.
-Defaults (8 epochs, dim 64, 1 thread, ``--config aligned_gentle``) run in ~3.5 min on a 2-core
-machine, ML-100K included; timings depend on machine load.
+Defaults (8 epochs, dim 64, 1 thread, ``--config grouped_km_g30_s3``) run in ~3.5 min on a
+2-core machine, ML-100K included; timings depend on machine load.
 
-Mask init. ``--init aligned`` (shared columns per table, ``models/sparse.py``) won on the
-validation split (``--select paper paper_aligned``: Recall@20 0.0476 vs 0.0172 for the paper's
-uniform init; declared as a second selection round before it ran). ``--init random`` reproduces
-the paper's init. Test figures, 8 epochs, same seed: uniform init s80 / s90 / s95 Recall@20
-0.0376 / 0.0218 / 0.0117; aligned 0.0739 / 0.0552 / 0.0432 (dense 0.1107).
+Every setting of the sparse models was chosen on a validation split (``--select NAME ...``:
+train.txt minus a 10 % per-user hold-out, density 0.1, Recall@20), in rounds whose configs were
+declared (``SELECT_CONFIGS``) before they ran; test.txt was used only for the reported runs.
+Validation Recall@20 of dense dim 64: 0.1096 (8 epochs).
 
-Third round (validation only, density 0.1, every config declared before it ran; ``--select
-NAME ...``): aligned prefixes whose length follows each row's train frequency ** 0.5 / ** 1
-(``aligned_freq05`` / ``aligned_freq10``, mixed-dimension style) 0.0329 / 0.0270, worse than
-equal prefixes (0.0476); aligned with no exploration at all (``aligned_static``, a fixed dense
-rank-7 model with holes; a diagnostic, not DSL) 0.0696; aligned with gentle exploration
-(``aligned_gentle``: ΔT 800, initial prune fraction 0.1 annealed as the paper does, grown weights
-protected for one round) 0.0661. So the paper's ΔT 200 / fraction 0.5 (scaled to our short runs)
-cost a third of the recall, and ``aligned_gentle``, the best setting that still prunes and grows,
-is the default (``--config paper_aligned`` is the previous one). Test figures with it: s80 / s90 /
-s95 Recall@20 0.0940 / 0.0765 / 0.0605 (dense 0.1107): s90 is 31 % below dense. The issue's
-"within 5 %" target is not met: even the static model of the same budget is 36 % below dense on
-validation, so the gap is the budget's, not the exploration's. Longer training narrows it only
-slowly: at 24 epochs (validation) ``aligned_gentle`` 0.0734 vs dense 0.1135, 35 % below (40 % at
-8 epochs).
+* Round 2, mask init: the paper's uniform masks 0.0172; ``paper_aligned`` (every row on the
+  same columns, ``models/sparse.py``) 0.0476. Test s80 / s90 / s95, uniform 0.0376 / 0.0218 /
+  0.0117, aligned 0.0739 / 0.0552 / 0.0432 (dense 0.1107).
+* Round 3: prefixes whose length follows each row's train frequency ** 0.5 / ** 1
+  (``aligned_freq05`` / ``aligned_freq10``, mixed-dimension style) 0.0329 / 0.0270; aligned with
+  no exploration (``aligned_static``, a diagnostic, not DSL) 0.0696; aligned with gentle
+  exploration (``aligned_gentle``: ΔT 800, initial prune fraction 0.1 annealed as the paper
+  does, grown weights protected for one round) 0.0661 -- the paper's ΔT 200 / fraction 0.5
+  (scaled to our short runs) cost a third of the recall. Test s80 / s90 / s95 with
+  ``aligned_gentle``: 0.0940 / 0.0765 / 0.0605. Aligned masks make the whole table a rank-7
+  model: a weight can only grow where the other side is active, so no row ever leaves the
+  shared columns.
+* Rounds 4-8, grouped masks (``models/sparse.py``, ``_grouped_mask``; data-driven mask init in
+  the spirit of SparseRec's): users and items are co-clustered from the train interactions
+  (``co_cluster``), and each group gets its own block of columns beside a few shared ones, so a
+  user and the items of her group overlap on all their columns while the table spans ~64.
+  Dhillon co-clustering (very uneven groups) 8 groups / 2 shared 0.0778, 20 / 3 0.0837; k-means
+  on a spectral embedding (even groups) 20 / 3 0.0913, 15 / 3 0.0916, 12 / 2 0.0878, 10 / 1
+  0.0883, 30 groups of 2 columns / 3 shared (``grouped_km_g30_s3``) **0.0959**, 30 / 4 0.0944,
+  60 / 4 0.0861, two levels (18 fine groups of 3 in 4 coarse of 2, 2 shared) 0.0896. The best,
+  ``grouped_km_g30_s3``, is the default; ``--config NAME`` runs any other.
+* Round 9, training length: at 24 epochs, validation dense 0.1135, ``grouped_km_g30_s3`` 0.0973
+  (gap 14 % vs 12.5 % at 8 epochs), so the default stays 8 epochs.
 
-Serving layout. Prune-and-grow on aligned masks never leaves the shared columns (a weight's
-gradient is the other side's weight on that column, zero outside them), so a trained s90 item
-table lives on 7 of 64 columns, 82 % filled. ``sparse_table`` then stores it over those columns
-(1.1 MB, vs 2.1 MB CSR and 10.5 MB dense) and scores 1,000 candidates with one 1000×7 gather and a
-matvec: 0.010 ms vs 0.018-0.025 ms for the dense model and 0.033 ms for CSR.
+Test figures with the default (``python -m benchmarks.dsl``): Recall@20 dense 0.1107, s80 0.1078
+(2.6 % below), s90 0.1032 (6.8 % below), s95 0.0610 (groups need more than 3 columns a row, so at
+95 % every row holds only the shared columns). The issue's "s90 within 5 %" target is missed by
+1.8 points (on validation the gap is 12.5 %).
+
+Serving layout (``models.dsl.sparse_table``): a table is stored over its support columns when
+that is the smallest layout (aligned masks: 7 of 64 columns, 82 % filled, 1.1 MB), else as ELL
+with a CSR overflow (``models/ell.py``: each row's first entries at a fixed offset, read by one
+compiled loop). Grouped s90 item table: ELL 1.8 MB vs CSR 2.3 MB vs dense 10.5 MB; 1,000
+candidates in 0.014 ms vs 0.018 ms for the dense model (0.022 ms for the s90 weights held dense)
+and 0.038 ms for scipy's CSR. Each call scores a fresh candidate set, as a service does.
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ import numpy as np
 import torch
 
 from models.dsl import CSRTable, DSLRecommender, SparseMF, SupportTable
+from models.ell import EllTable
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gowalla-lightgcn"
 
@@ -165,9 +180,7 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
     total_steps = epochs * ((len(items) + batch - 1) // batch)
     result: dict[str, float] = {}
     for tag, density in (("dense", 1.0), ("s80", 0.2), ("s90", 0.1), ("s95", 0.05)):
-        kw = {} if density == 1.0 else dict(sparse_kw)
-        if "freq_alpha" in kw:
-            kw["row_weights"] = frequency_weights(users, items, n_users, n_items, float(kw.pop("freq_alpha")))
+        kw = {} if density == 1.0 else sparse_kwargs(sparse_kw, users, items, n_users, n_items, seed)
         model = SparseMF(n_users, n_items, dim=dim, density=density, batch_size=batch,
                          total_steps=total_steps, seed=seed, **kw)  # type: ignore[arg-type]
         log(f"[{tag}] density={density} active={model.n_active_params:,}/{model.n_total_params:,}")
@@ -205,6 +218,9 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
                 if isinstance(item_table, SupportTable):
                     result["s90_item_support_columns"] = int(item_table.columns.size)
                     result["s90_item_padding"] = round(item_table.padding, 4)
+                if isinstance(item_table, EllTable):
+                    result["s90_item_ell_width"] = item_table.width
+                    result["s90_item_overflow_entries"] = int(item_table.ov_ptr[-1])
                 result["item_table_bytes_dense"] = int(times["item_table_bytes_dense"])
                 result["item_table_bytes_csr_s90"] = int(times["item_table_bytes_csr"])
                 result["item_table_bytes_served_s90"] = int(times["item_table_bytes_served"])
@@ -248,11 +264,100 @@ SELECT_CONFIGS: dict[str, dict[str, object]] = {
     # low-rank model with a few holes) and with gentle exploration
     "aligned_static": dict(prune_every=200, initial_fraction=0.0, floor_fraction=0.0, lr=1e-2, init="aligned"),
     "aligned_gentle": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned"),
+    # fourth round (declared before its runs): aligned masks per row group, groups from a spectral
+    # co-clustering of the train interactions (models/sparse.py, _grouped_mask), gentle exploration
+    "grouped_g8_s2": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                          co_clusters=8, shared_columns=2),
+    "grouped_g20_s3": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                           co_clusters=20, shared_columns=3),
+    # fifth round (declared before its runs): the same with more even groups (k-means on a
+    # 32-vector spectral embedding, ``co_cluster(method="kmeans")``), 20 groups of 3 columns or 15 of 4
+    "grouped_km_g20_s3": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                              co_clusters=20, co_cluster_method="kmeans", shared_columns=3),
+    "grouped_km_g15_s3": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                              co_clusters=15, co_cluster_method="kmeans", shared_columns=3),
+    # sixth round (declared before its runs): fewer shared columns, larger own blocks
+    "grouped_km_g12_s2": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                              co_clusters=12, co_cluster_method="kmeans", shared_columns=2),
+    "grouped_km_g10_s1": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                              co_clusters=10, co_cluster_method="kmeans", shared_columns=1),
+    # seventh round (declared before its runs): two levels, 18 fine groups of 3 columns inside 4
+    # coarse groups of 2 (+ 2 shared), and a flat 30 groups of 2 (+ 3 shared)
+    "hier_km_c4x2_f18x3_s2": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2,
+                                  init="aligned", co_clusters=18, coarse=4, co_cluster_method="kmeans",
+                                  shared_columns=2, group_blocks=(2, 3)),
+    "grouped_km_g30_s3": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                              co_clusters=30, co_cluster_method="kmeans", shared_columns=3, group_blocks=(2,)),
+    # eighth round (declared before its runs): still more groups with smaller blocks
+    "grouped_km_g30_s4": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                              co_clusters=30, co_cluster_method="kmeans", shared_columns=4, group_blocks=(2,)),
+    "grouped_km_g60_s4": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2, init="aligned",
+                              co_clusters=60, co_cluster_method="kmeans", shared_columns=4, group_blocks=(1,)),
 }
 
-# The validation winner among DSL settings (third round; "aligned_static" has no prune-and-grow,
-# so it is a diagnostic, not a DSL candidate).
-DEFAULT_CONFIG = "aligned_gentle"
+# The validation winner among DSL settings over all rounds (the eighth included; "aligned_static"
+# has no prune-and-grow, so it is a diagnostic, not a DSL candidate).
+DEFAULT_CONFIG = "grouped_km_g30_s3"
+
+
+def co_cluster(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, n_groups: int,
+               seed: int, method: str = "dhillon", coarse: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """User and item group ids in one space, from the train matrix only.
+
+    ``dhillon``: sklearn's spectral co-clustering (k-means on 1 + log2(G) singular vectors).
+    ``kmeans``: k-means on the unit-normalised rows of a 32-vector spectral embedding
+    (``U·√s`` for users, ``V·√s`` for items, of the degree-normalised matrix), which splits the
+    catalogue into more even groups. ``coarse`` > 0 (``kmeans`` only) adds a coarse level: the
+    fine groups' centroids clustered into ``coarse`` groups; ids are then (rows, 2), coarse first.
+    """
+    from scipy.sparse import csr_matrix, diags
+    from scipy.sparse.linalg import svds
+    from sklearn.cluster import KMeans, SpectralCoclustering
+
+    matrix = csr_matrix((np.ones(len(users)), (users, items)), shape=(n_users, n_items))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    # rows/columns without train interactions cannot be normalised: cluster the rest, group 0 for them
+    live_u = np.flatnonzero(np.diff(matrix.indptr))
+    live_i = np.flatnonzero(np.bincount(items, minlength=n_items))
+    live = matrix[live_u][:, live_i]
+    user_groups, item_groups = np.zeros(n_users, np.int64), np.zeros(n_items, np.int64)
+    if method == "dhillon":
+        model = SpectralCoclustering(n_clusters=n_groups, svd_method="arpack", random_state=seed).fit(live)
+        user_groups[live_u], item_groups[live_i] = model.row_labels_, model.column_labels_
+        return user_groups, item_groups
+    if method != "kmeans":
+        raise ValueError(f"unknown co-clustering method {method!r}")
+    du = np.asarray(live.sum(1)).ravel() ** -0.5
+    di = np.asarray(live.sum(0)).ravel() ** -0.5
+    u, sv, vt = svds(diags(du) @ live @ diags(di), k=32, random_state=seed)
+    emb = np.vstack([u * np.sqrt(sv), vt.T * np.sqrt(sv)])
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
+    fine = KMeans(n_clusters=n_groups, n_init=3, random_state=seed).fit(emb)
+    labels = fine.labels_.astype(np.int64)
+    if coarse:
+        parent = KMeans(n_clusters=coarse, n_init=3, random_state=seed).fit_predict(fine.cluster_centers_)
+        labels = np.stack([parent[labels], labels], axis=1)
+        user_groups = np.zeros((n_users, 2), np.int64)
+        item_groups = np.zeros((n_items, 2), np.int64)
+    user_groups[live_u], item_groups[live_i] = labels[: len(live_u)], labels[len(live_u) :]
+    return user_groups, item_groups
+
+
+def sparse_kwargs(config: dict[str, object], users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
+                  seed: int) -> dict[str, object]:
+    """A config's SparseMF keyword arguments, with its data-driven parts computed from train data."""
+    kw = dict(config)
+    if "freq_alpha" in kw:
+        kw["row_weights"] = frequency_weights(users, items, n_users, n_items, float(kw.pop("freq_alpha")))  # type: ignore[arg-type]
+    if "co_clusters" in kw:
+        t0 = time.perf_counter()
+        kw["row_groups"] = co_cluster(users, items, n_users, n_items, int(kw.pop("co_clusters")), seed,  # type: ignore[arg-type]
+                                      str(kw.pop("co_cluster_method", "dhillon")), int(kw.pop("coarse", 0)))
+        finest = np.concatenate(kw["row_groups"]).reshape(n_users + n_items, -1)[:, -1]  # type: ignore[call-overload]
+        sizes = np.bincount(finest)
+        log(f"co-clustering: {len(sizes)} groups, sizes {sizes.min()}-{sizes.max()} ({time.perf_counter() - t0:.0f}s)")
+    return kw
 
 
 def frequency_weights(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
@@ -274,9 +379,7 @@ def select(data: Path, epochs: int, dim: int, seed: int, names: list[str], densi
     total_steps = epochs * ((len(items) + 2047) // 2048)
     out: dict[str, float] = {}
     for name in names:
-        kw = dict(SELECT_CONFIGS[name]) if name != "dense" else {}
-        if "freq_alpha" in kw:
-            kw["row_weights"] = frequency_weights(users, items, n_users, n_items, float(kw.pop("freq_alpha")))
+        kw = sparse_kwargs(SELECT_CONFIGS[name], users, items, n_users, n_items, seed) if name != "dense" else {}
         d = 1.0 if name == "dense" else density
         t0 = time.perf_counter()
         model = SparseMF(n_users, n_items, dim=dim, density=d, batch_size=2048, total_steps=total_steps,

@@ -8,8 +8,9 @@ exactly the same code path.
 (so unknown ids are scored, never refused), a small interaction head whose last hidden layer ``h``
 feeds the ReLoop2 error memory, trained by micro-batches from the stream with DSL masks, and
 snapshots holding only active parameters. ``SparseScorer`` serves such a snapshot from sparse
-storage (CSR head matrices; each embedding table in CSR or, when smaller, over its support
-columns: ``SupportTable``) without materialising dense weights.
+storage (CSR head matrices; each embedding table over its support columns, ``SupportTable``, or
+as ELL with a CSR overflow, ``models.ell.EllTable``, whichever is smaller) without
+materialising dense weights.
 
 Deviations from the paper (see ``models/sparse.py`` for the mask machinery's own):
 
@@ -77,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse import _sparsetools
 
+from models.ell import EllTable
 from models.interaction import Interaction, stable_hash
 from models.sparse import (
     DEFAULT_FLOOR_FRACTION,
@@ -120,6 +122,9 @@ class SparseMF:
         protect_grown: bool = False,
         init: str = "random",
         row_weights: tuple[np.ndarray, np.ndarray] | None = None,
+        row_groups: tuple[np.ndarray, np.ndarray] | None = None,
+        shared_columns: int = 0,
+        group_blocks: Sequence[int] | None = None,
     ) -> None:
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
@@ -134,7 +139,11 @@ class SparseMF:
                                         grow_from=grow_from, protect_grown=protect_grown, init=init,
                                         row_weights=None if row_weights is None else {
                                             "user": torch.as_tensor(row_weights[0]),
-                                            "item": torch.as_tensor(row_weights[1])})
+                                            "item": torch.as_tensor(row_weights[1])},
+                                        row_groups=None if row_groups is None else {
+                                            "user": torch.as_tensor(row_groups[0]),
+                                            "item": torch.as_tensor(row_groups[1])},
+                                        shared_columns=shared_columns, group_blocks=group_blocks)
         self.schedule = DSLSchedule(prune_every=prune_every, total_steps=total_steps,
                                     initial_fraction=initial_fraction, floor_fraction=floor_fraction)
         self.step = 0
@@ -307,7 +316,7 @@ class SupportTable:
     the other side is active, see ``models/sparse.py``), so a table's support is often a small
     fraction of ``dim``. Then a candidate row is a few contiguous floats with no index per entry:
     scoring 1,000 candidates is one small gather and one matvec, and the table is smaller than
-    CSR. ``sparse_table`` picks this layout only when it takes fewer bytes than CSR.
+    CSR. ``sparse_table`` picks this layout only when it takes fewer bytes than ELL.
     """
 
     __slots__ = ("columns", "values", "shape", "nnz")
@@ -352,12 +361,17 @@ class SupportTable:
         return out
 
 
-SparseTable = CSRTable | SupportTable
+SparseTable = CSRTable | SupportTable | EllTable
 
 
 def sparse_table(table: CSRTable) -> SparseTable:
-    """The smaller of the two layouts for this table: CSR, or rows over the support columns."""
-    return SupportTable.from_csr(table) if SupportTable.nbytes_for(table) < table.nbytes else table
+    """The serving layout of an embedding table: rows over its support columns when that is the
+    smaller, else ELL with a CSR overflow (``models/ell.py``), whose compiled kernel reads each
+    candidate row in one contiguous access. CSR itself stays the exchange format."""
+    ell_bytes = EllTable.nbytes_for(table.indptr, table.shape[1])
+    if SupportTable.nbytes_for(table) < ell_bytes:
+        return SupportTable.from_csr(table)
+    return EllTable.from_csr(table.indptr, table.indices, table.data, table.shape)
 
 
 # =============================================================================================
@@ -605,8 +619,8 @@ def _read_snapshot(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 class SparseScorer:
     """Inference-only scorer over a snapshot, in sparse storage end to end.
 
-    Head matrices are CSR; embedding tables take the smaller of CSR and the support-column layout
-    (``sparse_table``). Candidate rows are gathered into small dense blocks (the only dense memory
+    Head matrices are CSR; embedding tables take the smaller of the support-column and ELL
+    layouts (``sparse_table``). Candidate rows are gathered into small dense blocks (the only dense memory
     is proportional to the request), so the served footprint follows the active-parameter count,
     not the table size.
     """

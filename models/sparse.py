@@ -52,6 +52,13 @@ Deviations, with reasons:
   hold-out of Gowalla's train.txt, 8 epochs, density 0.1): uniform 0.0172, aligned 0.0476 (dense
   dim 64: 0.1096; a dense model of the same budget, dim 6: 0.0723). Only 2-D tables in a
   multi-column group are aligned; a head's weight matrix should use ``random``.
+* **Optional row groups / row weights on aligned init** (``row_groups``, ``row_weights``).
+  Aligned masks never leave their shared columns (a weight's gradient is the other side's weight
+  on the same column), so the table stays a rank-``d·dim`` model. With ``row_groups`` (e.g. a
+  co-clustering of users and items) each group gets its own block of columns beside
+  ``shared_columns`` common ones (``_grouped_mask``); the Gowalla benchmark's default, validation
+  Recall@20 0.0959 at density 0.1. ``row_weights`` gives popular rows longer prefixes
+  (``_nested_mask``; 0.0329, kept for the record).
 * **Online, unbounded streams.** ``cosine_update_fraction`` holds ``p(t)`` at the floor after
   ``total_steps`` (``CosineAnnealingLR`` would start climbing again), so a long-lived online model
   keeps a small, steady amount of exploration, which also helps it follow drift.
@@ -177,6 +184,52 @@ def _nested_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
     return mask
 
 
+def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, row_groups: torch.Tensor,
+                  shared: int, gen: torch.Generator, blocks: Sequence[int] | None = None) -> torch.Tensor:
+    """Aligned masks per row group: every row is active on the first ``shared`` columns of the
+    order plus its group's own block of the rest, so rows of one group (a user and the items of
+    her region) overlap fully while the table as a whole uses many more columns than one row has.
+
+    Why (``row_groups``, our option, in the spirit of SparseRec's data-driven mask init): aligned
+    masks make the whole table a rank-``d·dim`` model; with groups from a co-clustering of the
+    interaction graph each group gets its own directions (a mixture of local low-rank models,
+    as LLORMA), at the same per-row budget. ``row_groups`` may hold one group id per row, or one
+    per row and level (columns: coarse to fine), each level with its own blocks of ``blocks[l]``
+    columns. A row's preference is: shared columns, its block at each level, then every other
+    column in the shared order; it takes the first ``k`` (``k`` per row as in ``_aligned_mask``:
+    the remainder goes to random rows).
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    groups = row_groups.to(torch.long).reshape(rows, -1) if row_groups.numel() else row_groups
+    if groups.numel() == 0 or groups.shape[0] != rows or int(groups.min()) < 0:
+        raise ValueError(f"row_groups needs non-negative group ids for each of {rows} rows")
+    n_groups = [int(g) + 1 for g in groups.max(0).values]
+    if blocks is None:
+        blocks = [(cols - shared) // n_groups[0]] if len(n_groups) == 1 else []
+    if len(blocks) != len(n_groups) or min(blocks, default=0) < 1 \
+            or shared + sum(g * b for g, b in zip(n_groups, blocks)) > cols:
+        raise ValueError(f"groups {n_groups} x blocks {list(blocks)} do not fit in {cols} - {shared} shared columns")
+    full, rest = divmod(n_active, rows)
+    lengths = torch.full((rows,), full, dtype=torch.long)
+    if rest:
+        lengths[torch.randperm(rows, generator=gen)[:rest]] += 1
+    combos, inverse = torch.unique(groups, dim=0, return_inverse=True)
+    preference = torch.empty(len(combos), cols, dtype=torch.long)  # the column order as each combo ranks it
+    for c, ids in enumerate(combos.tolist()):
+        own, start = [], shared
+        for level, (g, b) in enumerate(zip(ids, blocks)):
+            own.append(column_order[start + g * b : start + (g + 1) * b])
+            start += n_groups[level] * b
+        first = torch.cat([column_order[:shared], *own])
+        used = torch.zeros(cols, dtype=torch.bool)
+        used[first] = True
+        preference[c] = torch.cat([first, column_order[~used[column_order]]])
+    taken = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # (rows, cols) in preference order
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    mask.scatter_(1, preference[inverse.reshape(-1)], taken)
+    return mask
+
+
 class SparseParameterSet:
     """Binary masks at a fixed active count over several tensors, with DSL prune-and-grow.
 
@@ -194,6 +247,9 @@ class SparseParameterSet:
         protect_grown: bool = False,
         init: str = "random",
         row_weights: Mapping[str, torch.Tensor] | None = None,
+        row_groups: Mapping[str, torch.Tensor] | None = None,
+        shared_columns: int = 0,
+        group_blocks: Sequence[int] | None = None,
     ) -> None:
         if grow_from not in ("batch", "window"):
             raise ValueError("grow_from must be 'batch' (the paper) or 'window'")
@@ -221,7 +277,10 @@ class SparseParameterSet:
                 key = (self.groups[name], p.shape[1])
                 if key not in column_order:
                     column_order[key] = torch.randperm(p.shape[1], generator=self._gen)
-                if row_weights is not None and name in row_weights:
+                if row_groups is not None and name in row_groups:
+                    self.masks[name] = _grouped_mask(p.shape, n_active, column_order[key], row_groups[name],
+                                                     shared_columns, self._gen, group_blocks)
+                elif row_weights is not None and name in row_weights:
                     self.masks[name] = _nested_mask(p.shape, n_active, column_order[key], row_weights[name])
                 else:
                     self.masks[name] = _aligned_mask(p.shape, n_active, column_order[key], self._gen)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models.dsl import CSRTable, DSLRecommender, SparseMF, SparseScorer, SupportTable, sample_negatives, sparse_table
+from models.ell import EllTable
 from models.interaction import Interaction
 from models.sparse import DSLSchedule, RowAdagrad, RowAdam, SparseParameterSet, cosine_update_fraction
 
@@ -178,9 +179,10 @@ def test_recommender_snapshot_round_trip_and_sparse_storage() -> None:
     np.testing.assert_allclose(p_sparse, p_dense, atol=1e-6)
     np.testing.assert_allclose(h_sparse, h_dense, atol=1e-5)
     with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        for name, table in scorer.tables.items():  # each table in the smaller of the two sparse layouts
+        for name, table in scorer.tables.items():  # a sparse serving layout holding exactly the active entries
             csr = CSRTable.from_flat(npz[f"emb.{name}.idx"], npz[f"emb.{name}.val"], tuple(npz[f"emb.{name}.shape"]))
-            assert isinstance(table, (CSRTable, SupportTable)) and table.nbytes <= csr.nbytes
+            assert isinstance(table, (SupportTable, EllTable)) and table.nnz == csr.nnz
+            assert table.nbytes <= 2 * csr.nbytes and table.nbytes < 0.5 * 4 * csr.shape[0] * csr.shape[1]
 
     items, cats = ["i1", "i2", "brand-new"], ["c1", None, None]
     probs, hidden = model.score_candidates("u3", items, cats, ts=123.0)
@@ -400,7 +402,23 @@ def test_support_layout_scores_like_csr_and_is_chosen_only_when_smaller() -> Non
     np.testing.assert_allclose(table.dot(rows, vector), dense[rows] @ vector, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(table.rows_dense(rows), dense[rows])
     scattered = np.where(rng.random((500, 32)) < 0.1, dense.T[:1].T + 1.0, 0.0).astype(np.float32)
-    assert isinstance(sparse_table(CSRTable.from_dense(scattered)), CSRTable)  # all 32 columns: CSR is smaller
+    assert isinstance(sparse_table(CSRTable.from_dense(scattered)), EllTable)  # all 32 columns: ELL is smaller
+
+
+def test_ell_layout_matches_dense_with_overflow_rows_and_column_zero() -> None:
+    """Rows longer than the ELL width spill into the overflow; padding (column 0, value 0) must
+    not disturb real column-0 entries; scores and gathered rows equal the dense table's."""
+    rng = np.random.default_rng(2)
+    dense = np.where(rng.random((400, 24)) < 0.15, rng.normal(size=(400, 24)), 0.0).astype(np.float32)
+    dense[:, 0] = np.where(rng.random(400) < 0.5, 1.5, 0.0)  # column 0 active in half the rows
+    dense[7] = rng.normal(size=24)  # a full row, far beyond the width
+    table = EllTable.from_csr(*(lambda c: (c.indptr, c.indices, c.data, c.shape))(CSRTable.from_dense(dense)))
+    assert 0 < table.width < 24 and table.ov_ptr[-1] > 0 and table.nnz == int((dense != 0).sum())
+    rows = np.concatenate([[7, 7, 0], rng.integers(0, 400, 200)])
+    vector = rng.normal(size=24).astype(np.float32)
+    np.testing.assert_allclose(table.dot(rows, vector), dense[rows] @ vector, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(table.rows_dense(rows), dense[rows])
+    assert table.dot(np.array([], dtype=np.int64), vector).shape == (0,)
 
 
 def test_aligned_sparse_mf_is_served_over_its_support_columns() -> None:
@@ -430,3 +448,31 @@ def test_nested_init_gives_prefixes_of_one_column_order_by_row_weight() -> None:
         k = int(row.sum())
         assert bool(row[order[:k]].all())  # active columns are the first k of the shared order
     assert bool((masks["user"][-1] | ~masks["item"][0]).all())  # the longest user row covers any item row
+
+
+def test_grouped_init_gives_each_group_its_own_columns_beside_the_shared_ones() -> None:
+    """row_groups: exact budget; same-group rows overlap fully, other groups only on shared columns;
+    a coarse level adds columns shared by the fine groups inside it."""
+    user = torch.nn.Parameter(torch.randn(60, 32))
+    item = torch.nn.Parameter(torch.randn(90, 32))
+    groups = {"user": torch.arange(60) % 5, "item": torch.arange(90) % 5}
+    masks = SparseParameterSet({"user": user, "item": item}, 5 / 32, seed=4, init="aligned",
+                               row_groups=groups, shared_columns=2).masks
+    assert int(masks["user"].sum()) == round(5 / 32 * 60 * 32) and int(masks["item"].sum()) == round(5 / 32 * 90 * 32)
+    overlap = masks["user"].float() @ masks["item"].float().T
+    same = groups["user"][:, None] == groups["item"][None, :]
+    assert bool((overlap[same] == 5).all()) and bool((overlap[~same] == 2).all())
+    assert int(masks["item"].any(0).sum()) == 2 + 5 * 3  # the table spans far more than 5 columns
+
+    two_level = {"user": torch.stack([torch.arange(60) % 2, torch.arange(60) % 4], 1),
+                 "item": torch.stack([torch.arange(90) % 2, torch.arange(90) % 4], 1)}  # fine g in coarse g % 2
+    masks = SparseParameterSet({"user": user, "item": item}, 6 / 32, seed=4, init="aligned", row_groups=two_level,
+                               shared_columns=1, group_blocks=(2, 3)).masks
+    overlap = masks["user"].float() @ masks["item"].float().T
+    coarse_same = two_level["user"][:, None, 0] == two_level["item"][None, :, 0]
+    fine_same = two_level["user"][:, None, 1] == two_level["item"][None, :, 1]
+    assert bool((overlap[fine_same] == 6).all())
+    assert bool((overlap[coarse_same & ~fine_same] == 3).all()) and bool((overlap[~coarse_same] == 1).all())
+    with pytest.raises(ValueError, match="do not fit"):
+        SparseParameterSet({"user": user}, 0.2, init="aligned", row_groups={"user": torch.arange(60) % 20},
+                           shared_columns=2, group_blocks=(3,))
