@@ -18,16 +18,17 @@ import numpy as np
 
 
 @numba.njit(cache=True, fastmath=True, boundscheck=False, nogil=True)
-def _ell_dot(cols: np.ndarray, vals: np.ndarray, ov_ptr: np.ndarray, ov_cols: np.ndarray, ov_vals: np.ndarray,
-             rows: np.ndarray, vector: np.ndarray, out: np.ndarray) -> None:
+def _ell_dot(cols: np.ndarray, vals: np.ndarray, ov_bits: np.ndarray, ov_ptr: np.ndarray, ov_cols: np.ndarray,
+             ov_vals: np.ndarray, rows: np.ndarray, vector: np.ndarray, out: np.ndarray) -> None:
     width = cols.shape[1]
     for k in range(rows.size):
         r = rows[k]
         acc = np.float32(0.0)
         for j in range(width):
             acc += vals[r, j] * vector[cols[r, j]]
-        for j in range(ov_ptr[r], ov_ptr[r + 1]):
-            acc += ov_vals[j] * vector[ov_cols[j]]
+        if (ov_bits[r >> 3] >> (r & 7)) & 1:  # a bit per row (L1-sized): most rows never touch ov_ptr
+            for j in range(ov_ptr[r], ov_ptr[r + 1]):
+                acc += ov_vals[j] * vector[ov_cols[j]]
         out[k] = acc
 
 
@@ -76,12 +77,13 @@ def _col_dtype(dim: int) -> type:
 class EllTable:
     """A sparse ``(rows, dim)`` table: fixed-width ELL part plus a CSR overflow (module docstring)."""
 
-    __slots__ = ("cols", "vals", "ov_ptr", "ov_cols", "ov_vals", "shape", "nnz")
+    __slots__ = ("cols", "vals", "ov_bits", "ov_ptr", "ov_cols", "ov_vals", "shape", "nnz")
 
     def __init__(self, cols: np.ndarray, vals: np.ndarray, ov_ptr: np.ndarray, ov_cols: np.ndarray,
                  ov_vals: np.ndarray, shape: tuple[int, int], nnz: int) -> None:
         self.cols, self.vals = cols, vals
         self.ov_ptr, self.ov_cols, self.ov_vals = ov_ptr, ov_cols, ov_vals
+        self.ov_bits = np.packbits(np.diff(ov_ptr) > 0, bitorder="little")  # rows with an overflow
         self.shape = (int(shape[0]), int(shape[1]))
         self.nnz = int(nnz)
 
@@ -110,7 +112,7 @@ class EllTable:
         lengths = np.diff(indptr).astype(np.int64)
         w = default_width(lengths)
         beyond = int(np.clip(lengths - w, 0, None).sum())
-        return (lengths.size * w + beyond) * (col_bytes + 4) + (lengths.size + 1) * 4
+        return (lengths.size * w + beyond) * (col_bytes + 4) + (lengths.size + 1) * 4 + (lengths.size + 7) // 8
 
     @property
     def width(self) -> int:
@@ -118,13 +120,13 @@ class EllTable:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in (self.cols, self.vals, self.ov_ptr, self.ov_cols, self.ov_vals)))
+        return int(sum(a.nbytes for a in (self.cols, self.vals, self.ov_bits, self.ov_ptr, self.ov_cols, self.ov_vals)))
 
     def dot(self, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
         """``table[rows] @ vector``, one compiled pass over the candidates' stored entries."""
         rows = _index_array(rows)
         out = np.empty(rows.size, dtype=np.float32)
-        _ell_dot(self.cols, self.vals, self.ov_ptr, self.ov_cols, self.ov_vals, rows,
+        _ell_dot(self.cols, self.vals, self.ov_bits, self.ov_ptr, self.ov_cols, self.ov_vals, rows,
                  np.ascontiguousarray(vector, dtype=np.float32), out)
         return out
 
