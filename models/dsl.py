@@ -639,6 +639,8 @@ class SparseScorer:
         self.biases = {k: sparse_table(csr(f"emb.bias_{k}")) for k in _SALTS} if cfg.get("first_order") else {}
         self.w = {k: csr(f"head.{k}.weight") for k in ("fc1", "fc2", "out")}
         self.b = {k: arrays[f"head.{k}.bias.dense"] for k in ("fc1", "fc2", "out")}
+        for table in (*self.tables.values(), *self.biases.values()):  # compile (or load) kernels now,
+            table.rows_dense(np.zeros(0, dtype=np.int32))  # not on the first scored request
 
     @classmethod
     def from_snapshot(cls, blob: bytes) -> "SparseScorer":
