@@ -125,6 +125,7 @@ class SparseMF:
         row_groups: tuple[np.ndarray, np.ndarray] | None = None,
         shared_columns: int = 0,
         group_blocks: Sequence[int] | None = None,
+        ranked_groups: bool = False,
     ) -> None:
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
@@ -143,7 +144,8 @@ class SparseMF:
                                         row_groups=None if row_groups is None else {
                                             "user": torch.as_tensor(row_groups[0]),
                                             "item": torch.as_tensor(row_groups[1])},
-                                        shared_columns=shared_columns, group_blocks=group_blocks)
+                                        shared_columns=shared_columns, group_blocks=group_blocks,
+                                        ranked_groups=ranked_groups)
         self.schedule = DSLSchedule(prune_every=prune_every, total_steps=total_steps,
                                     initial_fraction=initial_fraction, floor_fraction=floor_fraction)
         self.step = 0

@@ -184,8 +184,20 @@ def _nested_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
     return mask
 
 
+def _first_occurrence(values: torch.Tensor) -> torch.Tensor:
+    """Positions of each value's first occurrence, in order (a stable de-duplication)."""
+    seen: set[int] = set()
+    keep = []
+    for i, v in enumerate(values.tolist()):
+        if v not in seen:
+            seen.add(v)
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.long)
+
+
 def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, row_groups: torch.Tensor,
-                  shared: int, gen: torch.Generator, blocks: Sequence[int] | None = None) -> torch.Tensor:
+                  shared: int, gen: torch.Generator, blocks: Sequence[int] | None = None,
+                  ranked: bool = False) -> torch.Tensor:
     """Aligned masks per row group: every row is active on the first ``shared`` columns of the
     order plus its group's own block of the rest, so rows of one group (a user and the items of
     her region) overlap fully while the table as a whole uses many more columns than one row has.
@@ -195,19 +207,24 @@ def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, 
     interaction graph each group gets its own directions (a mixture of local low-rank models,
     as LLORMA), at the same per-row budget. ``row_groups`` may hold one group id per row, or one
     per row and level (columns: coarse to fine), each level with its own blocks of ``blocks[l]``
-    columns. A row's preference is: shared columns, its block at each level, then every other
-    column in the shared order; it takes the first ``k`` (``k`` per row as in ``_aligned_mask``:
-    the remainder goes to random rows).
+    columns. With ``ranked`` the columns are instead the row's groups in order of closeness, all
+    in one space of blocks (soft membership: a row next to a group boundary also shares columns
+    with its second group). A row's preference is: shared columns, its block at each level (or
+    rank), then every other column in the shared order; it takes the first ``k`` (``k`` per row as
+    in ``_aligned_mask``: the remainder goes to random rows).
     """
     rows, cols = int(shape[0]), int(shape[1])
     groups = row_groups.to(torch.long).reshape(rows, -1) if row_groups.numel() else row_groups
     if groups.numel() == 0 or groups.shape[0] != rows or int(groups.min()) < 0:
         raise ValueError(f"row_groups needs non-negative group ids for each of {rows} rows")
     n_groups = [int(g) + 1 for g in groups.max(0).values]
+    if ranked:  # every rank indexes the same blocks
+        n_groups = [max(n_groups)] * len(n_groups)
+        blocks = [blocks[0] if blocks else (cols - shared) // n_groups[0]] * len(n_groups)
     if blocks is None:
         blocks = [(cols - shared) // n_groups[0]] if len(n_groups) == 1 else []
     if len(blocks) != len(n_groups) or min(blocks, default=0) < 1 \
-            or shared + sum(g * b for g, b in zip(n_groups, blocks)) > cols:
+            or shared + sum(g * b for g, b in zip(n_groups[: 1 if ranked else None], blocks)) > cols:
         raise ValueError(f"groups {n_groups} x blocks {list(blocks)} do not fit in {cols} - {shared} shared columns")
     full, rest = divmod(n_active, rows)
     lengths = torch.full((rows,), full, dtype=torch.long)
@@ -219,8 +236,9 @@ def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, 
         own, start = [], shared
         for level, (g, b) in enumerate(zip(ids, blocks)):
             own.append(column_order[start + g * b : start + (g + 1) * b])
-            start += n_groups[level] * b
+            start += 0 if ranked else n_groups[level] * b
         first = torch.cat([column_order[:shared], *own])
+        first = first[_first_occurrence(first)]
         used = torch.zeros(cols, dtype=torch.bool)
         used[first] = True
         preference[c] = torch.cat([first, column_order[~used[column_order]]])
@@ -250,6 +268,7 @@ class SparseParameterSet:
         row_groups: Mapping[str, torch.Tensor] | None = None,
         shared_columns: int = 0,
         group_blocks: Sequence[int] | None = None,
+        ranked_groups: bool = False,
     ) -> None:
         if grow_from not in ("batch", "window"):
             raise ValueError("grow_from must be 'batch' (the paper) or 'window'")
@@ -279,7 +298,7 @@ class SparseParameterSet:
                     column_order[key] = torch.randperm(p.shape[1], generator=self._gen)
                 if row_groups is not None and name in row_groups:
                     self.masks[name] = _grouped_mask(p.shape, n_active, column_order[key], row_groups[name],
-                                                     shared_columns, self._gen, group_blocks)
+                                                     shared_columns, self._gen, group_blocks, ranked_groups)
                 elif row_weights is not None and name in row_weights:
                     self.masks[name] = _nested_mask(p.shape, n_active, column_order[key], row_weights[name])
                 else:

@@ -476,3 +476,13 @@ def test_grouped_init_gives_each_group_its_own_columns_beside_the_shared_ones() 
     with pytest.raises(ValueError, match="do not fit"):
         SparseParameterSet({"user": user}, 0.2, init="aligned", row_groups={"user": torch.arange(60) % 20},
                            shared_columns=2, group_blocks=(3,))
+
+    # ranked: each row's nearest group, then its second, all in one space of blocks
+    ranked = {"user": torch.stack([torch.arange(60) % 5, (torch.arange(60) + 1) % 5], 1),
+              "item": torch.stack([torch.arange(90) % 5, (torch.arange(90) + 2) % 5], 1)}
+    masks = SparseParameterSet({"user": user, "item": item}, 6 / 32, seed=4, init="aligned", row_groups=ranked,
+                               shared_columns=2, group_blocks=(2,), ranked_groups=True).masks
+    assert int(masks["user"].sum()) == 6 * 60 and int(masks["item"].sum()) == 6 * 90
+    overlap = masks["user"].float() @ masks["item"].float().T
+    blocks_shared = ((ranked["user"][:, None, :, None] == ranked["item"][None, :, None, :]).sum((-1, -2)))
+    assert bool((overlap == 2 + 2 * blocks_shared).all())  # shared columns + 2 per block both rows hold
