@@ -59,6 +59,8 @@ Validation Recall@20 of dense dim 64: 0.1096 (8 epochs).
   **0.0970**, 2 + 2 + 2 0.0952. ``grouped_km_g30_s3_soft`` is the default (``--config NAME``
   runs any other); test figures of ``grouped_km_g30_s3``, the default before it: s80 / s90 / s95
   0.1078 / 0.1032 / 0.0610.
+* Round 14, the budget split (``user_share``; users hold 42 % at equal density): users 30 %
+  0.0882, 55 % 0.0954; equal density stays.
 
 Test figures with the default (``python -m benchmarks.dsl``): Recall@20 dense 0.1107, s80 0.1088
 (1.7 % below), s90 0.1031 (6.9 % below), s95 0.0610 (groups need more than 3 columns a row, so at
@@ -220,8 +222,7 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
             dt = time.perf_counter() - te
             log(f"[{tag}] epoch {epoch}/{epochs} loss {loss:.4f} {len(items) / dt:,.0f} pairs/s ({dt:.1f}s)")
         train_s = time.perf_counter() - t0
-        assert model.n_active_params == round(density * n_users * dim) + round(density * n_items * dim) \
-            or density == 1.0
+        assert abs(model.n_active_params - density * (n_users + n_items) * dim) <= 2 or density == 1.0
         te = time.perf_counter()
         recall, ndcg = evaluate(model, train, test)
         log(f"[{tag}] Recall@20 {recall:.4f} NDCG@20 {ndcg:.4f} train {train_s:.0f}s eval {time.perf_counter() - te:.0f}s")
@@ -354,6 +355,14 @@ SELECT_CONFIGS: dict[str, dict[str, object]] = {
     "grouped_km_g30_s2_soft": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2,
                                    init="aligned", co_clusters=30, co_cluster_method="kmeans", ranks=2,
                                    ranked_groups=True, shared_columns=2, group_blocks=(2,)),
+    # fourteenth round (declared before its runs): the default with the budget split moved between
+    # the tables (users hold 42 % of it at equal density): users 30 % or 55 %
+    "grouped_km_g30_s3_soft_u30": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2,
+                                       init="aligned", co_clusters=30, co_cluster_method="kmeans", ranks=2,
+                                       ranked_groups=True, shared_columns=3, group_blocks=(2,), user_share=0.30),
+    "grouped_km_g30_s3_soft_u55": dict(prune_every=800, initial_fraction=0.1, protect_grown=True, lr=1e-2,
+                                       init="aligned", co_clusters=30, co_cluster_method="kmeans", ranks=2,
+                                       ranked_groups=True, shared_columns=3, group_blocks=(2,), user_share=0.55),
 }
 
 # The validation winner among DSL settings over all rounds (the eighth included; "aligned_static"

@@ -126,6 +126,7 @@ class SparseMF:
         shared_columns: int = 0,
         group_blocks: Sequence[int] | None = None,
         ranked_groups: bool = False,
+        user_share: float | None = None,
     ) -> None:
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
@@ -136,7 +137,14 @@ class SparseMF:
         # Row-sparse gradients + lazy row Adam: a step costs O(batch rows), not O(table); the
         # dense gradient DSL grows from is recovered exactly at exploration steps (see sparse.py).
         self.opt = RowAdam([self.user, self.item], lr=lr)
-        self.masks = SparseParameterSet({"user": self.user, "item": self.item}, density, seed=seed,
+        # user_share (our option): the share of the budget ``density·(n_users + n_items)·dim`` that
+        # starts in the user table (None: each table at ``density``); prune-and-grow may move it.
+        table_density: float | dict[str, float] = density
+        if user_share is not None and density < 1.0:
+            budget = density * (n_users + n_items) * dim
+            table_density = {"user": user_share * budget / (n_users * dim),
+                             "item": (1.0 - user_share) * budget / (n_items * dim)}
+        self.masks = SparseParameterSet({"user": self.user, "item": self.item}, table_density, seed=seed,
                                         grow_from=grow_from, protect_grown=protect_grown, init=init,
                                         row_weights=None if row_weights is None else {
                                             "user": torch.as_tensor(row_weights[0]),

@@ -486,3 +486,12 @@ def test_grouped_init_gives_each_group_its_own_columns_beside_the_shared_ones() 
     overlap = masks["user"].float() @ masks["item"].float().T
     blocks_shared = ((ranked["user"][:, None, :, None] == ranked["item"][None, :, None, :]).sum((-1, -2)))
     assert bool((overlap == 2 + 2 * blocks_shared).all())  # shared columns + 2 per block both rows hold
+
+
+def test_user_share_moves_the_initial_budget_between_tables_at_the_same_total() -> None:
+    equal = SparseMF(300, 500, dim=16, density=0.1, init="aligned")
+    shifted = SparseMF(300, 500, dim=16, density=0.1, init="aligned", user_share=0.6)
+    assert abs(shifted.n_active_params - equal.n_active_params) <= 1
+    users = int(shifted.masks.masks["user"].sum())
+    assert abs(users / shifted.n_active_params - 0.6) < 0.01
+    assert int(equal.masks.masks["user"].sum()) / equal.n_active_params == pytest.approx(300 / 800, abs=0.01)
