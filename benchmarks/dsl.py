@@ -92,7 +92,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.dsl import CSRTable, DSLRecommender, SparseMF, SupportTable
+from models.dsl import CSRTable, DSLRecommender, SparseMF, SparseTable, SupportTable
 from models.ell import EllTable
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gowalla-lightgcn"
@@ -160,12 +160,12 @@ def median_times(fns: dict[str, Callable[[np.ndarray], np.ndarray]], args: list[
 
 
 def inference_times(model: SparseMF, dense_model: tuple[np.ndarray, np.ndarray], n_items: int, seed: int,
-                    repeats: int) -> dict[str, float]:
+                    repeats: int) -> tuple[dict[str, float], SparseTable]:
     """One user's candidates, timed side by side (ms): the dense model (gather + matvec), the
     sparse model in its serving layout, the sparse model's weights held dense, and plain CSR.
 
     Each call scores a different random candidate set (256 sets in rotation), as a service
-    does, so rows are not all in cache from the previous call.
+    does, so rows are not all in cache from the previous call. Also returns the served item table.
     """
     rng = np.random.default_rng(seed)
     dense_user, dense_item = dense_model
@@ -192,7 +192,7 @@ def inference_times(model: SparseMF, dense_model: tuple[np.ndarray, np.ndarray],
     out["item_table_bytes_dense"] = float(item_dense.nbytes)
     out["item_table_bytes_csr"] = float(item_csr.nbytes)
     out["item_table_bytes_served"] = float(item_table.nbytes)
-    return out
+    return out, item_table
 
 
 def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
@@ -237,14 +237,13 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
             dense_model = (model.user.detach().numpy().copy(), np.ascontiguousarray(model.item.detach().numpy()))
         if tag == "s90":
             assert dense_model is not None, "the dense model is trained first"
-            times = inference_times(model, dense_model, n_items, seed, repeats)
+            times, item_table = inference_times(model, dense_model, n_items, seed, repeats)
             for k in (100, 1000):
                 # the dense model is served dense, the sparse model by its serving layout (sparse_table)
                 result[f"infer_ms_{k}_dense"] = round(times[f"dense_model_{k}"], 4)
                 result[f"infer_ms_{k}_s90"] = round(times[f"sparse_{k}"], 4)
                 result[f"infer_ms_{k}_s90_dense_storage"] = round(times[f"dense_storage_{k}"], 4)
                 result[f"infer_ms_{k}_s90_csr"] = round(times[f"csr_{k}"], 4)
-            _, item_table = model.to_sparse_tables()
             result["s90_item_layout"] = type(item_table).__name__
             if isinstance(item_table, SupportTable):
                 result["s90_item_support_columns"] = int(item_table.columns.size)

@@ -228,7 +228,7 @@ class SparseMF:
         return torch.topk(scores, k, dim=1).indices.numpy()
 
     def to_sparse_tables(self) -> tuple["SparseTable", "SparseTable"]:
-        """Export both tables in the serving layout (``sparse_table``: CSR or support columns)."""
+        """Export both tables in the serving layout (``sparse_table``: support columns or ELL)."""
         return (sparse_table(CSRTable.from_dense(self.user.detach().numpy())),
                 sparse_table(CSRTable.from_dense(self.item.detach().numpy())))
 
@@ -371,7 +371,7 @@ class SupportTable:
         return out
 
 
-SparseTable = CSRTable | SupportTable | EllTable
+SparseTable = SupportTable | EllTable
 
 
 def sparse_table(table: CSRTable) -> SparseTable:
@@ -630,9 +630,9 @@ class SparseScorer:
     """Inference-only scorer over a snapshot, in sparse storage end to end.
 
     Head matrices are CSR; embedding tables take the smaller of the support-column and ELL
-    layouts (``sparse_table``). Candidate rows are gathered into small dense blocks (the only dense memory
-    is proportional to the request), so the served footprint follows the active-parameter count,
-    not the table size.
+    layouts (``sparse_table``). Candidate rows are gathered into small dense blocks (the only
+    dense memory is proportional to the request), so the served footprint follows the
+    active-parameter count, not the table size.
     """
 
     def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:

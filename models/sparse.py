@@ -70,6 +70,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 DEFAULT_INITIAL_FRACTION = 0.5
@@ -184,17 +185,6 @@ def _nested_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
     return mask
 
 
-def _first_occurrence(values: torch.Tensor) -> torch.Tensor:
-    """Positions of each value's first occurrence, in order (a stable de-duplication)."""
-    seen: set[int] = set()
-    keep = []
-    for i, v in enumerate(values.tolist()):
-        if v not in seen:
-            seen.add(v)
-            keep.append(i)
-    return torch.tensor(keep, dtype=torch.long)
-
-
 def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, row_groups: torch.Tensor,
                   shared: int, gen: torch.Generator, blocks: Sequence[int] | None = None,
                   ranked: bool = False) -> torch.Tensor:
@@ -214,9 +204,9 @@ def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, 
     in ``_aligned_mask``: the remainder goes to random rows).
     """
     rows, cols = int(shape[0]), int(shape[1])
-    groups = row_groups.to(torch.long).reshape(rows, -1) if row_groups.numel() else row_groups
-    if groups.numel() == 0 or groups.shape[0] != rows or int(groups.min()) < 0:
+    if row_groups.numel() == 0 or row_groups.shape[0] != rows or int(row_groups.min()) < 0:
         raise ValueError(f"row_groups needs non-negative group ids for each of {rows} rows")
+    groups = row_groups.to(torch.long).reshape(rows, -1)
     n_groups = [int(g) + 1 for g in groups.max(0).values]
     if ranked:  # every rank indexes the same blocks
         n_groups = [max(n_groups)] * len(n_groups)
@@ -238,7 +228,8 @@ def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, 
             own.append(column_order[start + g * b : start + (g + 1) * b])
             start += 0 if ranked else n_groups[level] * b
         first = torch.cat([column_order[:shared], *own])
-        first = first[_first_occurrence(first)]
+        _, at = np.unique(first.numpy(), return_index=True)  # a column in two ranked blocks counts once
+        first = first[np.sort(at)]
         used = torch.zeros(cols, dtype=torch.bool)
         used[first] = True
         preference[c] = torch.cat([first, column_order[~used[column_order]]])
