@@ -86,6 +86,8 @@ class TPPSettings(BaseModel):
     # the base TPP's copy path (models/tpp.py): chosen on the benchmark's dev periods, not yet
     # measured through the served pipeline, so off here until it is
     copy_history: bool = False
+    # the copy head's step size is lr * copy_lr_scale (chosen with the copy path on the dev periods)
+    copy_lr_scale: float = 10.0
     lr: float = 3e-3
     period_events: int = 2000  # fresh events per stream period (end_period() at each boundary)
     max_seq_len: int = 64  # newest events per user the TPP sees (training window and history)

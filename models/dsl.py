@@ -127,6 +127,8 @@ class SparseMF:
         group_blocks: Sequence[int] | None = None,
         ranked_groups: bool = False,
         user_share: float | None = None,
+        mixing: bool = False,
+        mix_lr_scale: float = 1.0,
     ) -> None:
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
@@ -137,11 +139,21 @@ class SparseMF:
         # Row-sparse gradients + lazy row Adam: a step costs O(batch rows), not O(table); the
         # dense gradient DSL grows from is recovered exactly at exploration steps (see sparse.py).
         self.opt = RowAdam([self.user, self.item], lr=lr)
+        # mixing (our option): score = (u·W)·i with a small dense W (dim², identity at init). For
+        # dense tables it is plain MF (W folds into the user table); for sparse rows it lets a
+        # user's columns meet an item's other columns, which aligned/grouped masks otherwise allow
+        # only where both rows are active. W counts in the budget: the tables give up dim² weights.
+        self.mix: torch.nn.Parameter | None = torch.nn.Parameter(torch.eye(dim)) if mixing else None
+        self.mix_lr_scale = mix_lr_scale  # W's step size relative to the tables'
+        self._mix_opt = torch.optim.Adam([self.mix], lr=lr * mix_lr_scale) if self.mix is not None else None
+        n_mix = dim * dim if mixing else 0
         # user_share (our option): the share of the budget ``density·(n_users + n_items)·dim`` that
         # starts in the user table (None: each table at ``density``); prune-and-grow may move it.
         table_density: float | dict[str, float] = density
+        if n_mix and density < 1.0:
+            table_density = (density * ((n_users + n_items) * dim + n_mix) - n_mix) / ((n_users + n_items) * dim)
         if user_share is not None and density < 1.0:
-            budget = density * (n_users + n_items) * dim
+            budget = float(table_density) * (n_users + n_items) * dim
             table_density = {"user": user_share * budget / (n_users * dim),
                              "item": (1.0 - user_share) * budget / (n_items * dim)}
         self.masks = SparseParameterSet({"user": self.user, "item": self.item}, table_density, seed=seed,
@@ -162,11 +174,15 @@ class SparseMF:
 
     @property
     def n_active_params(self) -> int:
-        return self.masks.n_active
+        return self.masks.n_active + (self.mix.numel() if self.mix is not None else 0)
 
     @property
     def n_total_params(self) -> int:
-        return self.masks.n_total
+        return self.masks.n_total + (self.mix.numel() if self.mix is not None else 0)
+
+    def mixing_matrix(self) -> np.ndarray | None:
+        """W of ``score = (u·W)·i`` (None without mixing): a served user vector is ``u @ W``."""
+        return None if self.mix is None else self.mix.detach().numpy()
 
     def fit_epoch(
         self,
@@ -194,17 +210,22 @@ class SparseMF:
             eu = F.embedding(u, self.user, sparse=True)
             ei = F.embedding(i, self.item, sparse=True)
             ej = F.embedding(j, self.item, sparse=True)
-            diff = (eu * ei).sum(1) - (eu * ej).sum(1)
+            eq = eu @ self.mix if self.mix is not None else eu
+            diff = (eq * ei).sum(1) - (eq * ej).sum(1)
             loss = F.softplus(-diff).mean()
             loss = loss + self.reg * 0.5 * (eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum()) / len(u)
-            self.opt.zero_grad()
+            opts = [self.opt] if self._mix_opt is None else [self.opt, self._mix_opt]
+            for opt in opts:
+                opt.zero_grad()
             loss.backward()
             self.step += 1
             # Cosine learning-rate decay, as in the authors' LightGCN runs (1e-2 -> 1e-4).
             progress = min(self.step / max(self.total_steps, 1), 1.0)
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr_floor + (self.lr - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
-            report = self.masks.step(self.opt, self.schedule, self.step)
+            lr_now = self.lr_floor + (self.lr - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            for opt in opts:
+                for group in opt.param_groups:
+                    group["lr"] = lr_now * (self.mix_lr_scale if opt is self._mix_opt else 1.0)
+            report = self.masks.step(opts, self.schedule, self.step)
             if report is not None:
                 self.last_report = report
             total += float(loss.detach())
@@ -216,7 +237,8 @@ class SparseMF:
 
     @torch.no_grad()
     def score_all(self, users: np.ndarray) -> torch.Tensor:
-        return self.user[torch.from_numpy(np.asarray(users))] @ self.item.T
+        rows = self.user[torch.from_numpy(np.asarray(users))]
+        return (rows @ self.mix if self.mix is not None else rows) @ self.item.T
 
     def recommend_topk(self, users: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """Top-k item ids per user over the full catalogue, excluding each user's train items."""

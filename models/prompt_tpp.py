@@ -106,11 +106,12 @@ class PromptTPP(NeuralTPP):
         max_gap: float | None = None,
         seed: int = 0,
         copy_history: bool = False,
+        copy_lr_scale: float = 1.0,
     ) -> None:
         super().__init__(
             n_types, hidden=hidden, n_layers=n_layers, heads=heads, lr=lr, batch_size=batch_size,
             n_mc=n_mc, grid_size=grid_size, time_scale=time_scale, max_gap=max_gap, seed=seed,
-            copy_history=copy_history,
+            copy_history=copy_history, copy_lr_scale=copy_lr_scale,
         )
         if top_n > pool_size:
             raise ValueError("top_n must be <= pool_size")

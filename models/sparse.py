@@ -141,6 +141,35 @@ def _aligned_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
     return mask
 
 
+def _weighted_lengths(rows: int, cols: int, n_active: int, row_weights: torch.Tensor) -> torch.Tensor:
+    """Per-row active counts ``k_r ≈ c·w_r`` (at least 1, at most ``cols``) summing exactly to
+    ``n_active``; ``c`` by bisection, since ``Σ clamp(floor(c·w), 1, cols)`` is monotone in it."""
+    w = row_weights.to(torch.float64).clamp_min(0)
+    if w.numel() != rows:
+        raise ValueError(f"row_weights has {w.numel()} entries for {rows} rows")
+    if not rows <= n_active <= rows * cols:
+        raise ValueError(f"weighted lengths need between 1 and {cols} columns per row, budget {n_active}")
+    w = w / w.mean() if float(w.sum()) > 0 else torch.ones_like(w)
+    lo, hi = 0.0, float(cols) / max(float(w[w > 0].min()), 1e-12) if bool((w > 0).any()) else float(cols)
+
+    def total(c: float) -> torch.Tensor:
+        return (c * w).floor().clamp(1, cols)
+
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if float(total(mid).sum()) > n_active:
+            hi = mid
+        else:
+            lo = mid
+    k = total(lo)
+    short = n_active - int(k.sum())  # 0 <= short < rows: one more column for the largest remainders
+    if short:
+        room = (k < cols)
+        frac = torch.where(room, lo * w - (lo * w).floor(), torch.full_like(w, -1.0))
+        k[torch.argsort(frac, descending=True, stable=True)[:short]] += 1
+    return k.to(torch.long)
+
+
 def _nested_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
                  row_weights: torch.Tensor) -> torch.Tensor:
     """Aligned masks whose rows take different-length prefixes of one column order: row ``r``
@@ -155,30 +184,7 @@ def _nested_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
     columns non-zero gradients, so prune-and-grow can move budget along them.
     """
     rows, cols = int(shape[0]), int(shape[1])
-    w = row_weights.to(torch.float64).clamp_min(0)
-    if w.numel() != rows:
-        raise ValueError(f"row_weights has {w.numel()} entries for {rows} rows")
-    if not rows <= n_active <= rows * cols:
-        raise ValueError(f"nested init needs between 1 and {cols} columns per row, budget {n_active}")
-    w = w / w.mean() if float(w.sum()) > 0 else torch.ones_like(w)
-    lo, hi = 0.0, float(cols) / max(float(w[w > 0].min()), 1e-12) if bool((w > 0).any()) else float(cols)
-
-    def total(c: float) -> torch.Tensor:
-        return (c * w).floor().clamp(1, cols)
-
-    for _ in range(100):  # bisection on the scale c: Σ clamp(floor(c·w), 1, cols) is monotone in c
-        mid = 0.5 * (lo + hi)
-        if float(total(mid).sum()) > n_active:
-            hi = mid
-        else:
-            lo = mid
-    k = total(lo)
-    short = n_active - int(k.sum())  # 0 <= short < rows: one more column for the largest remainders
-    if short:
-        room = (k < cols)
-        frac = torch.where(room, lo * w - (lo * w).floor(), torch.full_like(w, -1.0))
-        k[torch.argsort(frac, descending=True, stable=True)[:short]] += 1
-    lengths = k.to(torch.long)
+    lengths = _weighted_lengths(rows, cols, n_active, row_weights)
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     slots = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # row r: its first k_r slots
     mask[:, column_order] = slots
@@ -187,7 +193,7 @@ def _nested_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
 
 def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, row_groups: torch.Tensor,
                   shared: int, gen: torch.Generator, blocks: Sequence[int] | None = None,
-                  ranked: bool = False) -> torch.Tensor:
+                  ranked: bool = False, row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Aligned masks per row group: every row is active on the first ``shared`` columns of the
     order plus its group's own block of the rest, so rows of one group (a user and the items of
     her region) overlap fully while the table as a whole uses many more columns than one row has.
@@ -201,7 +207,8 @@ def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, 
     in one space of blocks (soft membership: a row next to a group boundary also shares columns
     with its second group). A row's preference is: shared columns, its block at each level (or
     rank), then every other column in the shared order; it takes the first ``k`` (``k`` per row as
-    in ``_aligned_mask``: the remainder goes to random rows).
+    in ``_aligned_mask``: the remainder goes to random rows; with ``row_weights``, ``k`` follows
+    them as in ``_nested_mask``, so a popular row reaches further down its ranked groups).
     """
     rows, cols = int(shape[0]), int(shape[1])
     if row_groups.numel() == 0 or row_groups.shape[0] != rows or int(row_groups.min()) < 0:
@@ -216,10 +223,13 @@ def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, 
     if len(blocks) != len(n_groups) or min(blocks, default=0) < 1 \
             or shared + sum(g * b for g, b in zip(n_groups[: 1 if ranked else None], blocks)) > cols:
         raise ValueError(f"groups {n_groups} x blocks {list(blocks)} do not fit in {cols} - {shared} shared columns")
-    full, rest = divmod(n_active, rows)
-    lengths = torch.full((rows,), full, dtype=torch.long)
-    if rest:
-        lengths[torch.randperm(rows, generator=gen)[:rest]] += 1
+    if row_weights is not None:
+        lengths = _weighted_lengths(rows, cols, n_active, row_weights)
+    else:
+        full, rest = divmod(n_active, rows)
+        lengths = torch.full((rows,), full, dtype=torch.long)
+        if rest:
+            lengths[torch.randperm(rows, generator=gen)[:rest]] += 1
     combos, inverse = torch.unique(groups, dim=0, return_inverse=True)
     preference = torch.empty(len(combos), cols, dtype=torch.long)  # the column order as each combo ranks it
     for c, ids in enumerate(combos.tolist()):
@@ -289,7 +299,8 @@ class SparseParameterSet:
                     column_order[key] = torch.randperm(p.shape[1], generator=self._gen)
                 if row_groups is not None and name in row_groups:
                     self.masks[name] = _grouped_mask(p.shape, n_active, column_order[key], row_groups[name],
-                                                     shared_columns, self._gen, group_blocks, ranked_groups)
+                                                     shared_columns, self._gen, group_blocks, ranked_groups,
+                                                     None if row_weights is None else row_weights.get(name))
                 elif row_weights is not None and name in row_weights:
                     self.masks[name] = _nested_mask(p.shape, n_active, column_order[key], row_weights[name])
                 else:

@@ -310,13 +310,18 @@ class NeuralTPP:
         max_gap: float | None = None,
         seed: int = 0,
         copy_history: bool = False,
+        copy_lr_scale: float = 1.0,
     ) -> None:
         self.config = dict(
             n_types=n_types, hidden=hidden, n_layers=n_layers, heads=heads, lr=lr,
             batch_size=batch_size, n_mc=n_mc, grid_size=grid_size, seed=seed, copy_history=copy_history,
+            copy_lr_scale=copy_lr_scale,
         )
         self.n_types = n_types
         self.batch_size, self.n_mc, self.grid_size, self.lr = batch_size, n_mc, grid_size, lr
+        # The copy head's Adam step size is lr * copy_lr_scale: zero-init, it gets only a few
+        # hundred steps per period, too few at the net's lr to reach "repeat the last type".
+        self.copy_lr_scale = copy_lr_scale
         torch.manual_seed(seed)
         self.net = AttnTPPNet(n_types, hidden, n_layers, heads, copy_history)
         self.rng = np.random.default_rng(seed)
@@ -335,6 +340,19 @@ class NeuralTPP:
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
+
+    def _param_groups(self, params: list[nn.Parameter]) -> list[dict[str, object]]:
+        """Adam groups over ``params``: the copy head (if trainable) at lr * copy_lr_scale.
+
+        With the default scale 1 this is one group, i.e. exactly the optimizer used before the
+        option existed.
+        """
+        copy = {id(p) for p in self.net.copy_head.parameters()} if self.net.copy_head is not None else set()
+        scaled = [p for p in params if id(p) in copy]
+        if self.copy_lr_scale == 1.0 or not scaled:
+            return [{"params": params, "lr": self.lr}]
+        rest = [p for p in params if id(p) not in copy]
+        return [{"params": rest, "lr": self.lr}, {"params": scaled, "lr": self.lr * self.copy_lr_scale}]
 
     def start_period(self) -> None:
         """Stream-period boundary; the base model needs nothing (finetuning just continues)."""
@@ -363,7 +381,7 @@ class NeuralTPP:
         if self._opt is None or {id(p) for g in self._opt.param_groups for p in g["params"]} != {
             id(p) for p in params
         }:
-            self._opt = torch.optim.Adam(params, lr=self.lr)
+            self._opt = torch.optim.Adam(self._param_groups(params), lr=self.lr)  # type: ignore[arg-type]
         self.net.train()
         for _ in range(epochs):
             order = self.rng.permutation(len(seqs))

@@ -128,7 +128,8 @@ class TPPLearner:
         c = self.cfg
         return PromptTPP(c.n_types, hidden=c.hidden, pool_size=c.pool_size, top_n=c.top_n,
                          prompt_len=c.prompt_len, key_weight=c.key_weight, freeze=c.freeze,  # type: ignore[arg-type]
-                         lr=c.lr, batch_size=c.batch_size, seed=c.seed, copy_history=c.copy_history)
+                         lr=c.lr, batch_size=c.batch_size, seed=c.seed, copy_history=c.copy_history,
+                         copy_lr_scale=c.copy_lr_scale)
 
     async def ensure_model(self) -> PromptTPP:
         """The model, resumed from the newest ``tpp`` snapshot on first use."""

@@ -487,6 +487,18 @@ def test_grouped_init_gives_each_group_its_own_columns_beside_the_shared_ones() 
     blocks_shared = ((ranked["user"][:, None, :, None] == ranked["item"][None, :, None, :]).sum((-1, -2)))
     assert bool((overlap == 2 + 2 * blocks_shared).all())  # shared columns + 2 per block both rows hold
 
+    # ranked + row_weights: lengths follow the weights at the exact budget, every row still starts
+    # with the shared columns and its own block, and the longest rows reach their second group
+    weights = {"user": torch.linspace(1, 4, 60, dtype=torch.float64), "item": torch.ones(90)}
+    masks = SparseParameterSet({"user": user, "item": item}, 6 / 32, seed=4, init="aligned", row_groups=ranked,
+                               shared_columns=2, group_blocks=(2,), ranked_groups=True, row_weights=weights).masks
+    assert int(masks["user"].sum()) == 6 * 60 and int(masks["item"].sum()) == 6 * 90
+    lengths = masks["user"].sum(1)
+    assert bool((lengths[1:] >= lengths[:-1]).all()) and int(lengths.min()) >= 2 and int(lengths.max()) > 6
+    own = masks["user"].float() @ masks["item"].float().T
+    first_same = ranked["user"][:, None, 0] == ranked["item"][None, :, 0]
+    assert bool((own[first_same & (lengths[:, None] >= 4)] >= 4).all())  # shared + own block in common
+
 
 def test_user_share_moves_the_initial_budget_between_tables_at_the_same_total() -> None:
     equal = SparseMF(300, 500, dim=16, density=0.1, init="aligned")
@@ -495,3 +507,25 @@ def test_user_share_moves_the_initial_budget_between_tables_at_the_same_total() 
     users = int(shifted.masks.masks["user"].sum())
     assert abs(users / shifted.n_active_params - 0.6) < 0.01
     assert int(equal.masks.masks["user"].sum()) / equal.n_active_params == pytest.approx(300 / 800, abs=0.01)
+
+
+def test_mixing_matrix_counts_in_the_budget_and_serves_as_a_user_side_product() -> None:
+    """mixing: W (dim²) is paid for by the tables at the same total density; it starts at the
+    identity (plain MF), trains, and the top-k it ranks is the one a server gets from u @ W."""
+    rng = np.random.default_rng(1)
+    users, items = rng.integers(0, 300, 4000), rng.integers(0, 500, 4000)
+    plain = SparseMF(300, 500, dim=16, density=0.1, init="aligned", seed=3)
+    mixed = SparseMF(300, 500, dim=16, density=0.1, init="aligned", seed=3, mixing=True,
+                     prune_every=4, total_steps=20, batch_size=512)
+    assert mixed.n_total_params == plain.n_total_params + 16 * 16
+    assert abs(mixed.n_active_params - 0.1 * mixed.n_total_params) <= 1
+    assert mixed.masks.n_active == mixed.n_active_params - 256  # the tables gave W's weights up
+    assert np.array_equal(mixed.mixing_matrix(), np.eye(16, dtype=np.float32))
+    for _ in range(3):
+        mixed.fit_epoch(users, items)
+    assert mixed.last_report is not None and mixed.masks.n_active == mixed.n_active_params - 256
+    w = mixed.mixing_matrix()
+    assert w is not None and float(np.abs(w - np.eye(16)).max()) > 1e-3
+    user_table, item_table = mixed.to_sparse_tables()
+    served = item_table.dot(np.arange(500), user_table.rows_dense(np.asarray([7]))[0] @ w)
+    assert np.allclose(served, mixed.score_all(np.asarray([7]))[0].numpy(), atol=1e-5)

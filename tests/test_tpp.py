@@ -200,6 +200,52 @@ def test_copy_history_starts_as_the_plain_net_and_learns_to_repeat_types() -> No
     assert model.log_likelihood_many(seqs) == pytest.approx(clone.log_likelihood_many(seqs))
 
 
+@pytest.mark.parametrize("cls", [NeuralTPP, PromptTPP])
+def test_copy_lr_scale_gives_the_copy_head_its_own_adam_group(cls: type[NeuralTPP]) -> None:
+    """copy_lr_scale: the copy head steps at lr x scale, everything else at lr; scale 1 keeps the
+    single-group optimizer; the option survives to_bytes/from_bytes."""
+    seqs = random_sequences(8, 4, seed=1)
+    model = cls(4, seed=0, copy_history=True, copy_lr_scale=10.0, batch_size=len(seqs))
+    model.learn_many(seqs, epochs=1)  # one Adam step from the zero init
+    assert model._opt is not None
+    groups = model._opt.param_groups
+    copy_ids = {id(p) for p in model.net.copy_head.parameters()}
+    assert [g["lr"] for g in groups] == pytest.approx([3e-3, 3e-2])
+    assert {id(p) for p in groups[1]["params"]} == copy_ids
+    listed = [id(p) for g in groups for p in g["params"]]
+    assert sorted(listed) == sorted(id(p) for p in model._trainable())  # every trainable once
+    # Adam's first step moves each weight with a gradient by about its group's lr.
+    step = float(model.net.copy_head.weight.detach().abs().max())
+    assert step == pytest.approx(3e-2, rel=0.05)
+    clone = cls.from_bytes(model.to_bytes())
+    assert clone.config["copy_lr_scale"] == 10.0 and clone.copy_lr_scale == 10.0
+    plain = cls(4, seed=0, copy_history=True, batch_size=len(seqs))
+    plain.learn_many(seqs, epochs=1)
+    assert plain._opt is not None and len(plain._opt.param_groups) == 1
+    assert float(plain.net.copy_head.weight.detach().abs().max()) == pytest.approx(3e-3, rel=0.05)
+
+
+def test_copy_lr_scale_respects_prompt_tpp_freezing() -> None:
+    """freeze="encoder" freezes the copy head after period 1: the optimizer is rebuilt without it."""
+    model = PromptTPP(4, seed=0, freeze="encoder", copy_history=True, copy_lr_scale=10.0)
+    model.start_period()
+    model.learn_many(random_sequences(8, 4, seed=1))
+    model.end_period()
+    copy = model.net.copy_head.weight.detach().clone()
+    model.start_period()
+    model.learn_many(random_sequences(8, 4, seed=2))
+    assert model._opt is not None and len(model._opt.param_groups) == 1
+    assert torch.equal(model.net.copy_head.weight, copy)
+    query = PromptTPP(4, seed=0, copy_history=True, copy_lr_scale=10.0)  # default freeze: it keeps learning
+    query.start_period()
+    query.learn_many(random_sequences(8, 4, seed=1))
+    query.end_period()
+    copy = query.net.copy_head.weight.detach().clone()
+    query.learn_many(random_sequences(8, 4, seed=2))
+    assert query._opt is not None and len(query._opt.param_groups) == 2
+    assert not torch.equal(query.net.copy_head.weight, copy)
+
+
 def test_type_vocabulary_first_seen_order_overflow_and_round_trip() -> None:
     vocab = TypeVocabulary(3)
     assert [vocab.add(c) for c in ["shoes", "books", "shoes", "toys", None]] == [0, 1, 0, 2, 2]
