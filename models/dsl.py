@@ -100,7 +100,9 @@ class SparseMF:
     """MF-BPR whose user and item tables share one DSL budget (one global group).
 
     One group mirrors the authors' LightGCN, where users and items are rows of one table, so
-    density can flow from rare users to popular items or the other way.
+    density can flow from rare users to popular items or the other way. ``loss`` /
+    ``n_negatives`` / ``shared_negatives`` choose the training objective (the paper's BPR with one
+    negative by default); they change the model being trained, dense or sparse alike.
     """
 
     def __init__(
@@ -129,7 +131,18 @@ class SparseMF:
         user_share: float | None = None,
         mixing: bool = False,
         mix_lr_scale: float = 1.0,
+        loss: str = "bpr",
+        n_negatives: int = 1,
+        shared_negatives: bool = False,
     ) -> None:
+        if loss not in ("bpr", "softmax") or n_negatives < 1:
+            raise ValueError("loss must be 'bpr' or 'softmax', with n_negatives >= 1")
+        # loss (our option): "bpr" (the paper's; with n_negatives > 1 the mean over them) or
+        # "softmax": cross-entropy of the positive against n_negatives uniform negatives
+        # shared_negatives: one draw of n_negatives per batch scores against every user of the batch
+        # (a (B, k) matmul instead of a (B, k, dim) gather, so k can be large); a shared negative
+        # that is one of the user's train positives is masked out of her logits
+        self.loss, self.n_negatives, self.shared_negatives = loss, n_negatives, shared_negatives
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
         self.n_users, self.n_items, self.dim = n_users, n_items, dim
@@ -191,29 +204,44 @@ class SparseMF:
         positive_keys: np.ndarray | None = None,
         log: Callable[[str], None] | None = None,
     ) -> float:
-        """One shuffled pass of BPR over (user, item) pairs; returns the mean loss.
+        """One shuffled pass over (user, item) pairs (BPR or sampled softmax); returns the mean loss.
 
         ``positive_keys`` (sorted ``user * n_items + item``) lets negatives that are actually
         positives be resampled once, like LightGCN's sampler; without it negatives are uniform.
         """
         order = self._rng.permutation(len(users))
         u_all, i_all = users[order], items[order]
-        j_all = self._rng.integers(0, self.n_items, len(users))
-        if positive_keys is not None:
-            hit = _is_member(u_all.astype(np.int64) * self.n_items + j_all, positive_keys)
+        k = self.n_negatives
+        j_all = self._rng.integers(0, self.n_items, (len(users), 0 if self.shared_negatives else k))
+        if positive_keys is not None and not self.shared_negatives:
+            hit = _is_member(u_all.astype(np.int64)[:, None] * self.n_items + j_all, positive_keys)
             j_all[hit] = self._rng.integers(0, self.n_items, int(hit.sum()))
         total, n_batches, t0 = 0.0, 0, time.perf_counter()
         for start in range(0, len(users), self.batch_size):
             u = torch.from_numpy(u_all[start : start + self.batch_size])
             i = torch.from_numpy(i_all[start : start + self.batch_size])
-            j = torch.from_numpy(j_all[start : start + self.batch_size])
             eu = F.embedding(u, self.user, sparse=True)
             ei = F.embedding(i, self.item, sparse=True)
-            ej = F.embedding(j, self.item, sparse=True)
             eq = eu @ self.mix if self.mix is not None else eu
-            diff = (eq * ei).sum(1) - (eq * ej).sum(1)
-            loss = F.softplus(-diff).mean()
-            loss = loss + self.reg * 0.5 * (eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum()) / len(u)
+            pos = (eq * ei).sum(1)
+            if self.shared_negatives:
+                j_np = self._rng.integers(0, self.n_items, k)
+                ej = F.embedding(torch.from_numpy(j_np), self.item, sparse=True)  # (k, dim)
+                neg = eq @ ej.T
+                if positive_keys is not None:
+                    known = _is_member(u.numpy().astype(np.int64)[:, None] * self.n_items + j_np[None, :],
+                                       positive_keys)
+                    neg = neg.masked_fill(torch.from_numpy(known), -1e9)
+            else:
+                j = torch.from_numpy(j_all[start : start + self.batch_size])
+                ej = F.embedding(j, self.item, sparse=True)  # (B, k, dim)
+                neg = torch.einsum("bd,bkd->bk", eq, ej)
+            if self.loss == "bpr":
+                loss = F.softplus(neg - pos[:, None]).mean()
+            else:
+                logits = torch.cat([pos[:, None], neg], dim=1)
+                loss = F.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long))
+            loss = loss + self.reg * 0.5 * (eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum() / k) / len(u)
             opts = [self.opt] if self._mix_opt is None else [self.opt, self._mix_opt]
             for opt in opts:
                 opt.zero_grad()

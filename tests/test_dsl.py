@@ -529,3 +529,25 @@ def test_mixing_matrix_counts_in_the_budget_and_serves_as_a_user_side_product() 
     user_table, item_table = mixed.to_sparse_tables()
     served = item_table.dot(np.arange(500), user_table.rows_dense(np.asarray([7]))[0] @ w)
     assert np.allclose(served, mixed.score_all(np.asarray([7]))[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"n_negatives": 4}, {"loss": "softmax", "n_negatives": 16},
+                                {"loss": "softmax", "n_negatives": 32, "shared_negatives": True}])
+def test_loss_options_learn_block_structure(kw: dict[str, object]) -> None:
+    """BPR over several negatives and sampled softmax (per positive or shared by the batch) all
+    learn which block of items each block of users likes, sparse or dense."""
+    rng = np.random.default_rng(0)
+    n_users, n_items, blocks = 200, 300, 4
+    users = rng.integers(0, n_users, 6000)
+    items = (users % blocks) + blocks * rng.integers(0, n_items // blocks, 6000)  # item % 4 == user % 4
+    keys = np.unique(users * n_items + items)
+    for density in (1.0, 0.25):
+        model = SparseMF(n_users, n_items, dim=16, density=density, init="aligned", batch_size=256,
+                         total_steps=10 * 24, prune_every=50, seed=1, **kw)  # type: ignore[arg-type]
+        losses = [model.fit_epoch(users, items, keys) for _ in range(10)]
+        assert losses[-1] < losses[0]
+        top = model.recommend_topk(np.arange(n_users), 10)
+        in_block = (top % blocks) == (np.arange(n_users) % blocks)[:, None]
+        assert in_block.mean() > 0.9, (kw, density, in_block.mean())
+    with pytest.raises(ValueError, match="loss"):
+        SparseMF(10, 10, dim=4, loss="hinge")
