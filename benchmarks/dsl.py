@@ -97,28 +97,30 @@ Validation Recall@20 of dense dim 64: 0.1096 (8 epochs, BPR; 0.1502 with the rou
   trained with it score 0.1147 at density 0.1: the better loss lifts dense by 37 % and the sparse
   model by 18 %, so the validation gap widens from 11.5 % to 23.6 %.
 
-Test figures with the default (``python -m benchmarks.dsl --skip-ml100k``, sampled softmax, seed 0,
-52 min on a 2-core machine): Recall@20 dense 0.1312, s80 0.1283 (2.2 % below), s90 0.1164 (11.3 % below),
-s95 0.0756; NDCG@20 dense 0.1042, s80 0.1089, s90 0.1005. The issue's "s90 within 5 %" target is
-missed. With BPR (``--config grouped_km_g30_s3_soft``, the default until round 20): Recall@20
-dense 0.1107, s80 0.1088 (1.7 % below), s90 0.1031 (6.9 % below), s95 0.0610 (groups need more
-than 3 columns a row, so at 95 % every row holds only the shared columns); on validation the BPR
-gap is 11.5 %. BPR seeds (``--seed 1`` / ``--seed 2 --skip-ml100k``;
-the seed also moves the co-clustering): dense 0.1109 / 0.1103, s90 0.1042 / 0.1046, gaps 6.0 % /
-5.2 %; over the three seeds dense 0.1106, s90 0.1040, a gap of 6.0 %: still missed. s80 is within
-2.8 % in every seed (0.1088 / 0.1084 / 0.1072).
+Test figures with the default (``python -m benchmarks.dsl --skip-ml100k``, sampled softmax, seed
+0, 52 min on a 2-core machine): Recall@20 dense 0.1312, s80 0.1283 (2.2 % below), s90 0.1164
+(11.3 % below), s95 0.0756; NDCG@20 dense 0.1042, s80 0.1089, s90 0.1005. The issue's "s90
+within 5 %" target is missed. With BPR (``--config grouped_km_g30_s3_soft``, the default until
+round 20): Recall@20 dense 0.1107, s80 0.1088 (1.7 % below), s90 0.1031 (6.9 % below), s95 0.0610
+(groups need more than 3 columns a row, so at 95 % every row holds only the shared columns); on
+validation the BPR gap is 11.5 %. BPR seeds (``--seed 1`` / ``--seed 2 --skip-ml100k``; the seed
+also moves the co-clustering): dense 0.1109 / 0.1103, s90 0.1042 / 0.1046, gaps 6.0 % / 5.2 %;
+over the three seeds dense 0.1106, s90 0.1040, a gap of 6.0 %: still missed. s80 is within 2.8 %
+in every seed (0.1088 / 0.1084 / 0.1072).
 
 Serving layout (``models.dsl.sparse_table``): a table is stored over its support columns when
 that is the smallest layout (aligned masks: 7 of 64 columns, 82 % filled, 1.1 MB), else as ELL
 with a CSR overflow (``models/ell.py``: each row's first entries at a fixed offset, read by one
 compiled loop). Default s90 item table: ELL of width 8 + 12,469 overflow entries, 1.9 MB vs CSR
-2.2 MB vs dense 10.5 MB (with BPR: width 9 + 6,994, 2.0 MB). Timing (``median_times``): one user, 100 or 1,000 random candidates, a
-fresh set per call; the dense model, the s90 model in its layout, the s90 weights held dense and
-scipy's CSR take turns in blocks of 512 calls, so they share the machine's load. 1,000
+2.2 MB vs dense 10.5 MB (with BPR: width 9 + 6,994, 2.0 MB). Timing (``median_times``): one
+user, 100 or 1,000 random candidates, a fresh set per call; the dense model, the s90 model in
+its layout, the s90 weights held dense and scipy's CSR take turns in blocks of 512 calls, so
+they share the machine's load. 1,000
 candidates: 0.0146 ms sparse vs 0.0286 ms for the dense model (0.0279 ms for the s90 weights
 held dense, 0.0380 ms CSR); 100 candidates: 0.0065 vs 0.0062 ms, where the call's fixed cost
-dominates (BPR run: 0.0143 vs 0.0214 ms and 0.0060 vs 0.0056 ms). (Before the timing took turns, runs timed each variant on its own and ranged 0.013-
-0.014 ms sparse vs 0.015-0.022 ms dense.)
+dominates (BPR run: 0.0143 vs 0.0214 ms and 0.0060 vs 0.0056 ms). Before the timing took
+turns, runs timed each variant on its own and ranged 0.013-0.014 ms sparse vs 0.015-0.022 ms
+dense.
 """
 
 from __future__ import annotations
@@ -244,27 +246,39 @@ def inference_times(model: SparseMF, dense_model: tuple[np.ndarray, np.ndarray],
     return out, item_table
 
 
+def train_pairs(train: list[np.ndarray], n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items) of every train interaction, and their sorted ``user * n_items + item`` keys."""
+    users = np.concatenate([np.full(len(a), u, dtype=np.int64) for u, a in enumerate(train)])
+    items = np.concatenate(train)
+    return users, items, np.sort(users * n_items + items)
+
+
+def build_model(kw: dict[str, object], n_users: int, n_items: int, dim: int, density: float, epochs: int,
+                n_pairs: int, seed: int) -> SparseMF:
+    """``SparseMF`` from a config's keywords (``batch_size`` default 2048; the cosine schedule
+    spans ``epochs`` passes over ``n_pairs``)."""
+    kw = dict(kw)
+    batch = int(kw.pop("batch_size", 2048))  # type: ignore[call-overload]
+    return SparseMF(n_users, n_items, dim=dim, density=density, batch_size=batch,
+                    total_steps=epochs * ((n_pairs + batch - 1) // batch), seed=seed, **kw)  # type: ignore[arg-type]
+
+
 def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
                 sparse_kw: dict[str, object]) -> dict[str, float]:
     train = read_lightgcn(data / "train.txt")
     test = read_lightgcn(data / "test.txt")
     n_users = max(len(train), len(test))
     n_items = 1 + max(int(max((a.max() for a in train + test if len(a)), default=0)), 0)
-    users = np.concatenate([np.full(len(a), u, dtype=np.int64) for u, a in enumerate(train)])
-    items = np.concatenate(train)
-    keys = np.sort(users * n_items + items)
+    users, items, keys = train_pairs(train, n_items)
     log(f"gowalla: {n_users} users, {n_items} items, {len(items)} train pairs, "
         f"{sum(len(t) for t in test)} test pairs; epochs={epochs} dim={dim}")
-    batch = 2048
     result: dict[str, float] = {}
     dense_model: tuple[np.ndarray, np.ndarray] | None = None
     for tag, density in (("dense", 1.0), ("s80", 0.2), ("s90", 0.1), ("s95", 0.05)):
-        # the dense model is the same model at density 1 (with the config's mixing matrix, if any)
-        kw = ({k: sparse_kw[k] for k in MODEL_KEYS if k in sparse_kw}) if density == 1.0 else \
+        # the dense model is the same model at density 1 (the config's MODEL_KEYS, e.g. its loss)
+        kw = {k: sparse_kw[k] for k in MODEL_KEYS if k in sparse_kw} if density == 1.0 else \
             sparse_kwargs(sparse_kw, users, items, n_users, n_items, seed)
-        bs = int(kw.pop("batch_size", batch))  # type: ignore[call-overload]
-        model = SparseMF(n_users, n_items, dim=dim, density=density, batch_size=bs,
-                         total_steps=epochs * ((len(items) + bs - 1) // bs), seed=seed, **kw)  # type: ignore[arg-type]
+        model = build_model(kw, n_users, n_items, dim, density, epochs, len(items), seed)
         log(f"[{tag}] density={density} active={model.n_active_params:,}/{model.n_total_params:,}")
         t0 = time.perf_counter()
         for epoch in range(1, epochs + 1):
@@ -559,9 +573,7 @@ def select(data: Path, epochs: int, dim: int, seed: int, names: list[str], densi
     train, val = split_validation(full, 0.1, seed)
     n_users = len(full)
     n_items = 1 + int(max(a.max() for a in full if len(a)))
-    users = np.concatenate([np.full(len(a), u, dtype=np.int64) for u, a in enumerate(train)])
-    items = np.concatenate(train)
-    keys = np.sort(users * n_items + items)
+    users, items, keys = train_pairs(train, n_items)
     out: dict[str, float] = {}
     for name in names:
         dense = name in DENSE_CONFIGS
@@ -569,9 +581,7 @@ def select(data: Path, epochs: int, dim: int, seed: int, names: list[str], densi
             sparse_kwargs(SELECT_CONFIGS[name], users, items, n_users, n_items, seed)
         d = 1.0 if dense else density
         t0 = time.perf_counter()
-        bs = int(kw.pop("batch_size", 2048))  # type: ignore[call-overload]
-        model = SparseMF(n_users, n_items, dim=dim, density=d, batch_size=bs,
-                         total_steps=epochs * ((len(items) + bs - 1) // bs), seed=seed, **kw)  # type: ignore[arg-type]
+        model = build_model(kw, n_users, n_items, dim, d, epochs, len(items), seed)
         for _ in range(epochs):
             model.fit_epoch(users, items, keys)
         recall, ndcg = evaluate(model, train, val)

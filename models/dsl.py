@@ -216,6 +216,7 @@ class SparseMF:
         if positive_keys is not None and not self.shared_negatives:
             hit = _is_member(u_all.astype(np.int64)[:, None] * self.n_items + j_all, positive_keys)
             j_all[hit] = self._rng.integers(0, self.n_items, int(hit.sum()))
+        opts = [self.opt] if self._mix_opt is None else [self.opt, self._mix_opt]
         total, n_batches, t0 = 0.0, 0, time.perf_counter()
         for start in range(0, len(users), self.batch_size):
             u = torch.from_numpy(u_all[start : start + self.batch_size])
@@ -242,7 +243,6 @@ class SparseMF:
                 logits = torch.cat([pos[:, None], neg], dim=1)
                 loss = F.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long))
             loss = loss + self.reg * 0.5 * (eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum() / k) / len(u)
-            opts = [self.opt] if self._mix_opt is None else [self.opt, self._mix_opt]
             for opt in opts:
                 opt.zero_grad()
             loss.backward()
