@@ -551,3 +551,36 @@ def test_loss_options_learn_block_structure(kw: dict[str, object]) -> None:
         assert in_block.mean() > 0.9, (kw, density, in_block.mean())
     with pytest.raises(ValueError, match="loss"):
         SparseMF(10, 10, dim=4, loss="hinge")
+
+
+@pytest.mark.parametrize("mixing", [False, True])
+def test_fused_sampled_scores_match_the_row_lookups_in_value_and_gradient(mixing: bool) -> None:
+    """The fused op that trains the softmax over many negatives must hand the tables the same
+    loss terms and the same row-sparse gradients (same rows, same sums) as plain lookups."""
+    model = SparseMF(50, 40, dim=8, density=0.5, loss="softmax", n_negatives=6, mixing=mixing, seed=0)
+    rng = np.random.default_rng(0)
+    u = torch.from_numpy(rng.integers(0, 50, 32))
+    i = torch.from_numpy(rng.integers(0, 40, 32))
+    j = rng.integers(0, 40, (32, 6))
+    coef = torch.from_numpy(rng.normal(size=(32, 6))).float()
+    out = []
+    for fused in (True, False):
+        model.user.grad = model.item.grad = None
+        if model.mix is not None:
+            model.mix.grad = None
+        eu = torch.nn.functional.embedding(u, model.user, sparse=True)
+        eq = eu @ model.mix if model.mix is not None else eu
+        pos, neg, reg_sq = model._scores(u, i, eu, eq, j, None, fused=fused)
+        total = 0.3 * pos.sum() + (coef * neg).sum() + 0.7 * reg_sq
+        total.backward()
+        item_grad = model.item.grad.coalesce()
+        out.append((float(total.detach()), item_grad.indices()[0].numpy(), item_grad.to_dense(),
+                    model.user.grad.coalesce().to_dense(), None if model.mix is None else model.mix.grad.clone()))
+    (t_fused, rows_fused, item_fused, user_fused, mix_fused), (t_plain, rows_plain, item_plain, user_plain,
+                                                               mix_plain) = out
+    assert t_fused == pytest.approx(t_plain, rel=1e-6)
+    assert np.array_equal(rows_fused, rows_plain)  # the same rows are "touched" for lazy Adam
+    assert torch.allclose(item_fused, item_plain, atol=1e-5)
+    assert torch.allclose(user_fused, user_plain, atol=1e-5)
+    if mixing:
+        assert torch.allclose(mix_fused, mix_plain, atol=1e-5)
