@@ -313,9 +313,10 @@ class _SampledScores(torch.autograd.Function):
     64 negatives per positive a step looks up more rows than the item table holds; by plain
     lookups (``F.embedding(sparse=True)``) the (B, k, dim) gradient passed through a product,
     a square, a sum and a sparse coalesce of its duplicate rows, which took most of the step.
-    Here the backward builds that gradient in one fused pass and sums rows with ``index_add_``;
-    the item table receives the same coalesced row-sparse gradient (the looked-up rows, sums up
-    to float order), so lazy Adam and the DSL masks see what they saw before.
+    Here the L2 term is taken once per distinct row (weighted by its lookups), and the backward
+    sums each row's score gradients by one sparse (rows x B) product with the queries. The item
+    table receives the same coalesced row-sparse gradient (the looked-up rows, sums up to float
+    order), so lazy Adam and the DSL masks see what they saw before.
     """
 
     @staticmethod
@@ -325,11 +326,10 @@ class _SampledScores(torch.autograd.Function):
         # numpy's take gathers rows ~2x faster than index_select on one CPU thread
         emb = torch.from_numpy(np.take(table.detach().numpy(), flat.numpy(), axis=0)).view(
             *rows.shape, table.shape[1])  # (B, C, dim)
-        # Σ_bc w_c |emb_bc|² summed per distinct row: each row's |row|² times its total weight
-        # the distinct looked-up rows, sorted, by counting (linear time, no sort)
+        # the distinct looked-up rows, sorted, by counting (linear time, no sort); the L2 term
+        # Σ_bc w_c |emb_bc|² is then each distinct row's |row|² times its total lookup weight
         flat_np = flat.numpy()
-        present = np.bincount(flat_np, minlength=table.shape[0]) > 0
-        touched_np = np.flatnonzero(present)
+        touched_np = np.flatnonzero(np.bincount(flat_np, minlength=table.shape[0]))
         position = np.zeros(table.shape[0], dtype=np.int64)
         position[touched_np] = np.arange(len(touched_np))
         inverse = torch.from_numpy(position[flat_np])
