@@ -135,15 +135,24 @@ class SparseMF:
         loss: str = "bpr",
         n_negatives: int = 1,
         shared_negatives: bool = False,
+        history: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         if loss not in ("bpr", "softmax") or n_negatives < 1:
             raise ValueError("loss must be 'bpr' or 'softmax', with n_negatives >= 1")
+        if mixing and history is not None:
+            raise ValueError("history and mixing are not combined")
         # loss (our option): "bpr" (the paper's; with n_negatives > 1 the mean over them) or
         # "softmax": cross-entropy of the positive against n_negatives uniform negatives
         # shared_negatives: one draw of n_negatives per batch scores against every user of the batch
         # (a (B, k) matmul instead of a (B, k, dim) gather, so k can be large); a shared negative
         # that is one of the user's train positives is masked out of her logits
         self.loss, self.n_negatives, self.shared_negatives = loss, n_negatives, shared_negatives
+        # history (our option, round 26): each user's train items as CSR ``(indptr, items)``. The
+        # user vector becomes ``u + |N(u)|^-1/2 · Σ_{j∈N(u)} i_j`` (LightGCN's one-hop user side,
+        # SVD++'s normalisation) over the same item table: no parameter is added, a sparse user row
+        # is filled in from her items' rows, and items stay sparse rows, so serving still dots
+        # sparse item rows with one dense user vector built per request from her history.
+        self.history = None if history is None else _History(*history, n_users=n_users)
         torch.manual_seed(seed)
         self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
         self.n_users, self.n_items, self.dim = n_users, n_items, dim
@@ -223,7 +232,8 @@ class SparseMF:
             u = torch.from_numpy(u_all[start : start + self.batch_size])
             i = torch.from_numpy(i_all[start : start + self.batch_size])
             eu = F.embedding(u, self.user, sparse=True)
-            eq = eu @ self.mix if self.mix is not None else eu
+            vu = eu if self.history is None else eu + self.history.context(u.numpy(), self.item)
+            eq = vu @ self.mix if self.mix is not None else vu
             # many item rows a step (the softmax's 64 negatives per positive): the fused op
             fused = not self.shared_negatives and len(u) * (k + 1) >= self.n_items
             pos, neg, reg_sq = self._scores(u, i, eu, eq, j_all[start : start + self.batch_size], positive_keys,
@@ -287,9 +297,18 @@ class SparseMF:
         return pos, neg, eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum() / k
 
     @torch.no_grad()
+    def user_vectors(self, users: np.ndarray) -> torch.Tensor:
+        """The vectors items are scored against: user rows, plus the history term when set, and
+        folded through W with mixing."""
+        users = np.asarray(users, dtype=np.int64)
+        rows = self.user[torch.from_numpy(users)]
+        if self.history is not None:
+            rows = rows + self.history.context(users, self.item)
+        return rows @ self.mix if self.mix is not None else rows
+
+    @torch.no_grad()
     def score_all(self, users: np.ndarray) -> torch.Tensor:
-        rows = self.user[torch.from_numpy(np.asarray(users))]
-        return (rows @ self.mix if self.mix is not None else rows) @ self.item.T
+        return self.user_vectors(users) @ self.item.T
 
     def recommend_topk(self, users: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """Top-k item ids per user over the full catalogue, excluding each user's train items."""
@@ -304,6 +323,32 @@ class SparseMF:
         """Export both tables in the serving layout (``sparse_table``: support columns or ELL)."""
         return (sparse_table(CSRTable.from_dense(self.user.detach().numpy())),
                 sparse_table(CSRTable.from_dense(self.item.detach().numpy())))
+
+
+class _History:
+    """Each user's train items, for ``SparseMF(history=...)``'s user vector: one weighted bag
+    sum over the item table per batch (``F.embedding_bag``, row-sparse gradient)."""
+
+    def __init__(self, indptr: np.ndarray, items: np.ndarray, n_users: int) -> None:
+        indptr, items = np.asarray(indptr, dtype=np.int64), np.asarray(items, dtype=np.int64)
+        if indptr.shape != (n_users + 1,) or indptr[0] != 0 or indptr[-1] != len(items) or np.any(np.diff(indptr) < 0):
+            raise ValueError("history must be CSR (indptr of n_users + 1 offsets, items) over every user")
+        self.indptr, self.items = indptr, items
+        self.lengths = np.diff(indptr)
+
+    def items_of(self, user: int) -> np.ndarray:
+        return self.items[self.indptr[user] : self.indptr[user + 1]]
+
+    def context(self, users: np.ndarray, table: torch.Tensor) -> torch.Tensor:
+        """``|N(u)|^-1/2 · Σ_{j∈N(u)} table[j]`` per user (zero rows for users without history)."""
+        lengths = self.lengths[users]
+        offsets = np.zeros(len(users), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        flat = np.repeat(self.indptr[users] - offsets, lengths) + np.arange(int(lengths.sum()))
+        weights = np.repeat(1.0 / np.sqrt(np.maximum(lengths, 1)), lengths).astype(np.float32)
+        return F.embedding_bag(torch.from_numpy(self.items[flat]), table, torch.from_numpy(offsets), mode="sum",
+                               per_sample_weights=torch.from_numpy(weights), sparse=table.requires_grad,
+                               include_last_offset=False)
 
 
 class _SampledScores(torch.autograd.Function):

@@ -584,3 +584,59 @@ def test_fused_sampled_scores_match_the_row_lookups_in_value_and_gradient(mixing
     assert torch.allclose(user_fused, user_plain, atol=1e-5)
     if mixing:
         assert torch.allclose(mix_fused, mix_plain, atol=1e-5)
+
+
+def _histories(n_users: int, n_items: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Block-structured (user, item) pairs, deduplicated, with their per-user CSR history."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, 6000)
+    items = (users % 4) + 4 * rng.integers(0, n_items // 4, 6000)  # item % 4 == user % 4
+    keys = np.unique(users * n_items + items)
+    users, items = keys // n_items, keys % n_items
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=n_users))])
+    return users, items, keys, indptr
+
+
+def test_history_user_vector_is_the_row_plus_the_normalised_sum_of_her_items() -> None:
+    """The history term adds no parameter: the scored vector is u + |N(u)|^-1/2 Σ i_j, and a user
+    without history keeps her row alone."""
+    users, items, _, _ = _histories(60, 80, 0)
+    items = items[users < 58]  # the last two users have no history
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(users[users < 58], minlength=60))])
+    model = SparseMF(60, 80, dim=8, density=0.5, history=(indptr, items), seed=0)
+    plain = SparseMF(60, 80, dim=8, density=0.5, seed=0)
+    assert model.n_active_params == plain.n_active_params and model.n_total_params == plain.n_total_params
+    got = model.user_vectors(np.arange(60)).numpy()
+    user, item = model.user.detach().numpy(), model.item.detach().numpy()
+    for u in range(60):
+        seen = items[indptr[u] : indptr[u + 1]]
+        want = user[u] + (item[seen].sum(0) / np.sqrt(len(seen)) if len(seen) else 0.0)
+        assert np.allclose(got[u], want, atol=1e-5), u
+    assert np.allclose(got[-2:], user[-2:])
+    assert torch.allclose(model.score_all(np.arange(5)), torch.from_numpy(got[:5]) @ model.item.detach().T, atol=1e-5)
+    with pytest.raises(ValueError, match="CSR"):
+        SparseMF(60, 80, dim=8, history=(indptr[:-1], items))
+    with pytest.raises(ValueError, match="mixing"):
+        SparseMF(60, 80, dim=8, history=(indptr, items), mixing=True)
+
+
+def test_history_keeps_the_mask_invariants_and_learns_the_blocks() -> None:
+    """With the history term the item table gets gradient from two paths (scored rows and bag
+    rows); inactive weights must still never move, the budget stays exact, and the model learns."""
+    n_users, n_items = 200, 300
+    users, items, keys, indptr = _histories(n_users, n_items, 1)
+    for density in (1.0, 0.25):
+        model = SparseMF(n_users, n_items, dim=16, density=density, init="aligned", batch_size=256,
+                         total_steps=10 * 24, prune_every=7, seed=1, loss="softmax", n_negatives=300 // 4,
+                         history=(indptr, items))
+        losses = []
+        for _ in range(8):
+            losses.append(model.fit_epoch(users, items, keys))
+            for name, p in (("user", model.user), ("item", model.item)):
+                assert float(p.detach()[~model.masks.masks[name]].abs().sum()) == 0.0, name
+        assert abs(model.n_active_params - density * model.n_total_params) <= 2
+        assert losses[-1] < losses[0]
+        top = model.recommend_topk(np.arange(n_users), 10, exclude=[items[indptr[u]:indptr[u + 1]]
+                                                                    for u in range(n_users)])
+        in_block = (top % 4) == (np.arange(n_users) % 4)[:, None]
+        assert in_block.mean() > 0.9, (density, in_block.mean())
