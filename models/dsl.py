@@ -347,8 +347,7 @@ class _History:
         flat = np.repeat(self.indptr[users] - offsets, lengths) + np.arange(int(lengths.sum()))
         weights = np.repeat(1.0 / np.sqrt(np.maximum(lengths, 1)), lengths).astype(np.float32)
         return F.embedding_bag(torch.from_numpy(self.items[flat]), table, torch.from_numpy(offsets), mode="sum",
-                               per_sample_weights=torch.from_numpy(weights), sparse=table.requires_grad,
-                               include_last_offset=False)
+                               per_sample_weights=torch.from_numpy(weights), sparse=table.requires_grad)
 
 
 class _SampledScores(torch.autograd.Function):
