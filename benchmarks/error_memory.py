@@ -48,14 +48,14 @@ import orjson
 import torch
 from redis.asyncio import Redis
 
-from driftrec.settings import get_settings
-from models.error_memory import RandomProjectionLSH
-from models.interaction import Interaction
-from serving.compensation import BucketNames, read_compensation
-from streams.datasets import load_ml100k_interactions, read_jsonl
-from streams.error_memory import MemoryKeys, delete_memory
-from streams.events import Event
-from streams.shift import (
+from driftrec.contract.settings import get_settings
+from driftrec.models.error_memory import RandomProjectionLSH
+from driftrec.contract.interaction import Interaction
+from driftrec.storage.error_memory import BucketNames, read_compensation
+from driftrec.streams.datasets import load_ml100k_interactions, read_jsonl
+from driftrec.storage.error_memory import MemoryKeys, delete_memory
+from driftrec.contract.events import Event
+from driftrec.shift import (
     PrequentialTrace,
     auc,
     inject_genre_flip,
@@ -81,10 +81,10 @@ def load_stream(data: str | None, limit: int | None) -> list[Interaction]:
 def make_model(kind: str, seed: int) -> object:
     torch.manual_seed(seed)
     if kind == "dsl":
-        from models.dsl import DSLRecommender
+        from driftrec.models.dsl import DSLRecommender
 
         return DSLRecommender(seed=seed)
-    from models.standin_ctr import StandinCTR
+    from benchmarks.standin_ctr import StandinCTR
 
     return StandinCTR(seed=seed)
 

@@ -31,7 +31,7 @@ import orjson  # noqa: E402
 
 from driftrec import embedded  # noqa: E402
 from driftrec.evaluate import DEMO_LIMIT, EvalOptions, run_evaluation, variant_table  # noqa: E402
-from driftrec.settings import get_settings  # noqa: E402
+from driftrec.contract.settings import get_settings  # noqa: E402
 
 
 def _free_port() -> int:

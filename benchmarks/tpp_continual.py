@@ -196,8 +196,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.prompt_tpp import PromptTPP  # noqa: E402
-from models.tpp import EventSeq, HomogeneousPoisson, NeuralTPP  # noqa: E402
+from driftrec.models.prompt_tpp import PromptTPP  # noqa: E402
+from driftrec.models.tpp import EventSeq, HomogeneousPoisson, NeuralTPP  # noqa: E402
 
 METHODS = ("retrain", "finetune", "prompt")
 # The pre-declared selection grid (see the module docstring); do not edit after seeing results.
@@ -275,7 +275,9 @@ def run_stream(data: Path, periods: int, epochs: int, seed: int, split: str = "t
     poisson_ll: list[float] = []
     for t in range(periods - 1):
         log(f"[period {t + 1}/{periods - 1}] train on chunk {t}, evaluate on chunk {t + 1}")
-        poisson_ll.append(HomogeneousPoisson(n_types).learn_many(chunks[t]).log_likelihood_many(chunks[t + 1]))
+        poisson = HomogeneousPoisson(n_types)
+        poisson.learn_many(chunks[t])
+        poisson_ll.append(poisson.log_likelihood_many(chunks[t + 1]))
         for m in methods:
             model = factory[m]() if m == "retrain" else persistent[m]
             train_period(model, chunks[t], epochs, m)

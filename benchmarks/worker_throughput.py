@@ -27,9 +27,9 @@ import redis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 
 from driftrec import embedded  # noqa: E402
-from driftrec.settings import Settings  # noqa: E402
-from streams.replay import publish, source_items  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from driftrec.contract.settings import Settings  # noqa: E402
+from driftrec.streams.replay import publish, source_items  # noqa: E402
+from driftrec.streams.topics import ensure_topics  # noqa: E402
 from tests.infra import WorkerProcess, delete_prefix, free_port, wait_for  # noqa: E402
 
 log = logging.getLogger("bench.worker")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from driftrec.settings import get_settings
+from driftrec.contract.settings import get_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Online adaptive recommendation over Kafka and Redis.")
@@ -42,15 +42,15 @@ def down() -> None:
 @app.command()
 def worker(loglevel: Annotated[str, typer.Option(help="crit, error, warn, info, debug")] = "info") -> None:
     """Run a Faust worker (joins the consumer group; start more to scale out)."""
-    from streams.worker import run_worker
+    from driftrec.worker import main
 
-    run_worker(get_settings(), loglevel)
+    main(get_settings(), loglevel)
 
 
 @app.command()
 def serve() -> None:
     """Run the HTTP scoring service."""
-    from serving.app import run_server
+    from driftrec.serving.app import run_server
 
     _logging()
     run_server(get_settings())
@@ -63,7 +63,7 @@ def replay(
     limit: Annotated[Optional[int], typer.Option(help="publish only the first N events")] = None,
 ) -> None:
     """Publish a recorded dataset to the `events` topic in event-time order."""
-    from streams.replay import replay as run_replay
+    from driftrec.streams.replay import replay as run_replay
 
     _logging()
     report = run_replay(get_settings(), source, speed=speed, limit=limit)

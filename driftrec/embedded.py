@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from driftrec.settings import Settings
+from driftrec.contract.settings import Settings
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -64,7 +64,7 @@ def redis_answers(settings: Settings) -> bool:
 
 
 def kafka_answers(settings: Settings) -> bool:
-    from streams.topics import broker_topics
+    from driftrec.streams.topics import broker_topics
 
     try:
         broker_topics(settings, timeout_s=2.0)
@@ -139,7 +139,7 @@ def start_redis(settings: Settings) -> str:
 
 def up(settings: Settings) -> list[str]:
     """Bring the broker and Redis up, create the topics; return what was done, line by line."""
-    from streams.topics import ensure_topics
+    from driftrec.streams.topics import ensure_topics
 
     started = time.monotonic()
     lines = [start_broker(settings), start_redis(settings)]

@@ -67,10 +67,12 @@ from tqdm import tqdm
 
 from driftrec.procs import ChildProcess, serving_healthy, serving_url, start_server, start_worker, worker_metrics
 from driftrec.report import SERVED_VARIANTS, plot_series, summarize, write_html
-from driftrec.settings import Settings
-from models import metrics
-from streams.events import Event
-from streams.error_memory import KEY_SPACE
+from driftrec.contract.settings import Settings
+from driftrec.models import metrics
+from driftrec.contract.events import Event
+from driftrec.contract.interaction import Interaction
+from driftrec.storage.error_memory import KEY_SPACE
+from driftrec.storage.client import connect, connect_sync
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,18 @@ class _Plan:
     candidates: list[str]
     categories: list[str | None]
     ranked: bool
+
+    @property
+    def queries(self) -> list[Interaction]:
+        """The candidates as a peer scores them (the event's own item first, unlabelled)."""
+        e = self.event
+        return [Interaction(e.user_id, item, e.ts, category=cat) for item, cat in zip(self.candidates, self.categories)]
+
+    @property
+    def learned(self) -> Interaction:
+        """The labelled event as a peer learns it."""
+        e = self.event
+        return Interaction(e.user_id, e.item_id, e.ts, label=e.label, category=e.category)
 
 
 @dataclass
@@ -226,7 +240,7 @@ def synchronous_settings(settings: Settings) -> Settings:
 
 
 def _learner_names(settings: Settings) -> list[str]:
-    from streams.learners import default_learners
+    from driftrec.streams.learners import default_learners
 
     return list(default_learners(settings))
 
@@ -254,7 +268,7 @@ async def _worker_progress(client: httpx.AsyncClient, settings: Settings, learne
 
 async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions, peers: dict[str, Any],
                          bar: tqdm, served_path: Path) -> _Run:
-    from streams.producer import EventProducer
+    from driftrec.streams.producer import EventProducer
 
     run = _Run(peer_seconds={name: 0.0 for name in peers})
     sampler = _Sampler(opts.seed)
@@ -265,7 +279,7 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
     events = [x for x in items if isinstance(x, Event)]
     rejects = [x for x in items if not isinstance(x, Event)]
 
-    from streams.snapshots import SnapshotKeys
+    from driftrec.storage.snapshots import SnapshotKeys
 
     latest_key = SnapshotKeys(settings.key_prefix, "dsl").latest
     # pooled connections expire well before the service's keep-alive timeout: a synchronous window
@@ -273,7 +287,7 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
     limits = httpx.Limits(max_connections=opts.concurrency, max_keepalive_connections=opts.concurrency,
                           keepalive_expiry=min(2.0, settings.serving.keep_alive_s / 2))
     async with httpx.AsyncClient(base_url=serving_url(settings), timeout=60.0, limits=limits) as client, \
-            httpx.AsyncClient() as metrics_client, AsyncRedis.from_url(settings.redis_url) as snapshots_redis:
+            httpx.AsyncClient() as metrics_client, connect(settings) as snapshots_redis:
         async def ask(plan: _Plan) -> dict[str, Any]:
             body = orjson.dumps({"user_id": plan.event.user_id, "candidates": plan.candidates, "ts": plan.event.ts})
             async with sem:
@@ -305,9 +319,9 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
                     for name, peer in peers.items():
                         t1 = time.perf_counter()
                         e = plan.event
-                        p = peer.predict_many(e.user_id, plan.candidates, plan.categories)
+                        p = peer.predict_many(plan.queries)
                         if name.endswith(PER_EVENT):  # the no-lag reference learns right away
-                            peer.learn_one(e.user_id, e.item_id, e.category, int(e.label))
+                            peer.learn_one(plan.learned)
                         run.peer_seconds[name] += time.perf_counter() - t1
                         rec["scores"][name] = float(p[0])
                         if plan.ranked:
@@ -318,9 +332,7 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
                 for name, peer in peers.items():
                     if not name.endswith(PER_EVENT):
                         t1 = time.perf_counter()
-                        for plan in plans:
-                            e = plan.event
-                            peer.learn_one(e.user_id, e.item_id, e.category, int(e.label))
+                        peer.learn_many([plan.learned for plan in plans])
                         run.peer_seconds[name] += time.perf_counter() - t1
                 # ---- train: publish the window to the real broker
                 for e in window:
@@ -409,7 +421,7 @@ def _wait_drained(settings: Settings, total: int, timeout_s: float) -> dict[str,
 
 
 def _redis_counts(settings: Settings) -> dict[str, int]:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect_sync(settings)
     p = settings.key_prefix
     latest = client.get(f"{p}:{{snap:dsl}}:latest")
     em = sum(1 for _ in client.scan_iter(match=f"{p}:{KEY_SPACE}:*", count=2000))
@@ -418,7 +430,7 @@ def _redis_counts(settings: Settings) -> dict[str, int]:
 
 
 def _delete_prefix(settings: Settings) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect_sync(settings)
     batch = []
     for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=2000):
         batch.append(key)
@@ -449,9 +461,9 @@ def _sigterm_as_interrupt():
 def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None = None,
                    options: EvalOptions | None = None, **overrides: Any) -> Path:
     """Run the prequential evaluation (see the module doc); return the path of ``report.html``."""
-    from models.baselines import make_peer
-    from streams.replay import source_items
-    from streams.topics import ensure_topics
+    from driftrec.models.baselines import make_peer
+    from driftrec.streams.replay import source_items
+    from driftrec.streams.topics import ensure_topics
 
     opts = options or EvalOptions()
     for key, value in overrides.items():

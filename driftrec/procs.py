@@ -8,6 +8,7 @@ one place (``tests/infra.py`` re-exports :func:`settings_env`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from driftrec.settings import Settings
+from driftrec.contract.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _env_value(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return json.dumps(sorted(value) if isinstance(value, list) else value)  # complex fields are JSON
     return str(value)
 
 
@@ -40,9 +43,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in dumped.items():
         if isinstance(value, dict):
             for field, inner in value.items():
-                if inner is not None and not isinstance(inner, (dict, list)):
+                if inner is not None:
                     env[f"DRIFTREC_{name.upper()}__{field.upper()}"] = _env_value(inner)
-        elif value is not None and not isinstance(value, list):
+        elif value is not None:
             env[f"DRIFTREC_{name.upper()}"] = _env_value(value)
     return env
 

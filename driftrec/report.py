@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from models import metrics
+from driftrec.models import metrics
 
 SERVED_VARIANTS = ("base", "base+memory", "base+tpp", "full")
 METRIC_NAMES = ("auc", "logloss", "recall20", "ndcg20")

@@ -1,8 +1,8 @@
 """External online peers for the prequential evaluation, learned test-then-train in-process.
 
-Each peer sees the same stream and the same candidates as the served model and exposes
-``predict_many(user, items, categories) -> np.ndarray`` (probabilities) and
-``learn_one(user, item, category, label)``. Features are one-hot ``user``, ``item`` and
+Each peer sees the same stream and the same candidates as the served model and follows the
+learner contract (``models.base.OnlineLearner`` over ``Interaction``): ``predict_many(xs)``
+returns probabilities, ``learn_one(x)`` learns a labelled interaction. Features are one-hot ``user``, ``item`` and
 ``category`` (the event's category; candidates use the category last seen for that item), the
 information the DSL model gets too.
 
@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+
+from driftrec.contract.interaction import Interaction
 
 PEERS = ("river-lr", "river-fm", "vw")
 
@@ -31,7 +35,7 @@ class MissingExtra(ImportError):
     """A baseline's library is not installed."""
 
 
-def _require(module: str, package: str):
+def _require(module: str, package: str) -> ModuleType:
     import importlib
 
     try:
@@ -49,27 +53,37 @@ def _features(user: str, item: str, category: str | None) -> dict[str, float]:
 
 
 class Peer:
+    """A per-event online learner of the same contract as driftrec's own (``models.base``)."""
+
     name = "peer"
 
-    def predict_many(self, user: str, items: Sequence[str], categories: Sequence[str | None]) -> np.ndarray:
+    def predict_one(self, x: Interaction) -> float:
+        return float(self.predict_many([x])[0])
+
+    def predict_many(self, xs: Sequence[Interaction]) -> np.ndarray:
         raise NotImplementedError
 
-    def learn_one(self, user: str, item: str, category: str | None, label: int) -> None:
+    def learn_one(self, x: Interaction) -> None:
         raise NotImplementedError
+
+    def learn_many(self, xs: Sequence[Interaction]) -> None:
+        for x in xs:
+            self.learn_one(x)
 
 
 class RiverPeer(Peer):
-    def __init__(self, model, name: str) -> None:
+    def __init__(self, model: Any, name: str) -> None:
         self.model = model
         self.name = name
 
-    def predict_many(self, user, items, categories):
+    def predict_many(self, xs: Sequence[Interaction]) -> np.ndarray:
         predict = self.model.predict_proba_one
-        return np.fromiter((predict(_features(user, i, c)).get(True, 0.5) for i, c in zip(items, categories)),
-                           dtype=np.float64, count=len(items))
+        return np.fromiter((predict(_features(x.user_id, x.item_id, x.category)).get(True, 0.5) for x in xs),
+                           dtype=np.float64, count=len(xs))
 
-    def learn_one(self, user, item, category, label):
-        self.model.learn_one(_features(user, item, category), bool(label))
+    def learn_one(self, x: Interaction) -> None:
+        if x.label is not None:
+            self.model.learn_one(_features(x.user_id, x.item_id, x.category), bool(x.label))
 
 
 def river_lr(lr: float = 0.05) -> RiverPeer:
@@ -105,15 +119,16 @@ class VWPeer(Peer):
         cat = f" |c {_vw_token(category)}" if category else ""
         return f"{head}|u {_vw_token(user)} |i {_vw_token(item)}{cat}"
 
-    def predict_many(self, user, items, categories):
-        out = np.empty(len(items), dtype=np.float64)
-        for j, (i, c) in enumerate(zip(items, categories)):
-            p = self.vw.predict(self._line(user, i, c))
+    def predict_many(self, xs: Sequence[Interaction]) -> np.ndarray:
+        out = np.empty(len(xs), dtype=np.float64)
+        for j, x in enumerate(xs):
+            p = self.vw.predict(self._line(x.user_id, x.item_id, x.category))
             out[j] = p if math.isfinite(p) else 0.5
         return out
 
-    def learn_one(self, user, item, category, label):
-        self.vw.learn(self._line(user, item, category, int(label)))
+    def learn_one(self, x: Interaction) -> None:
+        if x.label is not None:
+            self.vw.learn(self._line(x.user_id, x.item_id, x.category, int(x.label)))
 
     def close(self) -> None:
         self.vw.finish()

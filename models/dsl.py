@@ -1,8 +1,4 @@
-"""DSL-trained recommenders: ``SparseMF`` (the paper's MF/BPR setting) and ``DSLRecommender``.
-
-``SparseMF`` reproduces the paper's benchmark setting (implicit feedback, BPR, full-ranking
-Recall@20/NDCG@20) on id-indexed user/item tables; density 1.0 gives the dense baseline trained by
-exactly the same code path.
+"""``DSLRecommender``: the online CTR model driftrec serves, trained by Dynamic Sparse Learning.
 
 ``DSLRecommender`` is the online CTR model driftrec serves: hashed user/item/category embeddings
 (so unknown ids are scored, never refused), a small interaction head whose last hidden layer ``h``
@@ -77,11 +73,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse import _sparsetools, coo_matrix
+from scipy.sparse import csr_array
 
-from models.ell import EllTable
-from models.interaction import Interaction, stable_hash
-from models.sparse import (
+from driftrec.models.ell import EllTable
+from driftrec.contract.interaction import Interaction, stable_hash
+from driftrec.models.sparse import (
     DEFAULT_FLOOR_FRACTION,
     DEFAULT_INITIAL_FRACTION,
     DSLSchedule,
@@ -92,322 +88,6 @@ from models.sparse import (
 )
 
 SNAPSHOT_FORMAT = "driftrec.dsl.v1"
-
-
-# =============================================================================================
-# SparseMF: BPR matrix factorisation for the Gowalla benchmark
-# =============================================================================================
-class SparseMF:
-    """MF-BPR whose user and item tables share one DSL budget (one global group).
-
-    One group mirrors the authors' LightGCN, where users and items are rows of one table, so
-    density can flow from rare users to popular items or the other way. ``loss`` /
-    ``n_negatives`` / ``shared_negatives`` choose the training objective (the paper's BPR with one
-    negative by default); they change the model being trained, dense or sparse alike.
-    """
-
-    def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        dim: int = 64,
-        density: float = 1.0,
-        lr: float = 1e-2,
-        reg: float = 1e-4,
-        batch_size: int = 2048,
-        prune_every: int = 100,
-        total_steps: int = 10_000,
-        seed: int = 0,
-        lr_floor: float = 1e-4,
-        grow_from: str = "batch",
-        initial_fraction: float = DEFAULT_INITIAL_FRACTION,
-        floor_fraction: float = DEFAULT_FLOOR_FRACTION,
-        protect_grown: bool = False,
-        init: str = "random",
-        row_weights: tuple[np.ndarray, np.ndarray] | None = None,
-        row_groups: tuple[np.ndarray, np.ndarray] | None = None,
-        shared_columns: int = 0,
-        group_blocks: Sequence[int] | None = None,
-        ranked_groups: bool = False,
-        user_share: float | None = None,
-        mixing: bool = False,
-        mix_lr_scale: float = 1.0,
-        loss: str = "bpr",
-        n_negatives: int = 1,
-        shared_negatives: bool = False,
-        history: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> None:
-        if loss not in ("bpr", "softmax") or n_negatives < 1:
-            raise ValueError("loss must be 'bpr' or 'softmax', with n_negatives >= 1")
-        if mixing and history is not None:
-            raise ValueError("history and mixing are not combined")
-        # loss (our option): "bpr" (the paper's; with n_negatives > 1 the mean over them) or
-        # "softmax": cross-entropy of the positive against n_negatives uniform negatives
-        # shared_negatives: one draw of n_negatives per batch scores against every user of the batch
-        # (a (B, k) matmul instead of a (B, k, dim) gather, so k can be large); a shared negative
-        # that is one of the user's train positives is masked out of her logits
-        self.loss, self.n_negatives, self.shared_negatives = loss, n_negatives, shared_negatives
-        # history (our option, round 26): each user's train items as CSR ``(indptr, items)``. The
-        # user vector becomes ``u + |N(u)|^-1/2 · Σ_{j∈N(u)} i_j`` (LightGCN's one-hop user side,
-        # SVD++'s normalisation) over the same item table: no parameter is added, a sparse user row
-        # is filled in from her items' rows, and items stay sparse rows, so serving still dots
-        # sparse item rows with one dense user vector built per request from her history.
-        self.history = None if history is None else _History(*history, n_users=n_users)
-        torch.manual_seed(seed)
-        self.lr, self.lr_floor, self.total_steps = lr, lr_floor, total_steps
-        self.n_users, self.n_items, self.dim = n_users, n_items, dim
-        self.reg, self.batch_size = reg, batch_size
-        self.user = torch.nn.Parameter(torch.randn(n_users, dim) * 0.1)
-        self.item = torch.nn.Parameter(torch.randn(n_items, dim) * 0.1)
-        # Row-sparse gradients + lazy row Adam: a step costs O(batch rows), not O(table); the
-        # dense gradient DSL grows from is recovered exactly at exploration steps (see sparse.py).
-        self.opt = RowAdam([self.user, self.item], lr=lr)
-        # mixing (our option): score = (u·W)·i with a small dense W (dim², identity at init). For
-        # dense tables it is plain MF (W folds into the user table); for sparse rows it lets a
-        # user's columns meet an item's other columns, which aligned/grouped masks otherwise allow
-        # only where both rows are active. W counts in the budget: the tables give up dim² weights.
-        self.mix: torch.nn.Parameter | None = torch.nn.Parameter(torch.eye(dim)) if mixing else None
-        self.mix_lr_scale = mix_lr_scale  # W's step size relative to the tables'
-        self._mix_opt = torch.optim.Adam([self.mix], lr=lr * mix_lr_scale) if self.mix is not None else None
-        n_mix = dim * dim if mixing else 0
-        # user_share (our option): the share of the budget ``density·(n_users + n_items)·dim`` that
-        # starts in the user table (None: each table at ``density``); prune-and-grow may move it.
-        table_density: float | dict[str, float] = density
-        if n_mix and density < 1.0:
-            table_density = (density * ((n_users + n_items) * dim + n_mix) - n_mix) / ((n_users + n_items) * dim)
-        if user_share is not None and density < 1.0:
-            budget = float(table_density) * (n_users + n_items) * dim
-            table_density = {"user": user_share * budget / (n_users * dim),
-                             "item": (1.0 - user_share) * budget / (n_items * dim)}
-        self.masks = SparseParameterSet({"user": self.user, "item": self.item}, table_density, seed=seed,
-                                        grow_from=grow_from, protect_grown=protect_grown, init=init,
-                                        row_weights=None if row_weights is None else {
-                                            "user": torch.as_tensor(row_weights[0]),
-                                            "item": torch.as_tensor(row_weights[1])},
-                                        row_groups=None if row_groups is None else {
-                                            "user": torch.as_tensor(row_groups[0]),
-                                            "item": torch.as_tensor(row_groups[1])},
-                                        shared_columns=shared_columns, group_blocks=group_blocks,
-                                        ranked_groups=ranked_groups)
-        self.schedule = DSLSchedule(prune_every=prune_every, total_steps=total_steps,
-                                    initial_fraction=initial_fraction, floor_fraction=floor_fraction)
-        self.step = 0
-        self._rng = np.random.default_rng(seed)
-        self.last_report: PruneGrowReport | None = None
-
-    @property
-    def n_active_params(self) -> int:
-        return self.masks.n_active + (self.mix.numel() if self.mix is not None else 0)
-
-    @property
-    def n_total_params(self) -> int:
-        return self.masks.n_total + (self.mix.numel() if self.mix is not None else 0)
-
-    def mixing_matrix(self) -> np.ndarray | None:
-        """W of ``score = (u·W)·i`` (None without mixing): a served user vector is ``u @ W``."""
-        return None if self.mix is None else self.mix.detach().numpy()
-
-    def fit_epoch(
-        self,
-        users: np.ndarray,
-        items: np.ndarray,
-        positive_keys: np.ndarray | None = None,
-        log: Callable[[str], None] | None = None,
-    ) -> float:
-        """One shuffled pass over (user, item) pairs (BPR or sampled softmax); returns the mean loss.
-
-        ``positive_keys`` (sorted ``user * n_items + item``) lets negatives that are actually
-        positives be resampled once, like LightGCN's sampler; without it negatives are uniform.
-        """
-        order = self._rng.permutation(len(users))
-        u_all, i_all = users[order], items[order]
-        k = self.n_negatives
-        j_all = self._rng.integers(0, self.n_items, (len(users), 0 if self.shared_negatives else k))
-        if positive_keys is not None and not self.shared_negatives:
-            hit = _is_member(u_all.astype(np.int64)[:, None] * self.n_items + j_all, positive_keys)
-            j_all[hit] = self._rng.integers(0, self.n_items, int(hit.sum()))
-        opts = [self.opt] if self._mix_opt is None else [self.opt, self._mix_opt]
-        total, n_batches, t0 = 0.0, 0, time.perf_counter()
-        for start in range(0, len(users), self.batch_size):
-            u = torch.from_numpy(u_all[start : start + self.batch_size])
-            i = torch.from_numpy(i_all[start : start + self.batch_size])
-            eu = F.embedding(u, self.user, sparse=True)
-            vu = eu if self.history is None else eu + self.history.context(u.numpy(), self.item)
-            eq = vu @ self.mix if self.mix is not None else vu
-            # many item rows a step (the softmax's 64 negatives per positive): the fused op
-            fused = not self.shared_negatives and len(u) * (k + 1) >= self.n_items
-            pos, neg, reg_sq = self._scores(u, i, eu, eq, j_all[start : start + self.batch_size], positive_keys,
-                                            fused)
-            if self.loss == "bpr":
-                loss = F.softplus(neg - pos[:, None]).mean()
-            else:
-                logits = torch.cat([pos[:, None], neg], dim=1)
-                loss = F.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long))
-            loss = loss + self.reg * 0.5 * reg_sq / len(u)
-            for opt in opts:
-                opt.zero_grad()
-            loss.backward()
-            self.step += 1
-            # Cosine learning-rate decay, as in the authors' LightGCN runs (1e-2 -> 1e-4).
-            progress = min(self.step / max(self.total_steps, 1), 1.0)
-            lr_now = self.lr_floor + (self.lr - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
-            for opt in opts:
-                for group in opt.param_groups:
-                    group["lr"] = lr_now * (self.mix_lr_scale if opt is self._mix_opt else 1.0)
-            report = self.masks.step(opts, self.schedule, self.step)
-            if report is not None:
-                self.last_report = report
-            total += float(loss.detach())
-            n_batches += 1
-        if log is not None:
-            dt = time.perf_counter() - t0
-            log(f"  {n_batches} steps, {len(users) / max(dt, 1e-9):,.0f} pairs/s, loss {total / n_batches:.4f}")
-        return total / max(n_batches, 1)
-
-    def _scores(self, u: torch.Tensor, i: torch.Tensor, eu: torch.Tensor, eq: torch.Tensor, j_batch: np.ndarray,
-                positive_keys: np.ndarray | None, fused: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Positive scores (B,), negative scores (B, k) and the batch's L2 sum (its item rows'
-        negatives weighted 1/k).
-
-        ``fused`` (per-positive negatives only) computes the same values and gradients by
-        ``_SampledScores`` in fewer passes over the (B, k, dim) rows; otherwise by row lookups.
-        """
-        k = self.n_negatives
-        if fused:
-            weights = torch.full((k + 1,), 1.0 / k)
-            weights[0] = 1.0
-            rows = torch.cat([i[:, None], torch.from_numpy(j_batch)], 1)
-            logits, item_sq = _SampledScores.apply(eq, self.item, rows, weights)
-            return logits[:, 0], logits[:, 1:], eu.pow(2).sum() + item_sq
-        ei = F.embedding(i, self.item, sparse=True)
-        pos = (eq * ei).sum(1)
-        if self.shared_negatives:
-            j_np = self._rng.integers(0, self.n_items, k)
-            ej = F.embedding(torch.from_numpy(j_np), self.item, sparse=True)  # (k, dim)
-            neg = eq @ ej.T
-            if positive_keys is not None:
-                known = _is_member(u.numpy().astype(np.int64)[:, None] * self.n_items + j_np[None, :],
-                                   positive_keys)
-                neg = neg.masked_fill(torch.from_numpy(known), -1e9)
-        else:
-            j = torch.from_numpy(j_batch)
-            ej = F.embedding(j, self.item, sparse=True)  # (B, k, dim)
-            neg = torch.einsum("bd,bkd->bk", eq, ej)
-        return pos, neg, eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum() / k
-
-    @torch.no_grad()
-    def user_vectors(self, users: np.ndarray) -> torch.Tensor:
-        """The vectors items are scored against: user rows, plus the history term when set, and
-        folded through W with mixing."""
-        users = np.asarray(users, dtype=np.int64)
-        rows = self.user[torch.from_numpy(users)]
-        if self.history is not None:
-            rows = rows + self.history.context(users, self.item)
-        return rows @ self.mix if self.mix is not None else rows
-
-    @torch.no_grad()
-    def score_all(self, users: np.ndarray) -> torch.Tensor:
-        return self.user_vectors(users) @ self.item.T
-
-    def recommend_topk(self, users: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """Top-k item ids per user over the full catalogue, excluding each user's train items."""
-        scores = self.score_all(users)
-        if exclude is not None:
-            for row, seen in enumerate(exclude):
-                if len(seen):
-                    scores[row, torch.from_numpy(np.asarray(seen))] = -math.inf
-        return torch.topk(scores, k, dim=1).indices.numpy()
-
-    def to_sparse_tables(self) -> tuple["SparseTable", "SparseTable"]:
-        """Export both tables in the serving layout (``sparse_table``: support columns or ELL)."""
-        return (sparse_table(CSRTable.from_dense(self.user.detach().numpy())),
-                sparse_table(CSRTable.from_dense(self.item.detach().numpy())))
-
-
-class _History:
-    """Each user's train items, for ``SparseMF(history=...)``'s user vector: one weighted bag
-    sum over the item table per batch (``F.embedding_bag``, row-sparse gradient)."""
-
-    def __init__(self, indptr: np.ndarray, items: np.ndarray, n_users: int) -> None:
-        indptr, items = np.asarray(indptr, dtype=np.int64), np.asarray(items, dtype=np.int64)
-        if indptr.shape != (n_users + 1,) or indptr[0] != 0 or indptr[-1] != len(items) or np.any(np.diff(indptr) < 0):
-            raise ValueError("history must be CSR (indptr of n_users + 1 offsets, items) over every user")
-        self.indptr, self.items = indptr, items
-        self.lengths = np.diff(indptr)
-
-    def items_of(self, user: int) -> np.ndarray:
-        return self.items[self.indptr[user] : self.indptr[user + 1]]
-
-    def context(self, users: np.ndarray, table: torch.Tensor) -> torch.Tensor:
-        """``|N(u)|^-1/2 · Σ_{j∈N(u)} table[j]`` per user (zero rows for users without history)."""
-        lengths = self.lengths[users]
-        offsets = np.zeros(len(users), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=offsets[1:])
-        flat = np.repeat(self.indptr[users] - offsets, lengths) + np.arange(int(lengths.sum()))
-        weights = np.repeat(1.0 / np.sqrt(np.maximum(lengths, 1)), lengths).astype(np.float32)
-        return F.embedding_bag(torch.from_numpy(self.items[flat]), table, torch.from_numpy(offsets), mode="sum",
-                               per_sample_weights=torch.from_numpy(weights), sparse=table.requires_grad)
-
-
-class _SampledScores(torch.autograd.Function):
-    """Scores of each user against her own item rows, and their weighted L2 sum, in one op.
-
-    ``rows[b, c]`` is the c-th item of user b (her positive, then her sampled negatives). With
-    64 negatives per positive a step looks up more rows than the item table holds; by plain
-    lookups (``F.embedding(sparse=True)``) the (B, k, dim) gradient passed through a product,
-    a square, a sum and a sparse coalesce of its duplicate rows, which took most of the step.
-    Here the L2 term is taken once per distinct row (weighted by its lookups), and the backward
-    sums each row's score gradients by one sparse (rows x B) product with the queries. The item
-    table receives the same coalesced row-sparse gradient (the looked-up rows, sums up to float
-    order), so lazy Adam and the DSL masks see what they saw before.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, query: torch.Tensor, table: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
-                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = rows.reshape(-1)
-        # numpy's take gathers rows ~2x faster than index_select on one CPU thread
-        emb = torch.from_numpy(np.take(table.detach().numpy(), flat.numpy(), axis=0)).view(
-            *rows.shape, table.shape[1])  # (B, C, dim)
-        # the distinct looked-up rows, sorted, by counting (linear time, no sort); the L2 term
-        # Σ_bc w_c |emb_bc|² is then each distinct row's |row|² times its total lookup weight
-        flat_np = flat.numpy()
-        touched_np = np.flatnonzero(np.bincount(flat_np, minlength=table.shape[0]))
-        position = np.zeros(table.shape[0], dtype=np.int64)
-        position[touched_np] = np.arange(len(touched_np))
-        inverse = torch.from_numpy(position[flat_np])
-        touched = torch.from_numpy(touched_np)
-        row_weight = torch.zeros(len(touched_np), dtype=table.dtype).index_add_(
-            0, inverse, weights.expand(rows.shape).reshape(-1))
-        touched_rows = table.detach()[touched]
-        ctx.save_for_backward(query, emb, inverse, touched, row_weight, touched_rows)
-        ctx.table_shape = table.shape
-        scores = torch.bmm(emb, query.unsqueeze(2)).squeeze(2)  # (B, C)
-        return scores, (touched_rows.pow(2).sum(1) * row_weight).sum()
-
-    @staticmethod
-    def backward(ctx: Any, g_scores: torch.Tensor, g_sq: torch.Tensor  # type: ignore[override]
-                 ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        query, emb, inverse, touched, row_weight, touched_rows = ctx.saved_tensors
-        g_query = torch.bmm(g_scores.unsqueeze(1), emb).squeeze(1)
-        # a touched row's gradient is Σ over its lookups (b, c) of g_bc · query_b: one sparse
-        # (touched x B) matrix times the queries, never the (B, C, dim) outer product
-        n_users, n_cols = g_scores.shape
-        lookups = coo_matrix((g_scores.detach().numpy().ravel(),
-                              (inverse.numpy(), np.repeat(np.arange(n_users), n_cols))),
-                             shape=(len(touched), n_users)).tocsr()  # sums duplicates, no sort
-        values = torch.from_numpy(np.asarray(lookups @ query.detach().numpy(), dtype=np.float32))
-        values.addcmul_(touched_rows, (2 * g_sq * row_weight).unsqueeze(1))
-        g_table = torch.sparse_coo_tensor(touched[None], values, ctx.table_shape, is_coalesced=True,
-                                          check_invariants=False)
-        return g_query, g_table, None, None
-
-
-def _is_member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
-    pos = np.searchsorted(sorted_keys, keys)
-    pos[pos == len(sorted_keys)] = 0
-    return sorted_keys[pos] == keys
 
 
 # =============================================================================================
@@ -453,22 +133,21 @@ class CSRTable:
         return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
 
     def _gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows = np.ascontiguousarray(rows, dtype=np.int32)
-        n = rows.size
-        bp = np.zeros(n + 1, dtype=np.int32)
-        np.add.accumulate(self._lens[rows], out=bp[1:])
-        nnz = int(bp[-1])
-        bj = np.empty(nnz, dtype=np.int32)
-        bx = np.empty(nnz, dtype=np.float32)
-        _sparsetools.csr_row_index(n, rows, self.indptr, self.indices, self.data, bj, bx)
-        return bp, bj, bx
+        """The stored entries of ``rows`` as CSR ``(indptr, columns, values)`` of a len(rows)-row matrix."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lens = self._lens[rows]
+        bp = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=bp[1:])
+        flat = np.repeat(self.indptr[rows].astype(np.int64) - bp[:-1], lens) + np.arange(int(bp[-1]))
+        return bp, self.indices[flat], self.data[flat]
 
     def dot(self, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
         """``table[rows] @ vector`` touching only the stored entries of those rows."""
         bp, bj, bx = self._gather(rows)
-        out = np.zeros(bp.size - 1, dtype=np.float32)
-        _sparsetools.csr_matvec(bp.size - 1, self.shape[1], bp, bj, bx, np.ascontiguousarray(vector, np.float32), out)
-        return out
+        products = bx * np.asarray(vector, dtype=np.float32)[bj]
+        out = np.add.reduceat(products, bp[:-1]) if products.size else np.zeros(bp.size - 1, dtype=np.float32)
+        out = np.where(np.diff(bp) > 0, out, 0.0)  # reduceat repeats a neighbour's value for an empty row
+        return np.asarray(out, dtype=np.float32)
 
     def rows_dense(self, rows: np.ndarray) -> np.ndarray:
         bp, bj, bx = self._gather(rows)
@@ -478,12 +157,9 @@ class CSRTable:
 
     def matmul_t(self, x: np.ndarray) -> np.ndarray:
         """``x @ table.T`` for a (sparse) weight matrix stored as a CSRTable (rows = outputs)."""
-        n_out, n_in = self.shape
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.zeros((n_out, x.shape[0]), dtype=np.float32)
-        _sparsetools.csr_matvecs(n_out, n_in, x.shape[0], self.indptr, self.indices, self.data,
-                                 np.ascontiguousarray(x.T), out.reshape(-1))
-        return out.T
+        out = csr_array((self.data, self.indices, self.indptr), shape=self.shape) @ x.T
+        return np.ascontiguousarray(np.asarray(out, dtype=np.float32).T)
 
 
 class SupportTable:
@@ -648,6 +324,7 @@ class DSLRecommender:
         self.schedule = DSLSchedule(prune_every=prune_every, total_steps=anneal_steps)
         self.step = 0
         self.last_report: PruneGrowReport | None = None
+        self.last_loss = math.nan  # binary cross-entropy of the last step
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -678,15 +355,15 @@ class DSLRecommender:
         return logit, h
 
     # ---- learning ----------------------------------------------------------------------------
-    def learn_many(self, interactions: Sequence[Interaction]) -> float:
-        """One DSL step of binary cross-entropy on the labelled interactions; returns the loss.
+    def learn_many(self, interactions: Sequence[Interaction]) -> None:
+        """One DSL step of binary cross-entropy on the labelled interactions (loss in ``last_loss``).
 
         Interactions without a label (bare impressions) are skipped; an all-unlabelled batch does
         not count as a step.
         """
         batch = [x for x in interactions if x.label is not None]
         if not batch:
-            return float("nan")
+            return
         u, i, c = self._rows([x.user_id for x in batch], [x.item_id for x in batch], [x.category for x in batch])
         if self.config.get("grow_on_touch"):
             touched = {"user": u, "item": i, "cat": c}
@@ -703,10 +380,10 @@ class DSLRecommender:
         report = self.masks.step(self.opts, self.schedule, self.step)
         if report is not None:
             self.last_report = report
-        return float(loss.detach())
+        self.last_loss = float(loss.detach())
 
-    def learn_one(self, interaction: Interaction) -> float:
-        return self.learn_many([interaction])
+    def learn_one(self, interaction: Interaction) -> None:
+        self.learn_many([interaction])
 
     # ---- inference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -718,11 +395,11 @@ class DSLRecommender:
         logit, h = self._forward(*rows)
         return torch.sigmoid(logit).double().numpy(), h.float().numpy()
 
-    def predict_proba_many(self, interactions: Sequence[Interaction]) -> np.ndarray:
+    def predict_many(self, interactions: Sequence[Interaction]) -> np.ndarray:
         return self.predict_with_hidden(interactions)[0]
 
     def predict_one(self, interaction: Interaction) -> float:
-        return float(self.predict_proba_many([interaction])[0])
+        return float(self.predict_many([interaction])[0])
 
     @torch.no_grad()
     def score_candidates(
@@ -743,7 +420,7 @@ class DSLRecommender:
         return torch.sigmoid(logit).double().numpy(), h.float().numpy()
 
     # ---- snapshots ---------------------------------------------------------------------------
-    def to_snapshot(self) -> bytes:
+    def to_bytes(self) -> bytes:
         """Only active parameters and their flat indices (+ dense biases, config, version)."""
         arrays: dict[str, np.ndarray] = {}
         for name, p in self.masks.params.items():
@@ -764,7 +441,7 @@ class DSLRecommender:
         return buf.getvalue()
 
     @classmethod
-    def from_snapshot(cls, blob: bytes) -> "DSLRecommender":
+    def from_bytes(cls, blob: bytes) -> "DSLRecommender":
         """Rebuild a trainable model (masks from the stored indices; optimiser state starts fresh)."""
         meta, arrays = _read_snapshot(blob)
         model = cls(**{"first_order": False, **meta["config"]})  # snapshots from before first-order terms
@@ -824,7 +501,7 @@ class SparseScorer:
             table.rows_dense(np.zeros(0, dtype=np.int32))  # not on the first scored request
 
     @classmethod
-    def from_snapshot(cls, blob: bytes) -> "SparseScorer":
+    def from_bytes(cls, blob: bytes) -> "SparseScorer":
         return cls(*_read_snapshot(blob))
 
     def _score_rows(self, u: np.ndarray, i: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -862,7 +539,7 @@ class SparseScorer:
                       for x in interactions], dtype=np.int32)
         return self._score_rows(u, i, c)
 
-    def predict_proba_many(self, interactions: Sequence[Interaction]) -> np.ndarray:
+    def predict_many(self, interactions: Sequence[Interaction]) -> np.ndarray:
         return self.predict_with_hidden(interactions)[0]
 
 

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from models.error_memory import compensate
+from driftrec.models.error_memory import compensate
 
 TINY_P = 1e-12  # a zero propensity counts as this, so ln(K·p) stays finite (and is then clipped)
 
@@ -112,8 +112,9 @@ def rms_step(grad: float, v: float, t: int, rho: float) -> tuple[float, int, flo
 class TPPWeight:
     """Online logistic regression of the TPP term's weight, the served base logit as offset.
 
-    ``learn_many`` takes events scored *before* they were learned (test-then-train); events
-    whose feature is 0 (no propensity, unknown category) carry no gradient.
+    ``update`` takes events scored *before* they were learned (test-then-train); events whose
+    feature is 0 (no propensity, unknown category) carry no gradient. A part of
+    :class:`FusionWeights`, which is the learner the stream drives.
     """
 
     w: float = 0.5
@@ -130,7 +131,7 @@ class TPPWeight:
         z = np.asarray(base_logit, dtype=np.float64) + self.term(feature)
         return 0.5 * (1.0 + np.tanh(0.5 * z))
 
-    def learn_many(self, base_logit: np.ndarray, feature: np.ndarray, labels: np.ndarray) -> None:
+    def update(self, base_logit: np.ndarray, feature: np.ndarray, labels: np.ndarray) -> None:
         f = np.asarray(feature, dtype=np.float64)
         active = (f != 0.0) & (np.abs(self.w * f) < self.clip)  # the clip passes no gradient
         if not active.any():
@@ -177,7 +178,7 @@ def read_fusion(part: bytes | None) -> dict[str, Any]:
 class MemoryLambda:
     """Online estimate of the error memory's ``λ`` from served predictions (see the module doc).
 
-    ``learn_many(base, e_hat, labels)`` takes the served base probabilities and the memory's
+    ``update(base, e_hat, labels)`` takes the served base probabilities and the memory's
     estimates *before* the events were written (test-then-train); events where the memory knew
     nothing (``ê = 0``) or the compensated probability sits at the clip carry no gradient.
     """
@@ -202,7 +203,7 @@ class MemoryLambda:
         # d logloss / d λ = (q − y) / (q (1 − q)) · ê   (log-loss of q, chain rule through q = base + λ·ê)
         return float(np.mean(((q - y) * e / (q * (1.0 - q)))[active])), int(active.sum())
 
-    def learn_many(self, base: np.ndarray, e_hat: np.ndarray, labels: np.ndarray) -> None:
+    def update(self, base: np.ndarray, e_hat: np.ndarray, labels: np.ndarray) -> None:
         grad, n = self.gradient(base, e_hat, labels)
         if n == 0:
             return
@@ -222,3 +223,95 @@ class MemoryLambda:
         return cls(lam=float(doc[f"{key}_lambda"]), _v=float(doc.get(f"{key}_v", 0.0)),
                    _t=int(doc.get(f"{key}_t", 0)), n_seen=int(doc.get(f"{key}_n_seen", 0)), key=key,
                    **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class FusionSample:
+    """One labelled event as it was served: what the fusion weights learn from (test-then-train).
+
+    ``memory`` / ``session`` are the two memories' estimates read *before* the event was written,
+    ``tpp`` the log-ratio feature ``f`` of the user's propensity computed before the event (0: none).
+    """
+
+    base: float
+    label: int | None
+    memory: float = 0.0
+    session: float = 0.0
+    tpp: float = 0.0
+
+
+class FusionWeights:
+    """The fusion's learned weights, one learner: the memory's λ, the session memory's μ and the
+    TPP term's ``w``; ``predict_*`` is the scoring service's fusion rule with them.
+
+    A part set to ``None`` is not learned (its setting is switched off) and contributes nothing.
+    Each part is fitted on its own term against the base alone (see the module docstring).
+    """
+
+    def __init__(self, tpp: TPPWeight | None = None, memory: MemoryLambda | None = None,
+                 session: MemoryLambda | None = None, eps: float = 1e-4) -> None:
+        self.tpp, self.memory, self.session, self.eps = tpp, memory, session, eps
+
+    @property
+    def enabled(self) -> bool:
+        return any(part is not None for part in (self.tpp, self.memory, self.session))
+
+    def _arrays(self, samples: Sequence[FusionSample]) -> tuple[np.ndarray, ...]:
+        cols = np.array([(x.base, x.memory, x.session, x.tpp) for x in samples], dtype=np.float64).reshape(-1, 4)
+        return cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3]
+
+    def learn_one(self, sample: FusionSample) -> None:
+        self.learn_many([sample])
+
+    def learn_many(self, samples: Sequence[FusionSample]) -> None:
+        labelled = [x for x in samples if x.label is not None]
+        if not labelled:
+            return
+        base, e_hat, c_hat, feature = self._arrays(labelled)
+        y = np.array([x.label for x in labelled], dtype=np.float64)
+        if self.memory is not None:
+            self.memory.update(base, e_hat, y)
+        if self.session is not None:
+            self.session.update(base, c_hat, y)
+        if self.tpp is not None and feature.any():
+            p = np.clip(base, self.eps, 1 - self.eps)
+            self.tpp.update(np.log(p) - np.log1p(-p), feature, y)
+
+    def predict_one(self, sample: FusionSample) -> float:
+        return float(self.predict_many([sample])[0])
+
+    def predict_many(self, samples: Sequence[FusionSample]) -> np.ndarray:
+        """``sigmoid(logit(clip(base + λ·ê + μ·ĉ)) + clip(w·f))``, as ``serving.scorer`` fuses."""
+        base, e_hat, c_hat, feature = self._arrays(samples)
+        lam = self.memory.lam if self.memory is not None else 0.0
+        mu = self.session.lam if self.session is not None else 0.0
+        p = compensate(base, lam * e_hat + mu * c_hat, 1.0, self.eps)
+        z = np.log(p) - np.log1p(-p) + (self.tpp.term(feature) if self.tpp is not None else 0.0)
+        return np.asarray(0.5 * (1.0 + np.tanh(0.5 * z)), dtype=np.float64)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The snapshot's ``fusion`` part (each learned part under its own keys)."""
+        out: dict[str, float | int] = {}
+        for part in (self.tpp, self.memory, self.session):
+            if part is not None:
+                out.update(part.to_dict())
+        return out
+
+    def resume(self, doc: dict[str, Any]) -> None:
+        """Continue from a snapshot's ``fusion`` part: every enabled part that was learned there."""
+        if self.tpp is not None:
+            self.tpp = TPPWeight.from_dict(doc, clip=self.tpp.clip) or self.tpp
+        if self.memory is not None:
+            self.memory = MemoryLambda.from_dict(doc, eps=self.memory.eps) or self.memory
+        if self.session is not None:
+            self.session = MemoryLambda.from_dict(doc, key="session", eps=self.session.eps) or self.session
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, eps: float = 1e-4) -> FusionWeights:
+        """Every part found in ``data`` (a part absent there stays off)."""
+        doc = read_fusion(data)
+        return cls(tpp=TPPWeight.from_dict(doc), memory=MemoryLambda.from_dict(doc, eps=eps),
+                   session=MemoryLambda.from_dict(doc, key="session", eps=eps), eps=eps)

@@ -37,16 +37,10 @@ Deviations, and why:
    snapshotted and frozen at the end of the first period (L2P's frozen query model), while the
    whole TPP (its own embedding included) keeps learning jointly with the prompts, as in the
    paper. (A first version froze the TPP's shared type embedding itself; on the Taobao stream
-   that cost type accuracy, see the benchmark notes.) ``freeze="encoder"`` is
-   the L2P reading (only keys, prompts and the intensity head train after period 1);
-   ``freeze="none"`` is the official code. We do not reproduce the alternate-batch prompt
-   updates (undocumented in the paper, no stated purpose).
+   that cost type accuracy.) ``freeze="none"`` is the official code. We do not reproduce the
+   alternate-batch prompt updates (undocumented in the paper, no stated purpose).
 4. Next-event prediction by deterministic numerical integration instead of thinning (see
    ``models.tpp``).
-5. Optional ``gated=True`` (off by default; our addition, measured in the benchmark's third dev
-   round): prefixes are read through their own softmax and added with a per-head gate tanh(g),
-   g = 0 at the start (LLaMA-Adapter's zero-init attention), so the model starts as the
-   prompt-free TPP and prompts take part only as the loss opens their gate.
 """
 
 from __future__ import annotations
@@ -59,9 +53,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.tpp import Batch, NeuralTPP, temporal_encoding
+from driftrec.models.tpp import Batch, NeuralTPP, temporal_encoding
 
-FreezeMode = Literal["query", "encoder", "none"]
+FreezeMode = Literal["query", "none"]
 
 
 class PromptPool(nn.Module):
@@ -95,7 +89,6 @@ class PromptTPP(NeuralTPP):
         prompt_len: int = 5,
         key_weight: float = 0.1,
         freeze: FreezeMode = "query",
-        gated: bool = False,
         n_layers: int = 1,
         heads: int = 2,
         lr: float = 3e-3,
@@ -117,13 +110,9 @@ class PromptTPP(NeuralTPP):
             raise ValueError("top_n must be <= pool_size")
         self.config.update(
             pool_size=pool_size, top_n=top_n, prompt_len=prompt_len, key_weight=key_weight, freeze=freeze,
-            gated=gated,
         )
         self.top_n, self.key_weight, self.freeze = top_n, key_weight, freeze
         self.pool = PromptPool(self.net.n_sites, pool_size, prompt_len, hidden, 2 * hidden)
-        if gated:
-            for site in (*self.net.enc, self.net.ct_attn):
-                site.gate_prefixes()
         # The query function's own copy of the type embedding: tied to the TPP's embedding during
         # the first period, then snapshotted and frozen, so keys keep matching the same query
         # space while the TPP's embedding goes on learning (L2P's frozen query model).
@@ -169,11 +158,7 @@ class PromptTPP(NeuralTPP):
         """Parameters that stay fixed once the first period has ended (by freeze mode)."""
         if self.freeze == "none":
             return {}
-        query = {"query_emb.weight": self.query_emb.weight}
-        if self.freeze == "query":
-            return query
-        named = {f"net.{k}": v for k, v in self.net.named_parameters() if not k.startswith("head.")}
-        return {**query, **named}
+        return {"query_emb.weight": self.query_emb.weight}
 
     def _apply_freeze(self) -> None:
         for p in self.frozen_parameters().values():

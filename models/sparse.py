@@ -39,28 +39,10 @@ Deviations, with reasons:
 * **Optimiser state.** Gradients are masked before the optimiser step, so Adam moments of
   inactive weights stay zero and inactive weights never move; on prune/grow the moments of every
   changed position are zeroed (the authors only reset SGD momentum buffers).
-* **Optional window growth score** (``grow_from="window"``, not the default): |dense gradient|
-  summed over the ΔT steps since the last exploration instead of the last batch's only. With
-  few, short epochs the last batch covers a small share of rows, so the paper's score regrows
-  mostly that batch's rows (the critique made by SparseRec, arXiv:2411.12205). Off by default so
-  the benchmark measures the paper's rule; it has not been benchmarked end to end here.
-* **Optional aligned init** (``init="aligned"``; the Gowalla benchmark's default since it was
-  chosen on a validation split, ``SparseParameterSet`` and the online model default to the
-  paper's uniform init). Every row of a group's 2-D tables starts active on the same columns
-  (see ``_aligned_mask``), so a factorisation's ``u · v`` counts all of them from the first step;
-  uniform masks at 10 % density overlap on ~0.6 of 64 columns. Validation Recall@20 (10 % per-user
-  hold-out of Gowalla's train.txt, 8 epochs, density 0.1): uniform 0.0172, aligned 0.0476 (dense
-  dim 64: 0.1096; a dense model of the same budget, dim 6: 0.0723). Only 2-D tables in a
-  multi-column group are aligned; a head's weight matrix should use ``random``.
-* **Optional row groups / row weights on aligned init** (``row_groups``, ``row_weights``).
-  Aligned masks never leave their shared columns (a weight's gradient is the other side's weight
-  on the same column), so the table stays a rank-``d·dim`` model. With ``row_groups`` (e.g. a
-  co-clustering of users and items) each group gets its own block of columns beside
-  ``shared_columns`` common ones (``_grouped_mask``; with ``ranked_groups`` a row also takes its
-  second-nearest group's block): the Gowalla benchmark's default, validation Recall@20 0.0970 at
-  density 0.1. ``row_weights`` gives popular rows longer prefixes (``_nested_mask``; 0.0329) or,
-  with ``row_groups``, a longer reach into their ranked groups (0.0873 at frequency ** 0.5); both
-  are kept for the record.
+* **Caller-made initial masks** (``mask_init``): the paper draws masks uniformly, and so does
+  the online model. The offline Gowalla benchmark starts from data-driven masks of its own
+  (``benchmarks/sparse_mf.py``), drawn from the set's generator; options that lost on its
+  validation split are recorded in ``research/README.md``.
 * **Online, unbounded streams.** ``cosine_update_fraction`` holds ``p(t)`` at the floor after
   ``total_steps`` (``CosineAnnealingLR`` would start climbing again), so a long-lived online model
   keeps a small, steady amount of exploration, which also helps it follow drift.
@@ -69,7 +51,7 @@ Deviations, with reasons:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +59,11 @@ import torch
 
 DEFAULT_INITIAL_FRACTION = 0.5
 DEFAULT_FLOOR_FRACTION = 0.005
+
+# (tensor name, parameter, exact active count, the set's generator) -> initial mask, or None for
+# the paper's uniform random mask. A caller's own initialisation (e.g. a benchmark's data-driven
+# masks) draws from the set's generator so a run is reproducible from one seed.
+MaskInit = Callable[[str, torch.nn.Parameter, int, torch.Generator], "torch.Tensor | None"]
 
 
 def cosine_update_fraction(
@@ -122,135 +109,6 @@ class PruneGrowReport:
     active_per_tensor: dict[str, int] = field(default_factory=dict)
 
 
-def _aligned_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
-                  gen: torch.Generator) -> torch.Tensor:
-    """Every row active on the same leading columns of ``column_order``; the remainder of the
-    exact budget (fewer than one column's worth) goes to random rows on the next column.
-
-    Why (``init="aligned"``, our option; the paper draws masks uniformly): a factorisation scores
-    with ``u · v``, which only counts dimensions active on *both* sides. Uniform masks at density
-    ``d`` overlap on ``d²·dim`` dimensions in expectation (0.64 of 64 at 10 %), so almost every
-    score starts at 0 and a user row is grown only where item rows happen to be active. Shared
-    columns make every pair overlap fully from the first step; prune-and-grow then moves the
-    budget between rows and columns as the paper does.
-    """
-    rows, cols = int(shape[0]), int(shape[1])
-    full, rest = divmod(n_active, rows)
-    mask = torch.zeros(rows, cols, dtype=torch.bool)
-    mask[:, column_order[:full]] = True
-    if rest:
-        mask[torch.randperm(rows, generator=gen)[:rest], column_order[full]] = True
-    return mask
-
-
-def _weighted_lengths(rows: int, cols: int, n_active: int, row_weights: torch.Tensor) -> torch.Tensor:
-    """Per-row active counts ``k_r ≈ c·w_r`` (at least 1, at most ``cols``) summing exactly to
-    ``n_active``; ``c`` by bisection, since ``Σ clamp(floor(c·w), 1, cols)`` is monotone in it."""
-    w = row_weights.to(torch.float64).clamp_min(0)
-    if w.numel() != rows:
-        raise ValueError(f"row_weights has {w.numel()} entries for {rows} rows")
-    if not rows <= n_active <= rows * cols:
-        raise ValueError(f"weighted lengths need between 1 and {cols} columns per row, budget {n_active}")
-    w = w / w.mean() if float(w.sum()) > 0 else torch.ones_like(w)
-    lo, hi = 0.0, float(cols) / max(float(w[w > 0].min()), 1e-12) if bool((w > 0).any()) else float(cols)
-
-    def total(c: float) -> torch.Tensor:
-        return (c * w).floor().clamp(1, cols)
-
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if float(total(mid).sum()) > n_active:
-            hi = mid
-        else:
-            lo = mid
-    k = total(lo)
-    short = n_active - int(k.sum())  # 0 <= short < rows: one more column for the largest remainders
-    if short:
-        room = (k < cols)
-        frac = torch.where(room, lo * w - (lo * w).floor(), torch.full_like(w, -1.0))
-        k[torch.argsort(frac, descending=True, stable=True)[:short]] += 1
-    return k.to(torch.long)
-
-
-def _nested_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
-                 row_weights: torch.Tensor) -> torch.Tensor:
-    """Aligned masks whose rows take different-length prefixes of one column order: row ``r``
-    gets ``k_r ≈ c·w_r`` leading columns (at least 1, at most all), ``c`` set so that
-    ``Σ k_r`` is exactly the budget.
-
-    Why (``row_weights``, our option): with equal-length prefixes no row can ever grow past the
-    shared columns, because a weight's gradient in a factorisation is the other side's weight on
-    the same column, zero everywhere outside the prefix; the budget then stays a dense low-rank
-    model with holes. Prefixes of different lengths (popular rows longer, as in mixed-dimension
-    embeddings) keep any two rows overlapping on the shorter prefix and give the rest of the
-    columns non-zero gradients, so prune-and-grow can move budget along them.
-    """
-    rows, cols = int(shape[0]), int(shape[1])
-    lengths = _weighted_lengths(rows, cols, n_active, row_weights)
-    mask = torch.zeros(rows, cols, dtype=torch.bool)
-    slots = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # row r: its first k_r slots
-    mask[:, column_order] = slots
-    return mask
-
-
-def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, row_groups: torch.Tensor,
-                  shared: int, gen: torch.Generator, blocks: Sequence[int] | None = None,
-                  ranked: bool = False, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Aligned masks per row group: every row is active on the first ``shared`` columns of the
-    order plus its group's own block of the rest, so rows of one group (a user and the items of
-    her region) overlap fully while the table as a whole uses many more columns than one row has.
-
-    Why (``row_groups``, our option, in the spirit of SparseRec's data-driven mask init): aligned
-    masks make the whole table a rank-``d·dim`` model; with groups from a co-clustering of the
-    interaction graph each group gets its own directions (a mixture of local low-rank models,
-    as LLORMA), at the same per-row budget. ``row_groups`` may hold one group id per row, or one
-    per row and level (columns: coarse to fine), each level with its own blocks of ``blocks[l]``
-    columns. With ``ranked`` the columns are instead the row's groups in order of closeness, all
-    in one space of blocks (soft membership: a row next to a group boundary also shares columns
-    with its second group). A row's preference is: shared columns, its block at each level (or
-    rank), then every other column in the shared order; it takes the first ``k`` (``k`` per row as
-    in ``_aligned_mask``: the remainder goes to random rows; with ``row_weights``, ``k`` follows
-    them as in ``_nested_mask``, so a popular row reaches further down its ranked groups).
-    """
-    rows, cols = int(shape[0]), int(shape[1])
-    if row_groups.numel() == 0 or row_groups.shape[0] != rows or int(row_groups.min()) < 0:
-        raise ValueError(f"row_groups needs non-negative group ids for each of {rows} rows")
-    groups = row_groups.to(torch.long).reshape(rows, -1)
-    n_groups = [int(g) + 1 for g in groups.max(0).values]
-    if ranked:  # every rank indexes the same blocks
-        n_groups = [max(n_groups)] * len(n_groups)
-        blocks = [blocks[0] if blocks else (cols - shared) // n_groups[0]] * len(n_groups)
-    if blocks is None:
-        blocks = [(cols - shared) // n_groups[0]] if len(n_groups) == 1 else []
-    if len(blocks) != len(n_groups) or min(blocks, default=0) < 1 \
-            or shared + sum(g * b for g, b in zip(n_groups[: 1 if ranked else None], blocks)) > cols:
-        raise ValueError(f"groups {n_groups} x blocks {list(blocks)} do not fit in {cols} - {shared} shared columns")
-    if row_weights is not None:
-        lengths = _weighted_lengths(rows, cols, n_active, row_weights)
-    else:
-        full, rest = divmod(n_active, rows)
-        lengths = torch.full((rows,), full, dtype=torch.long)
-        if rest:
-            lengths[torch.randperm(rows, generator=gen)[:rest]] += 1
-    combos, inverse = torch.unique(groups, dim=0, return_inverse=True)
-    preference = torch.empty(len(combos), cols, dtype=torch.long)  # the column order as each combo ranks it
-    for c, ids in enumerate(combos.tolist()):
-        own, start = [], shared
-        for level, (g, b) in enumerate(zip(ids, blocks)):
-            own.append(column_order[start + g * b : start + (g + 1) * b])
-            start += 0 if ranked else n_groups[level] * b
-        first = torch.cat([column_order[:shared], *own])
-        _, at = np.unique(first.numpy(), return_index=True)  # a column in two ranked blocks counts once
-        first = first[np.sort(at)]
-        used = torch.zeros(cols, dtype=torch.bool)
-        used[first] = True
-        preference[c] = torch.cat([first, column_order[~used[column_order]]])
-    taken = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # (rows, cols) in preference order
-    mask = torch.zeros(rows, cols, dtype=torch.bool)
-    mask.scatter_(1, preference[inverse.reshape(-1)], taken)
-    return mask
-
-
 class SparseParameterSet:
     """Binary masks at a fixed active count over several tensors, with DSL prune-and-grow.
 
@@ -264,20 +122,9 @@ class SparseParameterSet:
         density: float | Mapping[str, float],
         groups: Mapping[str, str] | None = None,
         seed: int = 0,
-        grow_from: str = "batch",
         protect_grown: bool = False,
-        init: str = "random",
-        row_weights: Mapping[str, torch.Tensor] | None = None,
-        row_groups: Mapping[str, torch.Tensor] | None = None,
-        shared_columns: int = 0,
-        group_blocks: Sequence[int] | None = None,
-        ranked_groups: bool = False,
+        mask_init: MaskInit | None = None,
     ) -> None:
-        if grow_from not in ("batch", "window"):
-            raise ValueError("grow_from must be 'batch' (the paper) or 'window'")
-        if init not in ("random", "aligned"):
-            raise ValueError("init must be 'random' (the paper) or 'aligned'")
-        self.grow_from = grow_from
         # protect_grown: weights grown in the last exploration cannot be pruned in the next one
         # (RigL-style grace period; they start at zero, so magnitude pruning would remove them
         # before they had any chance to train when explorations are close together).
@@ -288,37 +135,24 @@ class SparseParameterSet:
         self.groups: dict[str, str] = {name: (groups or {}).get(name, "global") for name in self.params}
         self._gen = torch.Generator().manual_seed(seed)
         self.masks: dict[str, torch.Tensor] = {}
-        column_order: dict[tuple[str, int], torch.Tensor] = {}  # aligned init: one order per group and width
         for name, p in self.params.items():
             d = float(density[name] if isinstance(density, Mapping) else density)
             if not 0.0 < d <= 1.0:
                 raise ValueError(f"density for {name} must be in (0, 1], got {d}")
             n = p.numel()
             n_active = max(1, min(n, round(d * n)))
-            if init == "aligned" and p.dim() == 2 and p.shape[1] > 1:
-                key = (self.groups[name], p.shape[1])
-                if key not in column_order:
-                    column_order[key] = torch.randperm(p.shape[1], generator=self._gen)
-                if row_groups is not None and name in row_groups:
-                    self.masks[name] = _grouped_mask(p.shape, n_active, column_order[key], row_groups[name],
-                                                     shared_columns, self._gen, group_blocks, ranked_groups,
-                                                     None if row_weights is None else row_weights.get(name))
-                elif row_weights is not None and name in row_weights:
-                    self.masks[name] = _nested_mask(p.shape, n_active, column_order[key], row_weights[name])
-                else:
-                    self.masks[name] = _aligned_mask(p.shape, n_active, column_order[key], self._gen)
+            given = mask_init(name, p, n_active, self._gen) if mask_init is not None else None
+            if given is not None:
+                if given.shape != p.shape or int(given.sum()) != n_active:
+                    raise ValueError(f"mask_init gave {name} a mask of shape {tuple(given.shape)} with "
+                                     f"{int(given.sum())} active, expected {tuple(p.shape)} with {n_active}")
+                self.masks[name] = given.to(torch.bool)
                 continue
             mask = torch.zeros(n, dtype=torch.bool)
             mask[torch.randperm(n, generator=self._gen)[:n_active]] = True
             self.masks[name] = mask.view_as(p)
         # Counts never change, so a set that starts dense stays dense: skip its mask arithmetic.
         self._dense = all(bool(m.all()) for m in self.masks.values())
-        # grow_from="window": |dense grad| summed over the steps since the last exploration, so
-        # growth reflects the whole window rather than the last batch's rows only.
-        self._grad_acc: dict[str, torch.Tensor] = (
-            {n: torch.zeros_like(p, requires_grad=False) for n, p in self.params.items()}
-            if grow_from == "window" and not self._dense else {}
-        )
         self.apply_masks()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -368,15 +202,11 @@ class SparseParameterSet:
             if g.is_sparse:
                 g = g.coalesce()
                 rows = g.indices()[0]
-                if self._grad_acc:
-                    self._grad_acc[name][rows] += g.values().abs()
                 p.grad = torch.sparse_coo_tensor(
                     g.indices(), g.values() * self.masks[name][rows], g.shape, is_coalesced=True, check_invariants=False
                 )
                 touched[name] = rows
             else:
-                if self._grad_acc:
-                    self._grad_acc[name].add_(g.abs())
                 g.mul_(self.masks[name])
         return touched
 
@@ -409,12 +239,8 @@ class SparseParameterSet:
         """
         opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         explore = schedule.due(step) and not self.is_dense
-        dense = self.dense_gradients() if explore and not self._grad_acc else None
+        dense = self.dense_gradients() if explore else None
         touched = self.mask_gradients()
-        if explore and self._grad_acc:
-            dense = {n: acc.clone() for n, acc in self._grad_acc.items()}
-            for acc in self._grad_acc.values():
-                acc.zero_()
         for opt in opts:
             opt.step()
         self.apply_masks(rows_only=touched)

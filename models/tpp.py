@@ -101,17 +101,6 @@ class PrefixAttention(nn.Module):
         assert d % heads == 0
         self.h, self.dh = heads, d // heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        # Set by a prompt model that wants zero-init gated prefixes (see ``gate_prefixes``).
-        self.prefix_gate: nn.Parameter | None = None
-
-    def gate_prefixes(self) -> None:
-        """Read prefixes through their own softmax, added with a per-head gate tanh(g), g = 0.
-
-        The LLaMA-Adapter form (Zhang et al., 2023): at g = 0 the layer is exactly the
-        prompt-free one, and prompts only take part once the loss opens their gate, instead of
-        25 random prefix tokens taking attention mass from the history from the first step.
-        """
-        self.prefix_gate = nn.Parameter(torch.zeros(self.h))
 
     def forward(
         self,
@@ -132,12 +121,6 @@ class PrefixAttention(nn.Module):
             pk = self.k(prefix).view(b, n, -1, self.h, self.dh)
             pv = self.v(prefix).view(b, n, -1, self.h, self.dh)
             ps = torch.einsum("bnshd,bnphd->bnshp", q, pk) * scale
-            if self.prefix_gate is not None:
-                att = torch.nan_to_num(torch.softmax(scores, dim=-1))
-                out = torch.einsum("bnshm,bmhd->bnshd", att, v)
-                att_p = torch.softmax(ps, dim=-1) * torch.tanh(self.prefix_gate).view(1, 1, 1, -1, 1)
-                out = out + torch.einsum("bnshp,bnphd->bnshd", att_p, pv)
-                return self.o(out.reshape(b, n, s, d))
             att = torch.softmax(torch.cat([ps, scores], dim=-1), dim=-1)
             att = torch.nan_to_num(att)
             p = pk.shape[2]
@@ -268,17 +251,26 @@ class HomogeneousPoisson:
         self.counts = np.zeros(n_types)
         self.duration = 0.0
 
-    def learn_many(self, sequences: Iterable[EventSeq]) -> HomogeneousPoisson:
+    def learn_one(self, sequence: EventSeq) -> None:
+        self.learn_many([sequence])
+
+    def learn_many(self, sequences: Sequence[EventSeq]) -> None:
         for t, k in sequences:
             if len(t) < 2:
                 continue
             self.counts += np.bincount(np.asarray(k[1:]), minlength=self.n_types)[: self.n_types]
             self.duration += float(t[-1] - t[0])
-        return self
 
     @property
     def rates(self) -> np.ndarray:
         return (self.counts + 0.5) / max(self.duration, 1e-12)
+
+    def predict_one(self, sequence: EventSeq) -> np.ndarray:
+        """P(next type): the fitted rates, normalised (the same for every sequence)."""
+        return np.asarray(self.rates / self.rates.sum(), dtype=np.float64)
+
+    def predict_many(self, sequences: Sequence[EventSeq]) -> np.ndarray:
+        return np.tile(self.predict_one((np.zeros(0), np.zeros(0, np.int64))), (len(sequences), 1))
 
     def log_likelihood_many(self, sequences: Iterable[EventSeq]) -> float:
         lr, total, n = np.log(self.rates), 0.0, 0
@@ -370,11 +362,14 @@ class NeuralTPP:
         seen = float(gaps.max() * 1.1) if len(gaps) else self.time_scale * 10
         self.max_gap = max(seen, self.max_gap or 0.0, 1e-9)
 
-    def learn_many(self, sequences: Sequence[EventSeq], epochs: int = 1) -> NeuralTPP:
+    def learn_one(self, sequence: EventSeq) -> None:
+        self.learn_many([sequence])
+
+    def learn_many(self, sequences: Sequence[EventSeq], epochs: int = 1) -> None:
         """One or more shuffled passes of minibatch Adam on the NLL (+ subclass terms)."""
         seqs = [s for s in sequences if len(s[0]) >= 2]
         if not seqs:
-            return self
+            return
         self._fit_scales(seqs)
         self.poisson.learn_many(seqs)
         params = self._trainable()
@@ -393,7 +388,6 @@ class NeuralTPP:
                 loss.backward()
                 nn.utils.clip_grad_norm_(params, 5.0)
                 self._opt.step()
-        return self
 
     # -- inference -------------------------------------------------------------------------
     def _batches(self, sequences: Sequence[EventSeq]) -> Iterable[tuple[list[int], Batch]]:
@@ -483,6 +477,41 @@ class NeuralTPP:
         lam = self.net.intensity_at(batch, h, h, gaps, pre)[0, -1, 0]
         return lam.double().numpy() / self.time_scale
 
+    @torch.no_grad()
+    def intensity_many(self, sequences: Sequence[EventSeq], chunk: int = 64) -> np.ndarray:
+        """lambda_k right after each sequence's last event, per caller time unit, shape (B, K).
+
+        Same quantity as ``propensity(times, types, at_time=times[-1])`` but for many sequences in
+        a few padded forward passes instead of one pass per sequence; before anything was learned,
+        the homogeneous prior.
+        """
+        if not sequences:
+            return np.zeros((0, self.n_types))
+        if self.time_scale is None:
+            return np.tile(self.poisson.rates.astype(np.float64), (len(sequences), 1))
+        self.net.eval()
+        out = []
+        for s in range(0, len(sequences), chunk):
+            batch = collate(list(sequences[s:s + chunk]), self.time_scale)
+            pre = self._prefixes(batch)
+            h = self.net.encode(batch, pre)
+            b, n = batch.types.shape
+            lam = self.net.intensity_at(batch, h, h, torch.zeros(b, n, 1), pre)[:, :, 0]  # (B, n, K)
+            last = (batch.lengths - 1).clamp(min=0)
+            out.append(lam[torch.arange(b), last].double().numpy() / self.time_scale)
+        return np.concatenate(out)
+
+    def predict_one(self, sequence: EventSeq) -> np.ndarray:
+        """P(next type) right after the sequence's last event, shape (K,)."""
+        return np.asarray(self.predict_many([sequence])[0])
+
+    def predict_many(self, sequences: Sequence[EventSeq]) -> np.ndarray:
+        """P(next type) right after each sequence's last event, (B, K): ``intensity_many`` normalised
+        (rows of zeros where every intensity is 0)."""
+        lam = self.intensity_many(sequences)
+        total = lam.sum(axis=1, keepdims=True)
+        return np.divide(lam, total, out=np.zeros_like(lam), where=total > 0)
+
     # -- serialisation ---------------------------------------------------------------------
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -508,7 +537,10 @@ class NeuralTPP:
     @classmethod
     def from_bytes(cls, data: bytes) -> NeuralTPP:
         state = torch.load(io.BytesIO(data), weights_only=True)
-        obj = cls(**state["config"])
+        config = dict(state["config"])
+        if config.pop("gated", False):  # written by 0.1.x with an option since removed
+            raise ValueError("this TPP snapshot uses gated prompts, which this version no longer has")
+        obj = cls(**config)
         obj.net.load_state_dict(state["net"])
         obj.time_scale = None if state["time_scale"] < 0 else state["time_scale"]
         obj.max_gap = None if state["max_gap"] < 0 else state["max_gap"]

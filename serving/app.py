@@ -39,15 +39,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from driftrec.settings import Settings
-from serving.schemas import (
+from driftrec.contract.settings import Settings
+from driftrec.serving.schemas import (
     ErrorResponse,
     ScoreRequest,
     ScoreResponse,
     check_request,
     validation_error,
 )
-from serving.scorer import Scorer
+from driftrec.serving.scorer import Scorer
 
 log = logging.getLogger(__name__)
 JSON = "application/json"

@@ -21,9 +21,9 @@ import faust
 import orjson
 from pydantic import ValidationError
 
-from driftrec.settings import Settings
-from serving.schemas import ScoreKafkaRequest, check_request, validation_error
-from serving.scorer import Scorer
+from driftrec.contract.settings import Settings
+from driftrec.serving.schemas import ScoreKafkaRequest, check_request, validation_error
+from driftrec.serving.scorer import Scorer
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from streams.events import FUTURE_SLACK_S, MAX_ID_LEN, MIN_TS
+from driftrec.contract.events import FUTURE_SLACK_S, MAX_ID_LEN, MIN_TS
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN)]
 HARD_MAX_CANDIDATES = 100_000  # schema ceiling; the served limit is settings.serving.max_candidates

@@ -58,14 +58,15 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from driftrec.settings import Settings
-from models.dsl import SparseScorer
-from models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
-from models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms  # noqa: F401 - tpp_terms is API
-from serving.compensation import BucketNames, estimates_from_values, plan_buckets, plan_session_buckets
-from streams.error_memory import MemoryKeys
-from streams.snapshots import SnapshotKeys, load_snapshot
-from streams.state import StateKeys
+from driftrec.contract.settings import Settings
+from driftrec.models.dsl import SparseScorer
+from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
+from driftrec.models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms  # noqa: F401 - tpp_terms is API
+from driftrec.storage.error_memory import BucketNames, estimates_from_values, plan_buckets, plan_session_buckets
+from driftrec.storage.error_memory import MemoryKeys
+from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
+from driftrec.storage.event_state import StateKeys
+from driftrec.storage.client import connect
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Scorer:
 
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings = settings
-        self.redis = redis if redis is not None else Redis.from_url(settings.redis_url)
+        self.redis = redis if redis is not None else connect(settings)
         self._owns_redis = redis is None
         self.snapshot_keys = SnapshotKeys(settings.key_prefix, "dsl")
         self.state_keys = StateKeys(settings.key_prefix)
@@ -207,7 +208,7 @@ class Scorer:
             return True
 
     def _build(self, version: int, parts: dict[str, bytes]) -> LoadedSnapshot:
-        model = SparseScorer.from_snapshot(parts["model"])
+        model = SparseScorer.from_bytes(parts["model"])
         catalog_raw = orjson.loads(parts["catalog"]) if parts.get("catalog") else {}
         if not isinstance(catalog_raw, dict):
             raise ValueError("catalog must be a JSON object item_id → category")

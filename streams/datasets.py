@@ -20,8 +20,8 @@ from pathlib import Path
 
 import orjson
 
-from models.interaction import Interaction
-from streams.events import Event, InvalidEvent, parse_event
+from driftrec.contract.interaction import Interaction
+from driftrec.contract.events import Event, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def load_events(source: str, cache_dir: Path, shared_data: Path, limit: int | No
 
 def load_ml100k_interactions(cache_dir: Path | None = None, limit: int | None = None) -> list[Interaction]:
     """ML-100K as model-side interactions, for benchmarks that bypass the broker."""
-    from driftrec.settings import get_settings
+    from driftrec.contract.settings import get_settings
 
     return [e.to_interaction() for e in ml100k_events(cache_dir or get_settings().data_cache, limit)]
 

@@ -10,19 +10,19 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
-from driftrec.settings import Settings
-from streams.worker import BatchHandler
+from driftrec.contract.settings import Settings
+from driftrec.streams.ingest import BatchHandler
 
 
 def default_learners(settings: Settings) -> dict[str, Callable[[Redis], BatchHandler]]:
     learners: dict[str, Callable[[Redis], BatchHandler]] = {}
     if settings.dsl.enabled:
-        from streams.trainer import DSLTrainer
+        from driftrec.streams.trainer import DSLTrainer
 
         # the trainer also writes the served snapshot's errors (ReLoop2) before each step
         learners["trainer"] = lambda redis: DSLTrainer(redis, settings).handle
     if settings.tpp.enabled:
-        from streams.tpp_agent import TPPLearner
+        from driftrec.streams.tpp_agent import TPPLearner
 
         learners["tpp"] = lambda redis: TPPLearner(redis, settings).handle
     return learners

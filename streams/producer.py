@@ -9,8 +9,8 @@ from typing import Any
 
 from kafka import KafkaProducer
 
-from driftrec.settings import Settings
-from streams.events import DeadLetter, Event
+from driftrec.contract.settings import Settings
+from driftrec.contract.events import DeadLetter, Event
 
 
 class EventProducer:

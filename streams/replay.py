@@ -10,10 +10,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from driftrec.settings import Settings
-from streams.datasets import load_events, read_jsonl
-from streams.events import Event
-from streams.producer import EventProducer
+from driftrec.contract.settings import Settings
+from driftrec.streams.datasets import load_events, read_jsonl
+from driftrec.contract.events import Event
+from driftrec.streams.producer import EventProducer
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from driftrec.settings import Settings
+from driftrec.contract.settings import Settings
 
 
 def topic_partitions(settings: Settings) -> dict[str, int]:

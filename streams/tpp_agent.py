@@ -57,15 +57,14 @@ import orjson
 import torch
 from redis.asyncio import Redis
 
-from driftrec.settings import Settings
-from models.prompt_tpp import PromptTPP, TypeVocabulary
-from models.tpp import EventSeq, collate
-from streams.events import Event
-from streams.snapshots import SnapshotKeys, load_snapshot, publish_snapshot
-from streams.state import StateKeys, sequence_member
+from driftrec.contract.settings import Settings
+from driftrec.models.prompt_tpp import PromptTPP, TypeVocabulary
+from driftrec.models.tpp import EventSeq
+from driftrec.contract.events import Event
+from driftrec.storage.snapshots import SnapshotKeys, load_snapshot, publish_snapshot
+from driftrec.storage.event_state import StateKeys, sequence_member
 
 log = logging.getLogger(__name__)
-DEDUP_TTL_S = 7 * 24 * 3600
 
 
 @dataclass
@@ -78,30 +77,6 @@ class UserSequence:
     @property
     def last_ts(self) -> float:
         return self.times[-1]
-
-
-@torch.no_grad()
-def batch_propensity(model: PromptTPP, seqs: Sequence[EventSeq], chunk: int = 64) -> np.ndarray:
-    """lambda_k right after each sequence's last event, per second, shape (B, K).
-
-    Same quantity as ``model.propensity(times, types, at_time=times[-1])`` but for many users in
-    a few padded forward passes instead of one pass per user.
-    """
-    if not seqs:
-        return np.zeros((0, model.n_types))
-    if model.time_scale is None:  # nothing learned yet: the homogeneous prior, as propensity() does
-        return np.tile(model.poisson.rates.astype(np.float64), (len(seqs), 1))
-    model.net.eval()
-    out = []
-    for s in range(0, len(seqs), chunk):
-        batch = collate(seqs[s:s + chunk], model.time_scale)
-        pre = model._prefixes(batch)
-        h = model.net.encode(batch, pre)
-        b, n = batch.types.shape
-        lam = model.net.intensity_at(batch, h, h, torch.zeros(b, n, 1), pre)[:, :, 0]  # (B, n, K)
-        last = (batch.lengths - 1).clamp(min=0)
-        out.append(lam[torch.arange(b), last].double().numpy() / model.time_scale)
-    return np.concatenate(out)
 
 
 class TPPLearner:
@@ -128,8 +103,7 @@ class TPPLearner:
         c = self.cfg
         return PromptTPP(c.n_types, hidden=c.hidden, pool_size=c.pool_size, top_n=c.top_n,
                          prompt_len=c.prompt_len, key_weight=c.key_weight, freeze=c.freeze,  # type: ignore[arg-type]
-                         lr=c.lr, batch_size=c.batch_size, seed=c.seed, copy_history=c.copy_history,
-                         copy_lr_scale=c.copy_lr_scale)
+                         lr=c.lr, batch_size=c.batch_size, seed=c.seed)
 
     async def ensure_model(self) -> PromptTPP:
         """The model, resumed from the newest ``tpp`` snapshot on first use."""
@@ -174,7 +148,7 @@ class TPPLearner:
         """Mark each event id once; only first deliveries are returned."""
         pipe = self.redis.pipeline(transaction=False)
         for event in events:
-            pipe.set(self._seen_key(event), 1, nx=True, ex=DEDUP_TTL_S)
+            pipe.set(self._seen_key(event), 1, nx=True, ex=self.settings.dedup_ttl_s)
         marked = await pipe.execute()
         return [e for e, fresh in zip(events, marked) if fresh]
 
@@ -225,7 +199,7 @@ class TPPLearner:
             model.start_period()
             self.events_in_period -= self.cfg.period_events
             ended += 1
-        return steps, ended, batch_propensity(model, score)
+        return steps, ended, model.intensity_many(score)
 
     async def handle(self, events: list[Event]) -> int:
         """Learn a micro-batch and refresh the touched users' propensities; returns fresh events."""

@@ -1,8 +1,10 @@
 """The Faust worker: thin agents over plain functions.
 
 Each agent reads ``events`` in micro-batches (``take_events``) and hands the batch to a plain
-async function that can be unit-tested without Faust. Only the ``ingest`` agent dead-letters;
-learner agents (added by :func:`register_learners`) skip what ``ingest`` rejects.
+async function that can be unit-tested without Faust (``streams.ingest``). Only the ``ingest``
+agent dead-letters; learner agents (``build_app(learners=...)``) skip what ``ingest`` rejects.
+Other agents (the Kafka scoring agent of ``serving``) are added to the built app by the caller:
+transport does not import the HTTP layer.
 
 Delivery is at-least-once (Faust commits offsets after processing), so every handler is
 idempotent per ``event_id``.
@@ -10,32 +12,20 @@ idempotent per ``event_id``.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import faust
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from redis.asyncio import Redis
 
-from driftrec.settings import Settings
-from streams.events import DeadLetter, Event, InvalidEvent, parse_event
-from streams.state import EventState
+from driftrec.contract.settings import Settings
+from driftrec.storage.event_state import EventState
+from driftrec.streams.ingest import BatchHandler, RawMessage, dead_letter, split_valid
+from driftrec.storage.client import connect
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RawMessage:
-    """What a handler needs of a Kafka message, independent of Faust's types."""
-
-    value: bytes
-    key: bytes | None
-    topic: str
-    partition: int | None
-    offset: int | None
 
 
 class WorkerMetrics:
@@ -58,43 +48,6 @@ class WorkerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def split_valid(messages: Sequence[RawMessage]) -> tuple[list[Event], list[tuple[RawMessage, str]]]:
-    """Partition a batch into contract events and (message, reason) rejects, keeping order."""
-    valid: list[Event] = []
-    rejected: list[tuple[RawMessage, str]] = []
-    for msg in messages:
-        if msg.value is None:
-            rejected.append((msg, "empty message value (tombstone)"))
-            continue
-        try:
-            event = parse_event(msg.value)
-        except InvalidEvent as exc:
-            rejected.append((msg, str(exc)))
-            continue
-        if msg.key is not None and msg.key.decode(errors="replace") != event.user_id:
-            rejected.append((msg, f"message key {msg.key!r} differs from user_id {event.user_id!r}"))
-            continue
-        valid.append(event)
-    return valid, rejected
-
-
-def dead_letter(msg: RawMessage, reason: str) -> DeadLetter:
-    value = msg.value or b""
-    return DeadLetter(
-        reason=reason,
-        original=value.decode("utf-8", errors="replace"),
-        original_b64=base64.b64encode(value).decode(),
-        key=None if msg.key is None else msg.key.decode("utf-8", errors="replace"),
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        ts=time.time(),
-    )
-
-
-BatchHandler = Callable[[list[Event]], Awaitable[int]]
 
 
 def _raw(event: faust.EventT) -> RawMessage:
@@ -124,7 +77,7 @@ def build_app(settings: Settings, learners: dict[str, Callable[[Redis], BatchHan
     events_topic = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw",
                              partitions=settings.events_partitions)
     dlq_topic = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=1)
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings)
     state = EventState(redis, settings.key_prefix, max_seq_len=settings.tpp.max_seq_len * 4)
     take, within = settings.worker_batch_size, settings.worker_batch_within_s
 
@@ -149,12 +102,6 @@ def build_app(settings: Settings, learners: dict[str, Callable[[Redis], BatchHan
     async def prometheus_metrics(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
         return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
 
-    if settings.serving.kafka_agent:
-        from serving.kafka_agent import register_scoring_agent
-        from serving.scorer import Scorer
-
-        register_scoring_agent(app, settings, lambda: Scorer(settings))
-
     return app
 
 
@@ -173,10 +120,7 @@ def _register_learner(app: faust.App, topic: faust.TopicT, name: str, handler: B
     app.agent(topic, name=name)(learner)
 
 
-def run_worker(settings: Settings, loglevel: str = "info") -> None:
-    """Run the worker in the foreground until SIGINT/SIGTERM."""
-    from streams.learners import default_learners
-
-    app = build_app(settings, default_learners(settings))
+def run_worker(app: faust.App, loglevel: str = "info") -> None:
+    """Run a built worker app in the foreground until SIGINT/SIGTERM."""
     worker = faust.Worker(app, loglevel=loglevel)
     worker.execute_from_commandline()

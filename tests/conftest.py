@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from driftrec.settings import Settings
-from streams.topics import ensure_topics
+from driftrec.contract.settings import Settings
+from driftrec.streams.topics import ensure_topics
 from tests.infra import delete_prefix, free_port, infrastructure
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -22,7 +22,7 @@ import httpx
 import redis
 
 from driftrec.procs import settings_env  # noqa: F401 - re-exported: tests and benchmarks import it here
-from driftrec.settings import Settings
+from driftrec.contract.settings import Settings
 
 TEST_REDIS_DB = int(os.environ.get("DRIFTREC_TEST_REDIS_DB", "2"))
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def infrastructure(tmp_home: Path) -> Iterator[Settings]:
         with KafkaContainer("apache/kafka:3.8.0").with_kraft() as kafka, RedisContainer("redis:7") as rds:
             settings = _settings(tmp_home, run_id, kafka.get_bootstrap_server(),
                                  f"redis://{rds.get_container_host_ip()}:{rds.get_exposed_port(6379)}/0")
-            from streams.topics import ensure_topics
+            from driftrec.streams.topics import ensure_topics
 
             ensure_topics(settings)
             yield settings

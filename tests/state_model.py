@@ -11,9 +11,9 @@ from collections.abc import Iterable
 
 import redis
 
-from driftrec.settings import Settings
-from streams.events import Event
-from streams.state import StateKeys, sequence_member
+from driftrec.contract.settings import Settings
+from driftrec.contract.events import Event
+from driftrec.storage.event_state import StateKeys, sequence_member
 
 
 def expected_state(events: Iterable[Event], prefix: str, max_seq_len: int) -> dict[str, object]:

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.error_memory import (
+from driftrec.models.error_memory import (
     ErrorMemory,
+    ServedSample,
     RandomProjectionLSH,
     compensate,
     compensation_delta,
@@ -24,6 +25,10 @@ from models.error_memory import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+def served(h: np.ndarray, y: int | None, p: float, ts: float = 0.0, event_id: str = "") -> ServedSample:
+    return ServedSample(hidden=h, served=p, label=y, ts=ts, event_id=event_id)
+
+
 def test_codes_are_identical_across_instances_and_processes() -> None:
     rng = np.random.default_rng(1)
     h = rng.standard_normal((20, 12)).astype(np.float32)
@@ -33,7 +38,7 @@ def test_codes_are_identical_across_instances_and_processes() -> None:
     assert a.dtype == np.int64 and a.shape == (20, 4)
     assert a.min() >= 0 and a.max() < 1 << 10
     script = (
-        "import json, numpy as np; from models.error_memory import RandomProjectionLSH;"
+        "import json, numpy as np; from driftrec.models.error_memory import RandomProjectionLSH;"
         f"h = np.array(json.loads({json.dumps(json.dumps(h.tolist()))}), dtype=np.float32);"
         "print(json.dumps(RandomProjectionLSH(12, 4, 10, seed=7).codes(h).tolist()))"
     )
@@ -86,10 +91,10 @@ def test_gamma_one_does_not_correct_what_the_model_has_learned() -> None:
     mem1, _ = _one_bucket_memory(capacity=8, gamma=1.0)
     for i in range(4):  # served 0.2 while the truth was 1: errors of +0.8
         for mem in (mem0, mem1):
-            mem.learn_one(h, 1, 0.2, ts=float(i), event_id=f"e{i}")
+            mem.learn_one(served(h, 1, 0.2, ts=float(i), event_id=f"e{i}"))
     # the model has since learned: it now predicts 0.9 for this region
-    assert mem0.predict_one(h, 0.9) == pytest.approx(min(0.9 + 0.5 * 0.8, 1 - 1e-4))  # corrected twice
-    assert mem1.predict_one(h, 0.9) == pytest.approx(0.9 + 0.5 * 0.1)  # only what is still missing
+    assert mem0.predict_one(served(h, None, 0.9)) == pytest.approx(min(0.9 + 0.5 * 0.8, 1 - 1e-4))  # corrected twice
+    assert mem1.predict_one(served(h, None, 0.9)) == pytest.approx(0.9 + 0.5 * 0.1)  # only what is still missing
 
 
 def test_compensation_formula_and_bounds() -> None:
@@ -111,7 +116,7 @@ def _one_bucket_memory(capacity: int, gamma: float = 1.0) -> tuple[ErrorMemory, 
 def test_fifo_capacity_keeps_the_newest_events() -> None:
     mem, h = _one_bucket_memory(capacity=2)
     for i, (y, p) in enumerate([(1, 0.0), (0, 0.5), (1, 0.5)]):
-        mem.learn_one(h, y, p, ts=float(i), event_id=f"e{i}")
+        mem.learn_one(served(h, y, p, ts=float(i), event_id=f"e{i}"))
     assert len(mem) == 2
     # e0 (label 1) left; e1 (label 0) and e2 (label 1) remain → against a query at 0.5, ê = 0
     e_hat, weight = mem.estimate_many(h[None, :], np.array([0.5]))
@@ -125,21 +130,22 @@ def test_fifo_capacity_keeps_the_newest_events() -> None:
 
 def test_relearning_the_same_event_changes_nothing() -> None:
     mem, h = _one_bucket_memory(capacity=8)
-    mem.learn_one(h, 1, 0.2, ts=1.0, event_id="x")
-    assert mem.predict_one(h, 0.1) == pytest.approx(0.1 + 0.5 * 0.9)
-    assert mem.learn_many(h[None, :], [0], np.array([0.9]), [2.0], ["x"]) == 0
+    mem.learn_one(served(h, 1, 0.2, ts=1.0, event_id="x"))
+    assert mem.predict_one(served(h, None, 0.1)) == pytest.approx(0.1 + 0.5 * 0.9)
+    mem.learn_many([served(h, 0, 0.9, ts=2.0, event_id="x")])
+    assert mem.last_added == 0
     assert len(mem) == 1
-    assert mem.predict_one(h, 0.1) == pytest.approx(0.1 + 0.5 * 0.9)
+    assert mem.predict_one(served(h, None, 0.1)) == pytest.approx(0.1 + 0.5 * 0.9)
 
 
 def test_a_new_version_never_reads_the_old_versions_errors() -> None:
     rng = np.random.default_rng(3)
     h = rng.standard_normal((50, 8))
     old = ErrorMemory(RandomProjectionLSH(8, 4, 6, seed=0, version=1))
-    old.learn_many(h, np.ones(50, dtype=int), np.full(50, 0.2), np.arange(50.0))
+    old.learn_many([served(h[i], 1, 0.2, ts=float(i)) for i in range(50)])
     new = ErrorMemory(RandomProjectionLSH(8, 4, 6, seed=0, version=2), buckets=old.buckets)
     e_old, _ = old.estimate_many(h, np.full(50, 0.2))
     e_new, w_new = new.estimate_many(h, np.full(50, 0.2))
     assert (e_old > 0.5).all()
     assert (e_new == 0).all() and (w_new == 0).all()
-    np.testing.assert_allclose(new.predict_many(h, np.full(50, 0.2)), 0.2)
+    np.testing.assert_allclose(new.compensate_many(h, np.full(50, 0.2)), 0.2)

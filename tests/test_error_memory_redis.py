@@ -11,15 +11,20 @@ import torch
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from models.error_memory import ErrorMemory, RandomProjectionLSH, compensate
-from models.interaction import Interaction
-from models.standin_ctr import StandinCTR
-from serving.compensation import read_compensation, read_estimates
-from streams.error_memory import ENTRY_BYTES, MemoryKeys, delete_memory, learn_and_write, write_errors
-from streams.shift import inject_genre_flip, pick_genre_flip, prequential_with_memory, segment_metrics, shifted_mask
+from driftrec.models.error_memory import ErrorMemory, RandomProjectionLSH, ServedSample, compensate
+from driftrec.contract.interaction import Interaction
+from benchmarks.standin_ctr import StandinCTR
+from driftrec.storage.error_memory import read_compensation, read_estimates
+from driftrec.storage.error_memory import ENTRY_BYTES, MemoryKeys, delete_memory, learn_and_write, write_errors
+from driftrec.shift import inject_genre_flip, pick_genre_flip, prequential_with_memory, segment_metrics, shifted_mask
 
 REDIS_URL = "redis://127.0.0.1:6379/3"
 DIM = 8
+
+
+def _served(xs: list[Interaction], probs: np.ndarray, hidden: np.ndarray) -> list[ServedSample]:
+    return [ServedSample(hidden=h, served=float(p), label=x.label, ts=x.ts, event_id=x.event_id)
+            for x, p, h in zip(xs, probs, hidden)]
 
 
 @pytest.fixture
@@ -69,8 +74,8 @@ async def test_redis_store_answers_like_the_in_process_reference(redis: Redis, p
     for b in range(4):
         xs, probs, hidden = _batch(rng, b * 60, 60)
         added = await write_errors(redis, keys, lsh, xs, probs, hidden, capacity=5)
-        assert added == ref.learn_many(hidden, [x.label for x in xs], probs, [x.ts for x in xs],
-                                       [x.event_id for x in xs])
+        ref.learn_many(_served(xs, probs, hidden))
+        assert added == ref.last_added
     _, q_probs, q_hidden = _batch(rng, 10_000, 40)
     q_hidden = np.vstack([q_hidden, rng.standard_normal((5, DIM)).astype(np.float32)])  # some empty buckets
     q_probs = np.concatenate([q_probs, np.full(5, 0.5)])
@@ -176,8 +181,8 @@ async def test_learn_and_write_with_the_standin_model(redis: Redis, prefix: str)
     written, probs, hidden = await learn_and_write(redis, keys, lsh, model, xs, capacity=16)
     assert probs.shape == (41,) and hidden.shape == (41, DIM) and hidden.dtype == np.float32
     ref = ErrorMemory(lsh, capacity=16)
-    assert written == ref.learn_many(hidden[:40], [x.label for x in xs[:40]], probs[:40],
-                                     [x.ts for x in xs[:40]], [x.event_id for x in xs[:40]]) > 0
+    ref.learn_many(_served(xs[:40], probs[:40], hidden[:40]))
+    assert written == ref.last_added > 0
     delta = await read_compensation(redis, keys, lsh, hidden, probs)
     np.testing.assert_allclose(probs + delta, compensate(probs, ref.estimate_many(hidden, probs)[0]), atol=1e-12)
 
@@ -186,7 +191,7 @@ async def test_compensation_cuts_logloss_after_an_injected_genre_flip(redis: Red
     """ML-100K, labels of the most frequent genre flip at 60 % of the stream: within the first
     2,000 events after the flip, the memory-compensated predictions must have lower log-loss on
     the flipped genre than the same model uncompensated (same run, same served base model)."""
-    from streams.datasets import load_ml100k_interactions
+    from driftrec.streams.datasets import load_ml100k_interactions
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

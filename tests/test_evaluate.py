@@ -17,10 +17,11 @@ import redis
 
 from driftrec.evaluate import EvalOptions, run_evaluation, served_variants
 from driftrec.report import load_served
-from driftrec.settings import Settings, get_settings
-from models import metrics
-from streams.datasets import ml100k_events
-from streams.error_memory import KEY_SPACE
+from driftrec.contract.settings import Settings, get_settings
+from driftrec.contract.interaction import Interaction
+from driftrec.models import metrics
+from driftrec.streams.datasets import ml100k_events
+from driftrec.storage.error_memory import KEY_SPACE
 
 # ---------------------------------------------------------------------------------------------
 # metrics: hand-worked cases
@@ -112,15 +113,16 @@ def test_served_variants_follow_the_fusion_rule() -> None:
 
 @pytest.mark.parametrize("name", ["river-lr", "river-fm", "vw"])
 def test_baselines_learn_ml100k(name: str) -> None:
-    from models.baselines import make_peer
+    from driftrec.models.baselines import make_peer
 
     peer = make_peer(name)
     events = ml100k_events(get_settings().data_cache, limit=6000)
     ys, ps = [], []
     for e in events:
-        ps.append(float(peer.predict_many(e.user_id, [e.item_id], [e.category])[0]))
+        x = e.to_interaction()
+        ps.append(peer.predict_one(x))
         ys.append(e.label)
-        peer.learn_one(e.user_id, e.item_id, e.category, e.label)
+        peer.learn_one(x)
     assert all(0.0 <= p <= 1.0 for p in ps)
     later_auc = metrics.auc(ys[3000:], ps[3000:])
     assert later_auc > 0.6, f"{name} should beat chance after learning (AUC {later_auc:.3f})"
@@ -128,7 +130,7 @@ def test_baselines_learn_ml100k(name: str) -> None:
 
 
 def test_unknown_baseline_is_refused() -> None:
-    from models.baselines import make_peer
+    from driftrec.models.baselines import make_peer
 
     with pytest.raises(ValueError, match="unknown baseline"):
         make_peer("xgboost")
@@ -141,7 +143,7 @@ def test_unknown_baseline_is_refused() -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_prequential_harness_end_to_end(isolated: Settings, tmp_path) -> None:
-    from streams.learners import default_learners
+    from driftrec.streams.learners import default_learners
 
     out = tmp_path / "report"
     opts = EvalOptions(namespace=False, progress=False, window=250, rank_fraction=0.5)
@@ -200,17 +202,17 @@ def test_prequential_harness_end_to_end(isolated: Settings, tmp_path) -> None:
     assert all(b > a for a, b in zip(versions[1:], versions[2:])), "a window was scored by a stale snapshot"
 
     # the peers: "<peer>" learns each window after scoring it, "<peer>@event" each event
-    from models.baselines import make_peer
+    from driftrec.models.baselines import make_peer
 
     window_peer, event_peer = make_peer("river-lr"), make_peer("river-lr")
     for start in range(0, len(records), opts.window):
         chunk = records[start:start + opts.window]
         for rec in chunk:
             cat = rec["category"]
-            assert rec["scores"]["river-lr"] == pytest.approx(
-                window_peer.predict_many(rec["user_id"], [rec["item_id"]], [cat])[0], abs=1e-9)
-            assert rec["scores"]["river-lr@event"] == pytest.approx(
-                event_peer.predict_many(rec["user_id"], [rec["item_id"]], [cat])[0], abs=1e-9)
-            event_peer.learn_one(rec["user_id"], rec["item_id"], cat, rec["label"])
-        for rec in chunk:
-            window_peer.learn_one(rec["user_id"], rec["item_id"], rec["category"], rec["label"])
+            query = Interaction(rec["user_id"], rec["item_id"], 0.0, category=cat)
+            learned = Interaction(rec["user_id"], rec["item_id"], 0.0, label=rec["label"], category=cat)
+            assert rec["scores"]["river-lr"] == pytest.approx(window_peer.predict_one(query), abs=1e-9)
+            assert rec["scores"]["river-lr@event"] == pytest.approx(event_peer.predict_one(query), abs=1e-9)
+            event_peer.learn_one(learned)
+        window_peer.learn_many([Interaction(r["user_id"], r["item_id"], 0.0, label=r["label"],
+                                            category=r["category"]) for r in chunk])

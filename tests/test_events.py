@@ -7,9 +7,9 @@ import math
 import orjson
 import pytest
 
-from streams.datasets import ml100k_events, read_jsonl, taobao_sample_events, write_jsonl
-from streams.events import Event, InvalidEvent, parse_event
-from streams.worker import RawMessage, dead_letter, split_valid
+from driftrec.streams.datasets import ml100k_events, read_jsonl, taobao_sample_events, write_jsonl
+from driftrec.contract.events import Event, InvalidEvent, parse_event
+from driftrec.streams.worker import RawMessage, dead_letter, split_valid
 from tests.conftest import SHARED_DATA
 
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "ts": 880_000_000.0, "kind": "rating"}
@@ -73,7 +73,7 @@ def test_split_valid_keeps_order_and_reasons() -> None:
 
 
 def test_ml100k_conversion_follows_the_shared_convention(tmp_path) -> None:
-    from driftrec.settings import get_settings
+    from driftrec.contract.settings import get_settings
 
     events = ml100k_events(get_settings().data_cache)
     assert len(events) == 100_000

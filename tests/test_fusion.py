@@ -9,10 +9,10 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from models.fusion import TPPWeight, tpp_log_ratios, tpp_terms
-from serving.scorer import Scorer
-from streams.snapshots import SnapshotKeys, publish_snapshot
-from streams.state import StateKeys
+from driftrec.models.fusion import TPPWeight, tpp_log_ratios, tpp_terms
+from driftrec.serving.scorer import Scorer
+from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
+from driftrec.storage.event_state import StateKeys
 from tests.test_serving import TS, catalog, make_settings, prefix, redis, snapshot_parts, tpp_payload  # noqa: F401
 
 
@@ -39,11 +39,11 @@ def test_weight_moves_toward_what_the_feature_is_worth() -> None:
         model = TPPWeight(w=0.5)
         b, f, y = _stream(informative)
         for k in range(0, len(y), 64):
-            model.learn_many(b[k:k + 64], f[k:k + 64], y[k:k + 64])
+            model.update(b[k:k + 64], f[k:k + 64], y[k:k + 64])
         assert lo < model.w < hi, (informative, model.w)
     # zero features (no propensity) teach nothing
     model = TPPWeight(w=0.5)
-    model.learn_many(np.zeros(10), np.zeros(10), np.ones(10))
+    model.update(np.zeros(10), np.zeros(10), np.ones(10))
     assert model.w == 0.5 and model.n_seen == 0
     again = TPPWeight.from_bytes(TPPWeight(w=-0.3, n_seen=7).to_bytes())
     assert again.w == -0.3 and again.n_seen == 7
@@ -52,7 +52,7 @@ def test_weight_moves_toward_what_the_feature_is_worth() -> None:
 def test_weight_stays_bounded_and_term_stays_clipped() -> None:
     model = TPPWeight(w=0.5, lr=10.0, max_abs_w=2.0, clip=2.0)
     for _ in range(200):
-        model.learn_many(np.full(8, -5.0), np.full(8, 0.5), np.ones(8))
+        model.update(np.full(8, -5.0), np.full(8, 0.5), np.ones(8))
     assert abs(model.w) <= 2.0
     assert np.all(np.abs(model.term(np.array([1e9, -1e9, 3.0]))) <= 2.0)
 
@@ -84,7 +84,7 @@ async def test_scorer_serves_the_learned_weight(redis: Redis, prefix: str) -> No
 
 # ---- the error memory's λ ------------------------------------------------------------------
 def test_memory_lambda_gradient_matches_finite_differences() -> None:
-    from models.fusion import MemoryLambda
+    from driftrec.models.fusion import MemoryLambda
 
     rng = np.random.default_rng(0)
     base, e_hat = rng.uniform(0.2, 0.8, 64), rng.normal(0, 0.1, 64)
@@ -98,21 +98,21 @@ def test_memory_lambda_gradient_matches_finite_differences() -> None:
     grad, n = m.gradient(base, e_hat, y)
     assert n == 64
     assert grad == pytest.approx((loss(0.4 + 1e-6) - loss(0.4 - 1e-6)) / 2e-6, rel=1e-5)
-    m.learn_many(base, e_hat, y)
+    m.update(base, e_hat, y)
     assert (m.lam - 0.4) * grad < 0  # a step against the gradient
 
 
 def test_memory_lambda_follows_what_the_memory_is_worth() -> None:
     """λ falls toward 0 where ê is noise and climbs toward 1 where ê points at the label."""
-    from models.fusion import MemoryLambda
+    from driftrec.models.fusion import MemoryLambda
 
     rng = np.random.default_rng(1)
     noise, useful = MemoryLambda(lam=0.5), MemoryLambda(lam=0.5)
     for _ in range(300):
         base = np.full(200, 0.5)
         y = (rng.random(200) < 0.5).astype(float)
-        noise.learn_many(base, rng.normal(0, 0.2, 200), y)
-        useful.learn_many(base, 0.3 * (y - 0.5), y)
+        noise.update(base, rng.normal(0, 0.2, 200), y)
+        useful.update(base, 0.3 * (y - 0.5), y)
     assert noise.lam < 0.15 and useful.lam > 0.95
     assert 0.0 <= noise.lam <= 1.0 and useful.lam <= 1.0
     again = MemoryLambda.from_dict(useful.to_dict())
@@ -120,7 +120,7 @@ def test_memory_lambda_follows_what_the_memory_is_worth() -> None:
 
 
 async def test_scorer_loads_the_learned_memory_lambda(redis: Redis, prefix: str) -> None:  # noqa: F811
-    from models.fusion import MemoryLambda
+    from driftrec.models.fusion import MemoryLambda
 
     parts = {**snapshot_parts(), "fusion": orjson.dumps({**TPPWeight(w=0.1).to_dict(),
                                                           **MemoryLambda(lam=0.2).to_dict()})}

@@ -8,8 +8,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from redis.asyncio import Redis
 
-from driftrec.settings import Settings
-from streams.snapshots import SnapshotKeys, publish_snapshot
+from driftrec.contract.settings import Settings
+from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from tests.infra import WorkerProcess
 from tests.test_serving import TS, snapshot_parts
 

@@ -21,16 +21,16 @@ from hypothesis import example, given, settings as hsettings, strategies as st
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, ConnectionPool
 
-from driftrec.settings import Settings
-from models.dsl import DSLRecommender, SparseScorer
-from models.error_memory import RandomProjectionLSH
-from models.interaction import Interaction
-from serving.app import create_app
-from serving.compensation import read_compensation
-from serving.scorer import Scorer, fuse, tpp_terms
-from streams.error_memory import MemoryKeys, write_errors
-from streams.snapshots import SnapshotKeys, publish_snapshot
-from streams.state import StateKeys
+from driftrec.contract.settings import Settings
+from driftrec.models.dsl import DSLRecommender, SparseScorer
+from driftrec.models.error_memory import RandomProjectionLSH
+from driftrec.contract.interaction import Interaction
+from driftrec.serving.app import create_app
+from driftrec.storage.error_memory import read_compensation
+from driftrec.serving.scorer import Scorer, fuse, tpp_terms
+from driftrec.storage.error_memory import MemoryKeys, write_errors
+from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
+from driftrec.storage.event_state import StateKeys
 
 REDIS_URL = "redis://127.0.0.1:6379/4"
 N_ITEMS = 60
@@ -54,7 +54,7 @@ def model_blob(steps: int = 4) -> bytes:
             u, i = int(rng.integers(20)), int(rng.integers(N_ITEMS))
             batch.append(Interaction(f"u{u}", f"i{i}", TS, label=int((u + i) % 3 == 0), category=cat[f"i{i}"]))
         model.learn_many(batch)
-    return model.to_snapshot()
+    return model.to_bytes()
 
 
 def snapshot_parts(steps: int = 4) -> dict[str, bytes]:
@@ -84,7 +84,7 @@ def tpp_payload(probs: dict[str, float], ts: float = TS, n_types: int = 4) -> by
 
 async def write_memory(redis: Redis, s: Settings, user: str, items: list[str], labels: list[int]) -> None:
     """Errors of (user, item) events as the worker would write them for the published model."""
-    scorer = SparseScorer.from_snapshot(model_blob())
+    scorer = SparseScorer.from_bytes(model_blob())
     cat = catalog()
     xs = [Interaction(user, i, TS - 10, label=y, category=cat.get(i), event_id=f"e{k}")
           for k, (i, y) in enumerate(zip(items, labels))]
@@ -164,7 +164,7 @@ async def test_components_match_their_sources(redis: Redis, prefix: str) -> None
     assert res.model_version == version
     got = {i: k for k, i in enumerate(res.item_ids)}
     order = [got[i] for i in items]
-    model = SparseScorer.from_snapshot(model_blob())
+    model = SparseScorer.from_bytes(model_blob())
     cats = [catalog()[i] for i in items]
     probs, hidden = model.score_candidates("u3", items, cats)
     np.testing.assert_allclose(res.base[order], probs, rtol=0, atol=1e-12)

@@ -21,8 +21,8 @@ import redis as redis_sync
 import uvicorn
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from serving.app import create_app
-from streams.snapshots import SnapshotKeys, publish_snapshot
+from driftrec.serving.app import create_app
+from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from tests.infra import free_port
 from tests.test_serving import REDIS_URL, make_settings, snapshot_parts
 

@@ -8,22 +8,22 @@ import orjson
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from models.error_memory import compensation_delta
-from models.fusion import MemoryLambda, TPPWeight
-from models.interaction import Interaction
-from models.session_memory import SessionMemory, session_code
-from serving.compensation import estimates_from_values, plan_session_buckets
-from serving.scorer import Scorer
-from streams.error_memory import MemoryKeys, delete_memory, write_session_errors
-from streams.snapshots import SnapshotKeys, publish_snapshot
+from driftrec.models.error_memory import compensation_delta
+from driftrec.models.fusion import MemoryLambda, TPPWeight
+from driftrec.contract.interaction import Interaction
+from driftrec.models.error_memory import ServedSample, SessionMemory, session_code
+from driftrec.storage.error_memory import estimates_from_values, plan_session_buckets
+from driftrec.serving.scorer import Scorer
+from driftrec.storage.error_memory import MemoryKeys, delete_memory, write_session_errors
+from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from tests.test_serving import TS, catalog, make_settings, prefix, redis, snapshot_parts  # noqa: F401
 
 
 def test_hand_worked_estimate_capacity_and_redelivery() -> None:
     mem = SessionMemory(capacity=3, gamma=0.0, prior=1.0)
     for k, (y, p) in enumerate([(1, 0.2), (0, 0.4), (1, 0.5), (1, 0.9)]):
-        mem.learn_one("u", "c0", y, p, ts=100.0 + k, event_id=f"e{k}")
-    mem.learn_one("u", "c0", 0, 0.99, ts=103.0, event_id="e3")  # a redelivered event changes nothing
+        mem.learn_one(ServedSample(np.zeros(0), p, y, 100.0 + k, f"e{k}", "u", "c0"))
+    mem.learn_one(ServedSample(np.zeros(0), 0.99, 0, 103.0, "e3", "u", "c0"))  # a redelivered event changes nothing
     # the 3 newest errors: -0.4, 0.5, 0.1 -> sum 0.2, shrunk by prior 1: 0.2 / (3 + 1)
     got = mem.estimate_many("u", ["c0", "c1"], np.array([0.3, 0.3]))
     np.testing.assert_allclose(got, [0.05, 0.0], atol=1e-12)
@@ -31,7 +31,7 @@ def test_hand_worked_estimate_capacity_and_redelivery() -> None:
     # γ = 1: the neighbours' labels (2 of 3 positive) against the query's current prediction
     g1 = SessionMemory(capacity=3, gamma=1.0, prior=1.0)
     for k, (y, p) in enumerate([(1, 0.2), (0, 0.4), (1, 0.5), (1, 0.9)]):
-        g1.learn_one("u", "c0", y, p, ts=100.0 + k, event_id=f"e{k}")
+        g1.learn_one(ServedSample(np.zeros(0), p, y, 100.0 + k, f"e{k}", "u", "c0"))
     np.testing.assert_allclose(g1.estimate_many("u", ["c0"], np.array([0.3])), [(2 - 3 * 0.3) / 4], atol=1e-12)
 
 
@@ -50,7 +50,7 @@ async def test_redis_buckets_answer_like_the_reference(redis: Redis, prefix: str
         batch, p = xs[start:start + 40], probs[start:start + 40]
         await write_session_errors(redis, keys, batch, p, capacity=5)
         for x, q in zip(batch, p):
-            ref.learn_one(x.user_id, x.category, int(x.label), float(q), x.ts, x.event_id)  # type: ignore[arg-type]
+            ref.learn_one(ServedSample(np.zeros(0), float(q), x.label, x.ts, x.event_id, x.user_id, x.category))
     # a redelivered batch adds nothing
     assert await write_session_errors(redis, keys, xs[:40], probs[:40], capacity=5) == 0
     query = np.array([0.3, 0.6, 0.5, 0.1])

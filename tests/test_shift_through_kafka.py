@@ -22,16 +22,16 @@ import asyncio
 import numpy as np
 from redis.asyncio import Redis
 
-from driftrec.settings import Settings, get_settings
-from models.dsl import SparseScorer
-from models.error_memory import HiddenStandardizer, RandomProjectionLSH
-from serving.compensation import read_compensation
-from streams.datasets import ml100k_events
-from streams.error_memory import MemoryKeys
-from streams.events import Event
-from streams.replay import publish
-from streams.shift import log_loss
-from streams.snapshots import SnapshotKeys, load_snapshot
+from driftrec.contract.settings import Settings, get_settings
+from driftrec.models.dsl import SparseScorer
+from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH
+from driftrec.storage.error_memory import read_compensation
+from driftrec.streams.datasets import ml100k_events
+from driftrec.storage.error_memory import MemoryKeys
+from driftrec.contract.events import Event
+from driftrec.streams.replay import publish
+from driftrec.shift import log_loss
+from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from tests.infra import WorkerProcess, wait_for
 
 N_EVENTS, FLIP_AT, WINDOW = 16_000, 0.6, 400
@@ -60,7 +60,7 @@ async def served_predictions(settings: Settings, window: list[Event]) -> tuple[n
     try:
         snapshot = await load_snapshot(redis, SnapshotKeys(settings.key_prefix, "dsl"))
         assert snapshot is not None, "the trainer must have published a snapshot"
-        scorer = SparseScorer.from_snapshot(snapshot[1]["model"])
+        scorer = SparseScorer.from_bytes(snapshot[1]["model"])
         base, hidden = scorer.predict_with_hidden([e.to_interaction() for e in window])
         if "hidden_stats" in snapshot[1]:
             hidden = HiddenStandardizer.from_bytes(snapshot[1]["hidden_stats"]).transform(hidden)

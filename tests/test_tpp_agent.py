@@ -17,15 +17,15 @@ import redis as sync_redis
 import torch
 from redis.asyncio import Redis
 
-from driftrec.settings import Settings
-from models.prompt_tpp import PromptTPP
-from models.tpp import collate
-from streams.datasets import taobao_sample_events
-from streams.events import Event
-from streams.replay import publish
-from streams.snapshots import SnapshotKeys, latest_version, load_snapshot
-from streams.state import EventState, StateKeys
-from streams.tpp_agent import TPPLearner, batch_propensity
+from driftrec.contract.settings import Settings
+from driftrec.models.prompt_tpp import PromptTPP
+from driftrec.models.tpp import collate
+from driftrec.streams.datasets import taobao_sample_events
+from driftrec.contract.events import Event
+from driftrec.streams.replay import publish
+from driftrec.storage.snapshots import SnapshotKeys, latest_version, load_snapshot
+from driftrec.storage.event_state import EventState, StateKeys
+from driftrec.streams.tpp_agent import TPPLearner
 from tests.conftest import SHARED_DATA
 from tests.infra import WorkerProcess, wait_for
 
@@ -110,7 +110,7 @@ async def test_propensities_are_probabilities_and_move_with_learning(isolated: S
         by_user = {user: [e for e in first if e.user_id == user]}
         seq = learner._encode((await learner._sequences(by_user))[user], assign=False)
         lam_single = learner.model.propensity(seq[0], seq[1], at_time=float(seq[0][-1]))
-        before = batch_propensity(learner.model, [seq])[0]
+        before = learner.model.intensity_many([seq])[0]
         np.testing.assert_allclose(before, lam_single, rtol=1e-4)
         expected = learner.propensity_record((await learner._sequences(by_user))[user], before)["probs"]
         assert records[user]["probs"] == pytest.approx(expected, rel=1e-4)
@@ -119,7 +119,7 @@ async def test_propensities_are_probabilities_and_move_with_learning(isolated: S
         for s in range(0, len(later), 300):
             await learner.handle(later[s:s + 300])
         assert learner.steps > steps
-        after = batch_propensity(learner.model, [seq])[0]
+        after = learner.model.intensity_many([seq])[0]
         assert not np.allclose(before / before.sum(), after / after.sum(), atol=1e-4)
     finally:
         await client.aclose()
@@ -156,7 +156,7 @@ async def test_period_boundaries_end_periods_and_snapshots_resume(isolated: Sett
         user_events = [e for e in events if e.user_id == events[0].user_id]
         seq = learner._encode((await learner._sequences({events[0].user_id: user_events}))[events[0].user_id],
                               assign=False)
-        np.testing.assert_allclose(batch_propensity(again, [seq]), batch_propensity(model, [seq]), rtol=1e-5)
+        np.testing.assert_allclose(again.intensity_many([seq]), model.intensity_many([seq]), rtol=1e-5)
         # Resumed learner does not relearn what the first one already marked.
         assert await resumed.handle(events[:250]) == 0
     finally:

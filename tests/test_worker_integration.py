@@ -7,11 +7,11 @@ import asyncio
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from driftrec.settings import Settings, get_settings
-from streams.datasets import ml100k_events, taobao_sample_events
-from streams.events import Event
-from streams.producer import EventProducer
-from streams.replay import publish
+from driftrec.contract.settings import Settings, get_settings
+from driftrec.streams.datasets import ml100k_events, taobao_sample_events
+from driftrec.contract.events import Event
+from driftrec.streams.producer import EventProducer
+from driftrec.streams.replay import publish
 from tests.conftest import SHARED_DATA
 from tests.infra import WorkerProcess, wait_for
 from tests.state_model import expected_state, redis_state

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from redis.asyncio import Redis
 
-from models.error_memory import DEFAULT_EPS, DEFAULT_GAMMA, DEFAULT_LAMBDA, DEFAULT_PRIOR, RandomProjectionLSH
-from models.interaction import Interaction
-from serving.compensation import BucketNames, read_compensation
-from streams.error_memory import MemoryKeys, write_errors
+from driftrec.models.error_memory import DEFAULT_EPS, DEFAULT_GAMMA, DEFAULT_LAMBDA, DEFAULT_PRIOR, RandomProjectionLSH
+from driftrec.contract.interaction import Interaction
+from driftrec.storage.error_memory import BucketNames, read_compensation
+from driftrec.storage.error_memory import MemoryKeys, write_errors
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from models.interaction import Interaction
+from driftrec.contract.interaction import Interaction
 
 MIN_TS = 631_152_000.0  # 1990-01-01T00:00:00Z
 FUTURE_SLACK_S = 86_400.0

@@ -126,12 +126,12 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
     import orjson
     from redis.asyncio import Redis
 
-    from models.dsl import DSLRecommender, SparseScorer
-    from models.error_memory import RandomProjectionLSH
-    from streams.datasets import load_ml100k_interactions
-    from streams.error_memory import MemoryKeys, write_errors
-    from streams.snapshots import SnapshotKeys, publish_snapshot
-    from streams.state import StateKeys
+    from driftrec.models.dsl import DSLRecommender, SparseScorer
+    from driftrec.models.error_memory import RandomProjectionLSH
+    from driftrec.streams.datasets import load_ml100k_interactions
+    from driftrec.storage.error_memory import MemoryKeys, write_errors
+    from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
+    from driftrec.storage.event_state import StateKeys
 
     t0 = time.perf_counter()
     xs = load_ml100k_interactions(data)
@@ -142,13 +142,13 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
     for k in range(0, len(train), d.batch_size):
         model.learn_many(train[k:k + d.batch_size])
     catalog = {x.item_id: x.category for x in xs if x.category is not None}
-    blob = model.to_snapshot()
+    blob = model.to_bytes()
     print(f"trained on {len(train)} events in {time.perf_counter() - t0:.1f} s; snapshot {len(blob) / 1e6:.1f} MB, "
           f"{len(catalog)} catalog items", file=sys.stderr, flush=True)
     redis = Redis.from_url(settings.redis_url)
     version = await publish_snapshot(redis, SnapshotKeys(settings.key_prefix, "dsl"),
                                      {"model": blob, "catalog": orjson.dumps(catalog)})
-    scorer = SparseScorer.from_snapshot(blob)
+    scorer = SparseScorer.from_bytes(blob)
     m = settings.memory
     lsh = RandomProjectionLSH(dim=scorer.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed,
                               version=d.generation)
@@ -220,7 +220,7 @@ def main() -> None:
 
     import httpx
 
-    from driftrec.settings import get_settings
+    from driftrec.contract.settings import get_settings
     from tests.infra import free_port
 
     base = get_settings()

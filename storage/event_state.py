@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import orjson
 from redis.asyncio import Redis
 
-from models.interaction import stable_hash
-from streams.events import Event
+from driftrec.contract.interaction import stable_hash
+from driftrec.contract.events import Event
 
 DEDUP_TTL_S = 7 * 24 * 3600
 

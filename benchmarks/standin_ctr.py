@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.interaction import Interaction, stable_hash
+from driftrec.contract.interaction import Interaction, stable_hash
 
 
 class StandinCTR(nn.Module):

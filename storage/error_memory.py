@@ -1,0 +1,536 @@
+"""The ReLoop2 error memory and the session memory in Redis: key layout, write script, read path.
+
+The math is ``driftrec.models.error_memory``; this module is its Redis home, written by the trainer
+(``ErrorMemoryWriter``) and read by the scoring service (``plan_buckets`` /
+``estimates_from_values``, inside its one pipelined round trip).
+
+Write side
+----------
+Key layout. One LSH bucket ``(version, table, code)`` is two keys; the hash tag is the bucket's
+*shard* ``code mod n_shards``, so both keys of a bucket — and the other buckets of its shard —
+live in one Redis Cluster slot:
+
+    {prefix}:em2:{v<version>:t<table>:s<shard>}:b<code>:z   ZSET    member=event_id, score=event ts
+    {prefix}:em2:{v<version>:t<table>:s<shard>}:b<code>:s   STRING  packed little-endian float64
+                                                            triples (ts, y, ŷ_served), 24 bytes an entry
+
+Why this shape:
+* The ZSET gives membership (a re-written ``event_id`` is a no-op: Kafka redelivery is harmless)
+  and the FIFO order (oldest *event time* leaves first; ties by event_id bytes — exactly the order
+  the in-process ``ErrorMemory`` uses).
+* The STRING is the bucket's entries in ZSET order, rebuilt by the write script. The read path
+  then needs one ``MGET`` for all candidates × tables instead of one command per bucket (redis-py
+  spends ~0.1 ms of client CPU per pipelined command; 100 candidates × 8 tables would cost 80 ms).
+  Packed binary (Lua ``struct.pack('<ddd')``) rather than text because the scoring service reads
+  hundreds of buckets per request: ``np.frombuffer`` over the joined values is a memcpy, where
+  parsing decimal text cost milliseconds; the doubles round-trip exactly either way.
+* Sharding the hash tag (default 16 shards per table) lets a micro-batch be written with one
+  ``EVALSHA`` per (table, shard) — at most ``n_tables × n_shards`` script calls per batch, all in one
+  pipelined round trip — while still spreading a version over ``n_tables × n_shards`` slots.
+* A Lua script, because "add if absent, trim to capacity, rebuild the snapshot, refresh TTL" must
+  be atomic; all its keys share one slot, so it is legal on Redis Cluster.
+
+Read side
+---------
+The correction is returned in **probability space** and already includes the clip, i.e.
+``score = base + compensation`` exactly, with ``score`` strictly inside (0, 1). All candidates ×
+tables are fetched in **one round trip**: a single ``MGET`` of the distinct buckets' snapshot keys
+(on a Redis Cluster client, ``mget_nonatomic``, which sends one MGET per slot in one pipeline).
+The estimate is the same function the in-process reference ``models.error_memory.ErrorMemory``
+uses, so both give the same answers.
+
+The read is split in two plain steps — :func:`plan_buckets` (which keys) and
+:func:`estimates_from_values` (what they say) — so the scoring service can put the ``MGET`` into
+the same pipeline as its other reads (one round trip per request in total).
+
+Who writes
+----------
+Why this runs inside the trainer agent, before the gradient step, rather than as a separate
+agent: the memory must hold the errors users actually saw, i.e. those of the snapshot serving
+had loaded *before* the model learned these events. A separate agent racing the trainer would
+sometimes score with a snapshot that already learned the batch and store errors that were never
+made (we measured compensation turning harmful that way). The trainer knows exactly which
+snapshot is being served — the one it last published — so it scores the batch with it and hands
+those predictions here first.
+Writes are idempotent per event id (see the write side above).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from driftrec.contract.interaction import Interaction, stable_hash
+from driftrec.contract.settings import Settings
+from driftrec.models.error_memory import (
+    DEFAULT_EPS,
+    DEFAULT_GAMMA,
+    DEFAULT_LAMBDA,
+    DEFAULT_PRIOR,
+    HiddenPredictor,
+    HiddenStandardizer,
+    RandomProjectionLSH,
+    compensation_delta,
+    estimate_from_sums,
+    recency_weights,
+    session_code,
+)
+
+log = logging.getLogger(__name__)
+
+B = TypeVar("B", bound=Hashable)  # a bucket id: (table, code) for LSH buckets, code for sessions
+
+# KEYS: z1, s1, z2, s2, ...   ARGV: capacity, ttl_s, then per bucket: m, m × (event_id, ts, y, ŷ)
+ENTRY_BYTES = 24  # one (ts, y, ŷ_served) triple of little-endian float64
+# "em2": entries are (ts, y, ŷ) triples; the first layout ("em") held (ts, error) pairs, whose
+# byte strings can also be a multiple of 24 long, so the two must never share key names.
+KEY_SPACE = "em2"
+WRITE_BUCKETS_LUA = """
+local cap = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local added = 0
+local a = 3
+for k = 1, #KEYS, 2 do
+  local zkey, skey = KEYS[k], KEYS[k + 1]
+  local m = tonumber(ARGV[a])
+  a = a + 1
+  local ids = redis.call('ZRANGE', zkey, 0, -1)
+  local vals = {}
+  local snap = redis.call('GET', skey)
+  local nbytes = 0
+  if snap then nbytes = #snap end
+  if nbytes ~= 24 * #ids then
+    -- one of the pair expired or was deleted alone: start the bucket afresh
+    redis.call('DEL', zkey, skey)
+    ids = {}
+  else
+    for i = 1, #ids do vals[ids[i]] = string.sub(snap, 24 * i - 23, 24 * i) end
+  end
+  local fresh = {}
+  for q = 1, m do
+    local eid, ts, y, p = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+    a = a + 4
+    if vals[eid] == nil then
+      redis.call('ZADD', zkey, ts, eid)
+      vals[eid] = struct.pack('<ddd', tonumber(ts), tonumber(y), tonumber(p))
+      fresh[eid] = true
+    end
+  end
+  if next(fresh) ~= nil then
+    local n = redis.call('ZCARD', zkey)
+    if n > cap then redis.call('ZREMRANGEBYRANK', zkey, 0, n - cap - 1) end
+    ids = redis.call('ZRANGE', zkey, 0, -1)
+    local out = {}
+    for i = 1, #ids do
+      out[i] = vals[ids[i]]
+      if fresh[ids[i]] then added = added + 1 end
+    end
+    redis.call('SET', skey, table.concat(out), 'KEEPTTL')
+  end
+  if ttl > 0 then
+    redis.call('EXPIRE', zkey, ttl)
+    redis.call('EXPIRE', skey, ttl)
+  end
+end
+return added
+"""
+WRITE_BUCKETS_SHA = hashlib.sha1(WRITE_BUCKETS_LUA.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MemoryKeys:
+    """Names every key of one model version's memory; the version is inside the hash tag, so a new
+    version starts from an empty memory and the old one is retired as a whole (TTL or delete)."""
+
+    prefix: str
+    version: int
+    n_shards: int = 16
+
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError("the key prefix must not contain '{' or '}' (it would move the hash tag)")
+        if self.n_shards < 1:
+            raise ValueError("n_shards must be positive")
+
+    @classmethod
+    def from_settings(cls, key_prefix: str, version: int, n_shards: int = 16) -> MemoryKeys:
+        """``key_prefix`` is ``Settings.key_prefix``; kept a plain string so callers decide."""
+        return cls(prefix=key_prefix, version=version, n_shards=n_shards)
+
+    def tag(self, table: int, code: int) -> str:
+        return f"{{v{self.version}:t{table}:s{code % self.n_shards}}}"
+
+    def bucket(self, table: int, code: int) -> tuple[str, str]:
+        """``(zset_key, snapshot_key)`` of one bucket; both carry the same hash tag."""
+        base = f"{self.prefix}:{KEY_SPACE}:{self.tag(table, code)}:b{code}"
+        return f"{base}:z", f"{base}:s"
+
+    def session_bucket(self, code: int) -> tuple[str, str]:
+        """``(zset_key, snapshot_key)`` of a session-memory bucket (``models.error_memory.SessionMemory``):
+        same entry format and script as the LSH buckets, its own shard tags (``u`` for "user")."""
+        base = f"{self.prefix}:{KEY_SPACE}:{{v{self.version}:u:s{code % self.n_shards}}}:b{code}"
+        return f"{base}:z", f"{base}:s"
+
+    def pattern(self) -> str:
+        """SCAN pattern matching this version's keys (cleanup, memory accounting)."""
+        return f"{self.prefix}:{KEY_SPACE}:{{v{self.version}:*"
+
+
+def event_key(interaction: Interaction) -> str:
+    """The idempotency key: the contract's ``event_id``; a stable digest if a caller has none."""
+    if interaction.event_id:
+        return interaction.event_id
+    digest = stable_hash(f"{interaction.user_id}\x1f{interaction.item_id}\x1f{interaction.ts!r}", 1 << 62)
+    return f"_h{digest:x}"
+
+
+def _check(keys: MemoryKeys, lsh: RandomProjectionLSH) -> None:
+    if keys.version != lsh.version:
+        raise ValueError(f"keys are for model version {keys.version}, the LSH for {lsh.version}")
+
+
+async def write_errors(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    interactions: Sequence[Interaction],
+    probs: np.ndarray,
+    hidden: np.ndarray,
+    *,
+    capacity: int,
+    ttl_s: int = 0,
+) -> int:
+    """Store ``(event_id, ts, y, ŷ)`` of every labelled interaction in its bucket of every table.
+
+    ``probs``/``hidden`` must be what the model *served* for these interactions (before it learned
+    from them), otherwise the memory records errors the model no longer makes. Unlabelled
+    interactions are skipped. Returns the number of new bucket entries that survived the FIFO trim
+    (0 for a re-written batch).
+    """
+    _check(keys, lsh)
+    labelled = [i for i, x in enumerate(interactions) if x.label is not None]
+    if not labelled:
+        return 0
+    idx = np.asarray(labelled)
+    codes = lsh.codes(np.asarray(hidden)[idx])
+    served = np.asarray(probs, dtype=np.float64)[idx]
+    per_bucket: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for row, i in enumerate(labelled):
+        entry = _entry(interactions[i], float(served[row]))
+        for t in range(lsh.n_tables):
+            per_bucket[(t, int(codes[row, t]))].extend(entry)
+    # one script call per (table, shard): its buckets share a slot
+    calls = _script_calls(per_bucket, lambda b: (b[0], b[1] % keys.n_shards), lambda b: keys.bucket(*b))
+    return int(sum(await _run_scripts(redis, calls, capacity, ttl_s)))
+
+
+def _entry(x: Interaction, served: float) -> tuple[str, str, str, str]:
+    """One entry's script arguments: ``(event_id, ts, y, ŷ)`` as exact decimal text."""
+    return event_key(x), repr(float(x.ts)), repr(float(x.label)), repr(served)  # type: ignore[arg-type]
+
+
+def _script_calls(per_bucket: dict[B, list[str]], slot: Callable[[B], Hashable],
+                  bucket_keys: Callable[[B], tuple[str, str]]) -> list[tuple[list[str], list[str | int]]]:
+    """One script call per hash-tag slot (a call's keys must share one), each bucket's entries
+    preceded by their count, as ``WRITE_BUCKETS_LUA`` reads its arguments."""
+    groups: dict[Hashable, tuple[list[str], list[str | int]]] = {}
+    for bucket, entries in per_bucket.items():
+        keys_, args = groups.setdefault(slot(bucket), ([], []))
+        keys_.extend(bucket_keys(bucket))
+        args.append(len(entries) // 4)
+        args.extend(entries)
+    return list(groups.values())
+
+
+async def write_session_errors(
+    redis: Redis,
+    keys: MemoryKeys,
+    interactions: Sequence[Interaction],
+    probs: np.ndarray,
+    *,
+    capacity: int,
+    ttl_s: int = 0,
+) -> int:
+    """Store ``(event_id, ts, y, ŷ)`` of every labelled interaction in its ``(user, category)``
+    bucket (``models.error_memory.SessionMemory``); idempotent per event id like :func:`write_errors`."""
+    per_bucket: dict[int, list[str]] = defaultdict(list)
+    for x, p in zip(interactions, np.asarray(probs, dtype=np.float64)):
+        if x.label is not None:
+            per_bucket[session_code(x.user_id, x.category)].extend(_entry(x, float(p)))
+    if not per_bucket:
+        return 0
+    calls = _script_calls(per_bucket, lambda code: code % keys.n_shards, keys.session_bucket)
+    return int(sum(await _run_scripts(redis, calls, capacity, ttl_s)))
+
+
+async def _run_scripts(
+    redis: Redis, calls: list[tuple[list[str], list[str | int]]], capacity: int, ttl_s: int
+) -> list[int]:
+    """One pipelined round trip; if the server lost the script, load it and redo the whole batch —
+    safe because the script is idempotent per event_id."""
+    for attempt in range(2):
+        pipe = redis.pipeline(transaction=False)
+        for keys_, args in calls:
+            pipe.evalsha(WRITE_BUCKETS_SHA, len(keys_), *keys_, capacity, ttl_s, *args)
+        results = await pipe.execute(raise_on_error=False)
+        if not any(isinstance(r, NoScriptError) for r in results):
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return [int(r) for r in results]
+        if attempt == 0:
+            await redis.script_load(WRITE_BUCKETS_LUA)
+    raise RuntimeError("the Redis server keeps dropping the error-memory script")
+
+
+async def learn_and_write(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    predictor: HiddenPredictor,
+    interactions: Sequence[Interaction],
+    *,
+    capacity: int,
+    ttl_s: int = 0,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Score a micro-batch with the served model and write its errors.
+
+    Call it *before* the model learns the batch (test-then-train), so the stored errors are the
+    ones users saw. Returns ``(new entries, probs, hidden)`` so the caller can reuse the forward pass.
+    """
+    probs, hidden = predictor.predict_with_hidden(interactions)
+    written = await write_errors(redis, keys, lsh, interactions, probs, hidden, capacity=capacity, ttl_s=ttl_s)
+    return written, probs, hidden
+
+
+async def delete_memory(redis: Redis, keys: MemoryKeys, batch: int = 500) -> int:
+    """Drop every key of this version (tests, benchmarks, retiring an old model version)."""
+    deleted = 0
+    chunk: list[str] = []
+    async for key in redis.scan_iter(match=keys.pattern(), count=batch):
+        chunk.append(key)
+        if len(chunk) >= batch:
+            deleted += await redis.unlink(*chunk)
+            chunk = []
+    if chunk:
+        deleted += await redis.unlink(*chunk)
+    return deleted
+
+# ---- read side --------------------------------------------------------------------------------
+_ENTRY = np.dtype("<f8")
+
+
+class BucketNames:
+    """Every bucket's snapshot key name of one (keys, lsh), built once.
+
+    Why: formatting ``n_candidates × n_tables`` key strings per request is the slowest part of a
+    naive read; with ``2**n_bits`` codes per table the whole name table is small (8 × 1024 by
+    default), so a request only indexes into it.
+    """
+
+    def __init__(self, keys: MemoryKeys, lsh: RandomProjectionLSH) -> None:
+        if keys.version != lsh.version:
+            raise ValueError(f"keys are for model version {keys.version}, the LSH for {lsh.version}")
+        self.keys, self.lsh = keys, lsh
+        self.n_codes = 1 << lsh.n_bits
+        names = [keys.bucket(t, c)[1].encode() for t in range(lsh.n_tables) for c in range(self.n_codes)]
+        self.names = np.array(names, dtype=object)
+        self._offsets = (np.arange(lsh.n_tables, dtype=np.int64) * self.n_codes)[None, :]
+
+    def flat_ids(self, codes: np.ndarray) -> np.ndarray:
+        """(n, n_tables) codes → (n, n_tables) indices into ``names``."""
+        return codes + self._offsets
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """Which keys to fetch (``names``, distinct) and which of them each candidate reads (``rows``)."""
+
+    names: list[bytes]
+    rows: np.ndarray  # (n, n_tables) positions into names
+
+
+def plan_buckets(names: BucketNames, hidden: np.ndarray) -> BucketPlan:
+    codes = names.lsh.codes(hidden)
+    if codes.shape[0] == 0:
+        return BucketPlan([], np.zeros((0, names.lsh.n_tables), dtype=np.int64))
+    flat = names.flat_ids(codes)
+    # the id space is small (n_tables · 2**n_bits): a presence table beats sorting for unique()
+    present = np.zeros(names.names.size, dtype=bool)
+    present[flat] = True
+    distinct = np.flatnonzero(present)
+    position = np.cumsum(present) - 1
+    return BucketPlan(names.names[distinct].tolist(), position[flat])
+
+
+def plan_session_buckets(keys: MemoryKeys, pairs: Sequence[tuple[str, str | None]]) -> BucketPlan:
+    """The session memory's keys for ``(user, category)`` pairs (a candidate list, or a trainer
+    batch): one bucket each, every distinct pair fetched once (``models.error_memory.SessionMemory``)."""
+    names: list[bytes] = []
+    where: dict[tuple[str, str | None], int] = {}
+    rows = np.zeros((len(pairs), 1), dtype=np.int64)
+    for i, pair in enumerate(pairs):
+        pos = where.get(pair)
+        if pos is None:
+            pos = where[pair] = len(names)
+            names.append(keys.session_bucket(session_code(*pair))[1].encode())
+        rows[i, 0] = pos
+    return BucketPlan(names, rows)
+
+
+def estimates_from_values(
+    values: list[bytes | None],
+    plan: BucketPlan,
+    base_probs: np.ndarray,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    prior: float = DEFAULT_PRIOR,
+    half_life_s: float = 0.0,
+    now: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ê, neighbour weight)`` per candidate (served ``base_probs``) from the MGET reply of
+    ``plan.names``.
+
+    A value whose length is not a whole number of entries (e.g. a bucket written in an older
+    format) is read as empty rather than misparsed.
+    """
+    n = plan.rows.shape[0]
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    counts = np.fromiter((len(v) // ENTRY_BYTES if v and len(v) % ENTRY_BYTES == 0 else 0 for v in values),
+                         dtype=np.int64, count=len(values))
+    if not counts.any():
+        return np.zeros(n), np.zeros(n)
+    blob = b"".join(v for v, c in zip(values, counts) if c)
+    entries = np.frombuffer(blob, dtype=_ENTRY).reshape(-1, 3)  # columns: ts, y, ŷ_served
+    owner = np.repeat(np.arange(len(values)), counts)
+    if half_life_s > 0 and now is not None:
+        w = recency_weights(entries[:, 0], now, half_life_s)
+        bucket_w = np.bincount(owner, weights=w, minlength=len(values))
+    else:
+        w = np.ones(entries.shape[0])
+        bucket_w = counts.astype(np.float64)
+    bucket_wy = np.bincount(owner, weights=w * entries[:, 1], minlength=len(values))
+    bucket_wp = np.bincount(owner, weights=w * entries[:, 2], minlength=len(values))
+    # a candidate's sums are the sums of its buckets' sums: the same quantities ErrorMemory
+    # computes entry by entry (an entry found in k of its buckets counts k times)
+    support = bucket_w[plan.rows].sum(axis=1)
+    e_hat = estimate_from_sums(support, bucket_wy[plan.rows].sum(axis=1), bucket_wp[plan.rows].sum(axis=1),
+                               base_probs, gamma=gamma, prior=prior)
+    return e_hat, support
+
+
+async def read_estimates(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    hidden: np.ndarray,
+    base_probs: np.ndarray,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    prior: float = DEFAULT_PRIOR,
+    half_life_s: float = 0.0,
+    now: float | None = None,
+    names: BucketNames | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ê, neighbour weight)`` per row of ``hidden`` (served ``base_probs``); zero where the
+    memory knows nothing.
+
+    Pass a long-lived ``names`` to skip building the key table on every call."""
+    if names is None:
+        names = BucketNames(keys, lsh)
+    elif names.keys != keys or names.lsh is not lsh:
+        raise ValueError("names were built for other keys or another LSH")
+    plan = plan_buckets(names, hidden)
+    if not plan.names:
+        return np.zeros(0), np.zeros(0)
+    mget = getattr(redis, "mget_nonatomic", None)  # RedisCluster: split per slot, one pipeline
+    raw = await (mget(plan.names) if mget is not None else redis.mget(plan.names))
+    return estimates_from_values(raw, plan, base_probs, gamma=gamma, prior=prior, half_life_s=half_life_s, now=now)
+
+
+async def read_compensation(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    hidden: np.ndarray,
+    base_probs: np.ndarray,
+    *,
+    lam: float = DEFAULT_LAMBDA,
+    gamma: float = DEFAULT_GAMMA,
+    prior: float = DEFAULT_PRIOR,
+    half_life_s: float = 0.0,
+    now: float | None = None,
+    eps: float = DEFAULT_EPS,
+    names: BucketNames | None = None,
+) -> np.ndarray:
+    """Additive correction per candidate, probability space: ``clip(ŷ + λ·ê) − ŷ``."""
+    e_hat, _ = await read_estimates(redis, keys, lsh, hidden, base_probs, gamma=gamma, prior=prior,
+                                    half_life_s=half_life_s, now=now, names=names)
+    return compensation_delta(base_probs, e_hat, lam, eps)
+
+# ---- the trainer's writer ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryEstimates:
+    """What both memories said of a batch *before* it was written: the fusion weights learn from it."""
+
+    lsh: np.ndarray  # ê per sample (0 where the memory knew nothing)
+    session: np.ndarray  # ĉ per sample (0 where off or empty)
+
+
+class ErrorMemoryWriter:
+    """Records the served snapshot's errors on labelled interactions in both memories.
+
+    ``record`` reads what the scoring service would have read for each sample (one ``MGET`` per
+    memory), then writes the samples: test-then-train, so the estimates it returns are the ones
+    serving used, and the fusion weights can learn from them.
+    """
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.cfg = settings.memory
+        self.generation = settings.dsl.generation
+        self.keys = MemoryKeys.from_settings(settings.key_prefix, self.generation, self.cfg.n_shards)
+        self.lsh: RandomProjectionLSH | None = None
+        self.names: BucketNames | None = None
+
+    def _lsh(self, dim: int) -> tuple[RandomProjectionLSH, BucketNames]:
+        """The LSH and its key table, built on first use (the hidden width comes with the model)."""
+        if self.lsh is None or self.names is None:
+            c = self.cfg
+            self.lsh = RandomProjectionLSH(dim=dim, n_tables=c.n_tables, n_bits=c.n_bits, seed=c.seed,
+                                           version=self.generation)
+            self.names = BucketNames(self.keys, self.lsh)
+        return self.lsh, self.names
+
+    async def record(self, labelled: Sequence[Interaction], probs: np.ndarray, hidden: np.ndarray,
+                     standardizer: HiddenStandardizer | None) -> MemoryEstimates:
+        """Estimate, then write, the served ``probs``/``hidden`` of labelled interactions."""
+        n = len(labelled)
+        if n == 0:
+            return MemoryEstimates(np.zeros(0), np.zeros(0))
+        c = self.cfg
+        lsh, names = self._lsh(hidden.shape[1])
+        keyed = standardizer.transform(hidden) if standardizer is not None else hidden
+        e_hat, _ = await read_estimates(self.redis, self.keys, lsh, keyed, probs, gamma=c.gamma, prior=c.prior,
+                                        half_life_s=c.half_life_s, now=labelled[-1].ts, names=names)
+        c_hat = np.zeros(n)
+        if c.session_capacity > 0:
+            # samples of one batch are estimated before any of them is written, as serving sees them
+            plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
+            c_hat, _ = estimates_from_values(await self.redis.mget(plan.names), plan, probs, gamma=c.session_gamma,
+                                             prior=c.prior)
+        await write_errors(self.redis, self.keys, lsh, labelled, probs, keyed, capacity=c.bucket_capacity,
+                           ttl_s=c.ttl_s)
+        if c.session_capacity > 0:
+            await write_session_errors(self.redis, self.keys, labelled, probs, capacity=c.session_capacity,
+                                       ttl_s=c.ttl_s)
+        return MemoryEstimates(e_hat, c_hat)
