@@ -20,8 +20,9 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5, check=False
+        )
     except OSError:
         return "unknown"
     return out.stdout.strip() or "unknown"
@@ -33,8 +34,12 @@ def emit(name: str, result: dict[str, Any], record: bool = True) -> None:
 
     if record:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stamped = {"version": __version__, "commit": _commit(),
-                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}
+        stamped = {
+            "version": __version__,
+            "commit": _commit(),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **result,
+        }
         with (RESULTS / f"{name}.jsonl").open("a") as fh:
             fh.write(json.dumps(stamped) + "\n")
     sys.stdout.flush()

@@ -32,14 +32,15 @@ import torch
 if __package__ in (None, ""):  # run as `python benchmarks/dsl.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import emit  # noqa: E402
-from benchmarks.sparse_mf import SparseMF  # noqa: E402
-from driftrec.models.dsl import CSRTable, DSLRecommender, SparseTable, SupportTable  # noqa: E402
-from driftrec.models.ell import EllTable  # noqa: E402
+from benchmarks._common import emit
+from benchmarks.sparse_mf import SparseMF
+from driftrec.models.dsl import CSRTable, DSLRecommender, SparseTable, SupportTable
+from driftrec.models.ell import EllTable
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gowalla-lightgcn"
 CONFIGS: dict[str, dict[str, object]] = {
-    name: kw for name, kw in json.loads((Path(__file__).with_name("configs") / "dsl.json").read_text()).items()
+    name: kw
+    for name, kw in json.loads((Path(__file__).with_name("configs") / "dsl.json").read_text()).items()
     if not name.startswith("_")
 }
 DEFAULT_CONFIG = "default"
@@ -66,8 +67,9 @@ def read_lightgcn(path: Path) -> list[np.ndarray]:
     return out
 
 
-def evaluate(model: SparseMF, train: list[np.ndarray], test: list[np.ndarray], k: int = 20,
-             batch: int = 2048) -> tuple[float, float]:
+def evaluate(
+    model: SparseMF, train: list[np.ndarray], test: list[np.ndarray], k: int = 20, batch: int = 2048
+) -> tuple[float, float]:
     """Mean Recall@k and NDCG@k over users with test items (LightGCN definitions)."""
     users = np.asarray([u for u, t in enumerate(test) if len(t)], dtype=np.int64)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
@@ -84,8 +86,9 @@ def evaluate(model: SparseMF, train: list[np.ndarray], test: list[np.ndarray], k
     return float(np.mean(recalls)), float(np.mean(ndcgs))
 
 
-def median_times(fns: dict[str, Callable[[np.ndarray], np.ndarray]], args: list[np.ndarray],
-                 repeats: int, block: int = 512) -> dict[str, float]:
+def median_times(
+    fns: dict[str, Callable[[np.ndarray], np.ndarray]], args: list[np.ndarray], repeats: int, block: int = 512
+) -> dict[str, float]:
     """Median wall time (ms) of each ``fn(arg)``, the functions taking turns in blocks of calls.
 
     Taking turns (in a rotating order) exposes every variant to the same spells of machine load,
@@ -109,8 +112,9 @@ def median_times(fns: dict[str, Callable[[np.ndarray], np.ndarray]], args: list[
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
-def inference_times(model: SparseMF, dense_model: tuple[np.ndarray, np.ndarray], n_items: int, seed: int,
-                    repeats: int) -> tuple[dict[str, float], SparseTable]:
+def inference_times(
+    model: SparseMF, dense_model: tuple[np.ndarray, np.ndarray], n_items: int, seed: int, repeats: int
+) -> tuple[dict[str, float], SparseTable]:
     """One user's candidates, timed side by side (ms): the dense model (gather + matvec), the
     sparse model in its serving layout, the sparse model's weights held dense, and plain CSR.
 
@@ -159,34 +163,56 @@ def train_pairs(train: list[np.ndarray], n_items: int) -> tuple[np.ndarray, np.n
     return users, items, np.sort(users * n_items + items)
 
 
-def build_model(kw: dict[str, object], n_users: int, n_items: int, dim: int, density: float, epochs: int,
-                train: list[np.ndarray], seed: int) -> SparseMF:
+def build_model(
+    kw: dict[str, object],
+    n_users: int,
+    n_items: int,
+    dim: int,
+    density: float,
+    epochs: int,
+    train: list[np.ndarray],
+    seed: int,
+) -> SparseMF:
     """``SparseMF`` from a config's keywords (``batch_size`` default 2048; the cosine schedule
     spans ``epochs`` passes over ``train``'s pairs)."""
     kw = dict(kw)
     batch = int(kw.pop("batch_size", 2048))  # type: ignore[call-overload]
     n_pairs = sum(len(a) for a in train)
-    return SparseMF(n_users, n_items, dim=dim, density=density, batch_size=batch,
-                    total_steps=epochs * ((n_pairs + batch - 1) // batch), seed=seed, **kw)  # type: ignore[arg-type]
+    return SparseMF(
+        n_users,
+        n_items,
+        dim=dim,
+        density=density,
+        batch_size=batch,
+        total_steps=epochs * ((n_pairs + batch - 1) // batch),
+        seed=seed,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
-def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
-                sparse_kw: dict[str, object]) -> dict[str, float]:
+def run_gowalla(
+    data: Path, epochs: int, dim: int, seed: int, repeats: int, sparse_kw: dict[str, object]
+) -> dict[str, float]:
     train = read_lightgcn(data / "train.txt")
     test = read_lightgcn(data / "test.txt")
     n_users = max(len(train), len(test))
     n_items = 1 + max(int(max((a.max() for a in train + test if len(a)), default=0)), 0)
     users, items, keys = train_pairs(train, n_items)
-    log(f"gowalla: {n_users} users, {n_items} items, {len(items)} train pairs, "
-        f"{sum(len(t) for t in test)} test pairs; epochs={epochs} dim={dim}")
+    log(
+        f"gowalla: {n_users} users, {n_items} items, {len(items)} train pairs, "
+        f"{sum(len(t) for t in test)} test pairs; epochs={epochs} dim={dim}"
+    )
     result: dict[str, float] = {}
     dense_model: tuple[np.ndarray, np.ndarray] | None = None
     # s50: the density the authors' published run commands use (--density 0.5 in the README of
     # github.com/shuyao-wang/DSL, for MultVAE, NeuMF and LightGCN); s80 / s90 / s95: the issue's
     for tag, density in (("dense", 1.0), ("s50", 0.5), ("s80", 0.2), ("s90", 0.1), ("s95", 0.05)):
         # the dense model is the same model at density 1 (the config's MODEL_KEYS, e.g. its loss)
-        kw = {k: sparse_kw[k] for k in MODEL_KEYS if k in sparse_kw} if density == 1.0 else \
-            sparse_kwargs(sparse_kw, users, items, n_users, n_items, seed)
+        kw = (
+            {k: sparse_kw[k] for k in MODEL_KEYS if k in sparse_kw}
+            if density == 1.0
+            else sparse_kwargs(sparse_kw, users, items, n_users, n_items, seed)
+        )
         model = build_model(kw, n_users, n_items, dim, density, epochs, train, seed)
         log(f"[{tag}] density={density} active={model.n_active_params:,}/{model.n_total_params:,}")
         t0 = time.perf_counter()
@@ -199,7 +225,10 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
         assert abs(model.n_active_params - density * model.n_total_params) <= 2
         te = time.perf_counter()
         recall, ndcg = evaluate(model, train, test)
-        log(f"[{tag}] Recall@20 {recall:.4f} NDCG@20 {ndcg:.4f} train {train_s:.0f}s eval {time.perf_counter() - te:.0f}s")
+        log(
+            f"[{tag}] Recall@20 {recall:.4f} NDCG@20 {ndcg:.4f} train {train_s:.0f}s "
+            f"eval {time.perf_counter() - te:.0f}s"
+        )
         result[f"recall20_{tag}"] = round(recall, 5)
         result[f"ndcg20_{tag}"] = round(ndcg, 5)
         result[f"train_s_{tag}"] = round(train_s, 1)
@@ -228,8 +257,10 @@ def run_gowalla(data: Path, epochs: int, dim: int, seed: int, repeats: int,
             result["item_table_bytes_dense"] = int(times["item_table_bytes_dense"])
             result["item_table_bytes_csr_s90"] = int(times["item_table_bytes_csr"])
             result["item_table_bytes_served_s90"] = int(times["item_table_bytes_served"])
-            log("[s90] inference ms (timed side by side): "
-                + ", ".join(f"{k}={v:.4f}" for k, v in times.items() if "bytes" not in k))
+            log(
+                "[s90] inference ms (timed side by side): "
+                + ", ".join(f"{k}={v:.4f}" for k, v in times.items() if "bytes" not in k)
+            )
         del model
     result["recall20_s90_rel_gap"] = round(1 - result["recall20_s90"] / result["recall20_dense"], 4)
     return result
@@ -248,8 +279,17 @@ def split_validation(train: list[np.ndarray], frac: float, seed: int) -> tuple[l
     return fit, val
 
 
-def co_cluster(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, n_groups: int,
-               seed: int, svd_dims: int = 32, n_init: int = 3, ranks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def co_cluster(
+    users: np.ndarray,
+    items: np.ndarray,
+    n_users: int,
+    n_items: int,
+    n_groups: int,
+    seed: int,
+    svd_dims: int = 32,
+    n_init: int = 3,
+    ranks: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
     """User and item group ids in one space, from the train matrix only: k-means on the
     unit-normalised rows of a ``svd_dims``-vector spectral embedding (``U·√s`` for users, ``V·√s``
     for items, of the degree-normalised matrix); with ``ranks`` > 1 each row's nearest groups,
@@ -278,14 +318,22 @@ def co_cluster(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
     return user_groups, item_groups
 
 
-def sparse_kwargs(config: dict[str, object], users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
-                  seed: int) -> dict[str, object]:
+def sparse_kwargs(
+    config: dict[str, object], users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, seed: int
+) -> dict[str, object]:
     """A config's SparseMF keyword arguments, with its data-driven parts computed from train data."""
     kw = {k: v for k, v in config.items() if k != "epochs"}
     if "co_clusters" in kw:
         t0 = time.perf_counter()
-        kw["row_groups"] = co_cluster(users, items, n_users, n_items, int(kw.pop("co_clusters")), seed,  # type: ignore[call-overload]
-                                      ranks=int(kw.pop("ranks", 1)))  # type: ignore[call-overload]
+        kw["row_groups"] = co_cluster(
+            users,
+            items,
+            n_users,
+            n_items,
+            int(kw.pop("co_clusters")),
+            seed,  # type: ignore[call-overload]
+            ranks=int(kw.pop("ranks", 1)),
+        )  # type: ignore[call-overload]
         sizes = np.bincount(np.concatenate([g[:, 0] for g in kw["row_groups"]]))  # type: ignore[attr-defined]
         log(f"co-clustering: {len(sizes)} groups, sizes {sizes.min()}-{sizes.max()} ({time.perf_counter() - t0:.0f}s)")
     return kw
@@ -302,24 +350,32 @@ def select(data: Path, epochs: int, dim: int, seed: int, names: list[str], densi
     for name in names:
         dense = name.startswith("dense")
         config = CONFIGS[name.removeprefix("dense_") if dense and name != "dense" else DEFAULT_CONFIG]
-        kw = {k: config[k] for k in MODEL_KEYS if k in config} if dense and name != "dense" else {} if dense else \
-            sparse_kwargs(CONFIGS[name], users, items, n_users, n_items, seed)
+        kw = (
+            {k: config[k] for k in MODEL_KEYS if k in config}
+            if dense and name != "dense"
+            else {}
+            if dense
+            else sparse_kwargs(CONFIGS[name], users, items, n_users, n_items, seed)
+        )
         d = 1.0 if dense else density
         t0 = time.perf_counter()
         model = build_model(kw, n_users, n_items, dim, d, epochs, train, seed)
         for _ in range(epochs):
             model.fit_epoch(users, items, keys)
         recall, ndcg = evaluate(model, train, val)
-        log(f"[select {name} density={d}] val Recall@20 {recall:.4f} NDCG@20 {ndcg:.4f} "
-            f"({time.perf_counter() - t0:.0f}s)")
+        log(
+            f"[select {name} density={d}] val Recall@20 {recall:.4f} NDCG@20 {ndcg:.4f} "
+            f"({time.perf_counter() - t0:.0f}s)"
+        )
         out[f"val_recall20_{name}"] = round(recall, 5)
     return out
 
 
 def prequential_ml100k(limit: int | None, seed: int) -> dict[str, float]:
     """Test-then-train AUC of dense vs DSL ``DSLRecommender`` on the ML-100K replay."""
-    from driftrec.contract.settings import get_settings
     from sklearn.metrics import roc_auc_score
+
+    from driftrec.contract.settings import get_settings
 
     cache = get_settings().data_cache / "ml-100k"
     if not all((cache / f).is_file() for f in ("ml-100k.inter", "ml-100k.item", "ml-100k.user")):
@@ -338,8 +394,10 @@ def prequential_ml100k(limit: int | None, seed: int) -> dict[str, float]:
             labels.extend(x.label for x in labelled)
             model.learn_many(batch)
         auc = roc_auc_score(labels, np.concatenate(preds))
-        log(f"[ml100k {tag}] prequential AUC {auc:.4f} over {len(labels)} events "
-            f"({len(stream) / (time.perf_counter() - t0):,.0f} events/s) active {model.n_active_params:,}")
+        log(
+            f"[ml100k {tag}] prequential AUC {auc:.4f} over {len(labels)} events "
+            f"({len(stream) / (time.perf_counter() - t0):,.0f} events/s) active {model.n_active_params:,}"
+        )
         out[f"ml100k_auc_{tag}"] = round(float(auc), 4)
     return out
 
@@ -347,18 +405,30 @@ def prequential_ml100k(limit: int | None, seed: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with LightGCN train.txt/test.txt")
-    ap.add_argument("--epochs", type=int, default=None,
-                    help=f"training epochs (default: the config's 'epochs', else {DEFAULT_EPOCHS})")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"training epochs (default: the config's 'epochs', else {DEFAULT_EPOCHS})",
+    )
     ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--config", choices=list(CONFIGS), default=DEFAULT_CONFIG,
-                    help="settings of the sparse models (benchmarks/configs/dsl.json)")
+    ap.add_argument(
+        "--config",
+        choices=list(CONFIGS),
+        default=DEFAULT_CONFIG,
+        help="settings of the sparse models (benchmarks/configs/dsl.json)",
+    )
     ap.add_argument("--prune-every", type=int, default=None, help="override the config's ΔT (optimiser steps)")
     ap.add_argument("--repeats", type=int, default=4096, help="timed calls per variant (in blocks of 512)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-ml100k", action="store_true")
-    ap.add_argument("--select", nargs="*", default=None,
-                    help=f"only compare configs on a validation split of train.txt: dense, dense_<config>, {list(CONFIGS)}")
+    ap.add_argument(
+        "--select",
+        nargs="*",
+        default=None,
+        help=f"only compare configs on a validation split of train.txt: dense, dense_<config>, {list(CONFIGS)}",
+    )
     ap.add_argument("--select-density", type=float, default=0.1)
     ap.add_argument("--ml100k-limit", type=int, default=None)
     args = ap.parse_args(argv)
@@ -374,8 +444,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.prune_every is not None:
         sparse_kw["prune_every"] = args.prune_every
     epochs = args.epochs or int(config.get("epochs", DEFAULT_EPOCHS))  # type: ignore[call-overload]
-    result: dict[str, object] = {"benchmark": "dsl", "data": str(args.data), "epochs": epochs, "dim": args.dim,
-                                 "config": args.config, "sparse_settings": sparse_kw}
+    result: dict[str, object] = {
+        "benchmark": "dsl",
+        "data": str(args.data),
+        "epochs": epochs,
+        "dim": args.dim,
+        "config": args.config,
+        "sparse_settings": sparse_kw,
+    }
     result.update(run_gowalla(args.data, epochs, args.dim, args.seed, args.repeats, sparse_kw))
     if args.skip_ml100k:
         result["ml100k"] = "skipped (--skip-ml100k)"
@@ -385,8 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         except (ImportError, FileNotFoundError, OSError) as exc:
             result["ml100k"] = f"skipped: {exc}"
     result["target_recall_within_5pct_s90"] = bool(result["recall20_s90_rel_gap"] <= 0.05)  # type: ignore[operator]
-    result["target_infer_1000_sparse_faster"] = bool(
-        result["infer_ms_1000_s90"] < result["infer_ms_1000_dense"])  # type: ignore[operator]
+    result["target_infer_1000_sparse_faster"] = bool(result["infer_ms_1000_s90"] < result["infer_ms_1000_dense"])  # type: ignore[operator]
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     emit("dsl", result)
 

@@ -39,22 +39,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/error_memory.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
-import orjson
 import torch
 from redis.asyncio import Redis
 
+from benchmarks._common import emit
+from driftrec.contract.events import Event
+from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import get_settings
 from driftrec.models.error_memory import RandomProjectionLSH
-from driftrec.contract.interaction import Interaction
-from driftrec.storage.error_memory import BucketNames, read_compensation
-from driftrec.streams.datasets import load_ml100k_interactions, read_jsonl
-from driftrec.storage.error_memory import MemoryKeys, delete_memory
-from driftrec.contract.events import Event
 from driftrec.shift import (
     PrequentialTrace,
     auc,
@@ -65,6 +66,8 @@ from driftrec.shift import (
     segment_metrics,
     shifted_mask,
 )
+from driftrec.storage.error_memory import BucketNames, MemoryKeys, delete_memory, read_compensation
+from driftrec.streams.datasets import load_ml100k_interactions, read_jsonl
 
 log = logging.getLogger("benchmarks.error_memory")
 
@@ -104,8 +107,15 @@ def progress_logger(total: int, label: str):
         last[0] = done
         rate = done / (time.perf_counter() - start)
         y, pb, pm = trace.arrays()
-        log.info("%s %d/%d events, %.0f ev/s, logloss base %.4f memory %.4f", label, done, total, rate,
-                 log_loss(y, pb), log_loss(y, pm))
+        log.info(
+            "%s %d/%d events, %.0f ev/s, logloss base %.4f memory %.4f",
+            label,
+            done,
+            total,
+            rate,
+            log_loss(y, pb),
+            log_loss(y, pm),
+        )
 
     return report
 
@@ -132,8 +142,15 @@ async def memory_footprint(redis: Redis, keys: MemoryKeys) -> tuple[int, int, in
     return total, entries, len(distinct)
 
 
-async def lookup_latency(redis: Redis, keys: MemoryKeys, lsh: RandomProjectionLSH, hidden: np.ndarray,
-                         n: int, reps: int, rng: np.random.Generator) -> tuple[float, float]:
+async def lookup_latency(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    hidden: np.ndarray,
+    n: int,
+    reps: int,
+    rng: np.random.Generator,
+) -> tuple[float, float]:
     times = []
     names = BucketNames(keys, lsh)  # built once, as the scoring service does per loaded snapshot
     for _ in range(reps):
@@ -155,13 +172,26 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     redis = Redis.from_url(args.redis_url)
     run_id = uuid.uuid4().hex[:10]
     prefix = f"{settings.key_prefix}-bench-em-{run_id}"
-    common = dict(batch_size=args.batch_size, capacity=mem.bucket_capacity, ttl_s=mem.ttl_s,
-                  lam=mem.lambda_, gamma=mem.gamma, prior=mem.prior, half_life_s=mem.half_life_s)
-    result: dict[str, object] = {"model": args.model, "events": len(stream), "lambda": mem.lambda_,
-                                 "gamma": mem.gamma,
-                                 "n_tables": mem.n_tables, "n_bits": mem.n_bits,
-                                 "bucket_capacity": mem.bucket_capacity, "prior": mem.prior,
-                                 "batch_size": args.batch_size}
+    common = dict(
+        batch_size=args.batch_size,
+        capacity=mem.bucket_capacity,
+        ttl_s=mem.ttl_s,
+        lam=mem.lambda_,
+        gamma=mem.gamma,
+        prior=mem.prior,
+        half_life_s=mem.half_life_s,
+    )
+    result: dict[str, object] = {
+        "model": args.model,
+        "events": len(stream),
+        "lambda": mem.lambda_,
+        "gamma": mem.gamma,
+        "n_tables": mem.n_tables,
+        "n_bits": mem.n_bits,
+        "bucket_capacity": mem.bucket_capacity,
+        "prior": mem.prior,
+        "batch_size": args.batch_size,
+    }
     keys = MemoryKeys(f"{prefix}-main", version=0, n_shards=mem.n_shards)
     keys_shift = MemoryKeys(f"{prefix}-shift", version=0, n_shards=mem.n_shards)
     try:
@@ -170,28 +200,48 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         lsh = RandomProjectionLSH(hidden_dim(model), mem.n_tables, mem.n_bits, mem.seed, version=0)
         used_before = int((await redis.info("memory"))["used_memory"])
         t0 = time.perf_counter()
-        trace = await prequential_with_memory(redis, keys, lsh, model, stream, **common,
-                                              progress=progress_logger(len(stream), "prequential"))
+        trace = await prequential_with_memory(
+            redis, keys, lsh, model, stream, **common, progress=progress_logger(len(stream), "prequential")
+        )
         wall = time.perf_counter() - t0
         used_after = int((await redis.info("memory"))["used_memory"])
         y, pb, pm = trace.arrays()
         result.update(
-            auc_base=auc(y, pb), auc_memory=auc(y, pm), logloss_base=log_loss(y, pb), logloss_memory=log_loss(y, pm),
-            write_per_s=len(y) / trace.write_s, read_batch_ms=1000 * trace.read_s / max(1, -(-len(y) // args.batch_size)),
+            auc_base=auc(y, pb),
+            auc_memory=auc(y, pm),
+            logloss_base=log_loss(y, pb),
+            logloss_memory=log_loss(y, pm),
+            write_per_s=len(y) / trace.write_s,
+            read_batch_ms=1000 * trace.read_s / max(1, -(-len(y) // args.batch_size)),
             prequential_ev_per_s=len(y) / wall,
         )
         # windowed view: the last 20 % of the stream, where the memory is full
         tail = slice(int(0.8 * len(y)), None)
-        result.update(auc_base_last20=auc(y[tail], pb[tail]), auc_memory_last20=auc(y[tail], pm[tail]),
-                      logloss_base_last20=log_loss(y[tail], pb[tail]), logloss_memory_last20=log_loss(y[tail], pm[tail]))
-        log.info("prequential done in %.1fs: AUC %.4f → %.4f, log-loss %.4f → %.4f", wall,
-                 result["auc_base"], result["auc_memory"], result["logloss_base"], result["logloss_memory"])
+        result.update(
+            auc_base_last20=auc(y[tail], pb[tail]),
+            auc_memory_last20=auc(y[tail], pm[tail]),
+            logloss_base_last20=log_loss(y[tail], pb[tail]),
+            logloss_memory_last20=log_loss(y[tail], pm[tail]),
+        )
+        log.info(
+            "prequential done in %.1fs: AUC %.4f → %.4f, log-loss %.4f → %.4f",
+            wall,
+            result["auc_base"],
+            result["auc_memory"],
+            result["logloss_base"],
+            result["logloss_memory"],
+        )
 
         # 3. footprint and lookup latency on the filled memory
         total_bytes, entries, distinct = await memory_footprint(redis, keys)
-        result.update(bytes_per_error=total_bytes / max(1, distinct), bytes_per_entry=total_bytes / max(1, entries),
-                      stored_errors=distinct, stored_entries=entries, memory_bytes=total_bytes,
-                      info_used_memory_delta_bytes=used_after - used_before)
+        result.update(
+            bytes_per_error=total_bytes / max(1, distinct),
+            bytes_per_entry=total_bytes / max(1, entries),
+            stored_errors=distinct,
+            stored_entries=entries,
+            memory_bytes=total_bytes,
+            info_used_memory_delta_bytes=used_after - used_before,
+        )
         _, hidden = model.predict_with_hidden(stream[-2000:])  # type: ignore[attr-defined]
         rng = np.random.default_rng(0)
         await lookup_latency(redis, keys, lsh, hidden, 10, 20, rng)  # warm the connection
@@ -206,22 +256,38 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         flip = pick_genre_flip(stream, at_fraction=0.6)
         shifted = inject_genre_flip(stream, flip)
         model = make_model(args.model, args.seed)
-        trace = await prequential_with_memory(redis, keys_shift, lsh, model, shifted, **common,
-                                              progress=progress_logger(len(shifted), "genre-flip"))
+        trace = await prequential_with_memory(
+            redis, keys_shift, lsh, model, shifted, **common, progress=progress_logger(len(shifted), "genre-flip")
+        )
         y, pb, pm = trace.arrays()
         early = segment_metrics(y, pb, pm, shifted_mask(shifted, flip, args.shift_horizon))
         whole = segment_metrics(y, pb, pm, shifted_mask(shifted, flip))
         result.update(
-            shift_genre=flip.category, shift_after_ts=flip.after_ts, shift_horizon_events=args.shift_horizon,
-            shift_n=early["n"], logloss_shift_base=early["logloss_base"], logloss_shift_memory=early["logloss_memory"],
-            auc_shift_base=early["auc_base"], auc_shift_memory=early["auc_memory"],
-            logloss_shift_all_base=whole["logloss_base"], logloss_shift_all_memory=whole["logloss_memory"],
-            shift_all_n=whole["n"], auc_shift_stream_base=auc(y, pb), auc_shift_stream_memory=auc(y, pm),
-            logloss_shift_stream_base=log_loss(y, pb), logloss_shift_stream_memory=log_loss(y, pm),
+            shift_genre=flip.category,
+            shift_after_ts=flip.after_ts,
+            shift_horizon_events=args.shift_horizon,
+            shift_n=early["n"],
+            logloss_shift_base=early["logloss_base"],
+            logloss_shift_memory=early["logloss_memory"],
+            auc_shift_base=early["auc_base"],
+            auc_shift_memory=early["auc_memory"],
+            logloss_shift_all_base=whole["logloss_base"],
+            logloss_shift_all_memory=whole["logloss_memory"],
+            shift_all_n=whole["n"],
+            auc_shift_stream_base=auc(y, pb),
+            auc_shift_stream_memory=auc(y, pm),
+            logloss_shift_stream_base=log_loss(y, pb),
+            logloss_shift_stream_memory=log_loss(y, pm),
         )
-        log.info("genre flip (%s): first %d events log-loss %.4f → %.4f; whole segment %.4f → %.4f",
-                 flip.category, args.shift_horizon, early["logloss_base"], early["logloss_memory"],
-                 whole["logloss_base"], whole["logloss_memory"])
+        log.info(
+            "genre flip (%s): first %d events log-loss %.4f → %.4f; whole segment %.4f → %.4f",
+            flip.category,
+            args.shift_horizon,
+            early["logloss_base"],
+            early["logloss_memory"],
+            whole["logloss_base"],
+            whole["logloss_memory"],
+        )
     finally:
         for k in (keys, keys_shift):
             await delete_memory(redis, k)
@@ -244,7 +310,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = asyncio.run(run(args))
-    print(orjson.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}).decode())
+    emit("error_memory", {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()})
 
 
 if __name__ == "__main__":

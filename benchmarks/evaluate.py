@@ -17,7 +17,6 @@ trainer's own snapshot schedule (the deployment's timing, see ``driftrec/evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import sys
 import tempfile
@@ -27,11 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import orjson  # noqa: E402
+import orjson
 
-from driftrec import embedded  # noqa: E402
-from driftrec.evaluate import DEMO_LIMIT, EvalOptions, run_evaluation, variant_table  # noqa: E402
-from driftrec.contract.settings import get_settings  # noqa: E402
+from benchmarks._common import emit
+from driftrec import embedded
+from driftrec.contract.settings import get_settings
+from driftrec.evaluate import DEMO_LIMIT, EvalOptions, run_evaluation, variant_table
 
 
 def _free_port() -> int:
@@ -43,38 +43,71 @@ def _free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="ml-100k", help="ml-100k (default), taobao-sample, or a JSONL file")
-    parser.add_argument("--limit", type=int, default=DEMO_LIMIT,
-                        help=f"first N events only (default {DEMO_LIMIT}, the demo's slice; 0 = the whole stream)")
-    parser.add_argument("--rank-fraction", type=float, default=0.2,
-                        help="fixed-seed fraction of positive events ranked against 49 negatives")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=DEMO_LIMIT,
+        help=f"first N events only (default {DEMO_LIMIT}, the demo's slice; 0 = the whole stream)",
+    )
+    parser.add_argument(
+        "--rank-fraction",
+        type=float,
+        default=0.2,
+        help="fixed-seed fraction of positive events ranked against 49 negatives",
+    )
     parser.add_argument("--window", type=int, default=250)
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: a temp dir)")
-    parser.add_argument("--no-sync", action="store_true",
-                        help="score while the worker learns (deployment timing) instead of synchronous windows")
+    parser.add_argument(
+        "--no-sync",
+        action="store_true",
+        help="score while the worker learns (deployment timing) instead of synchronous windows",
+    )
     args = parser.parse_args()
 
     base = get_settings()
     home = Path(tempfile.mkdtemp(prefix="driftrec-bench-eval-"))
-    settings = base.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{_free_port()}", "home": home,
-                                       "key_prefix": f"bench{uuid.uuid4().hex[:6]}"})
+    settings = base.model_copy(
+        update={
+            "kafka_bootstrap": f"127.0.0.1:{_free_port()}",
+            "home": home,
+            "key_prefix": f"bench{uuid.uuid4().hex[:6]}",
+        }
+    )
     out = args.out or home / "report"
     started = time.perf_counter()
     embedded.up(settings)
     try:
-        html = run_evaluation(settings, args.data, out, limit=args.limit or None,
-                              options=EvalOptions(rank_fraction=args.rank_fraction, window=args.window,
-                                                  synchronous=not args.no_sync))
+        html = run_evaluation(
+            settings,
+            args.data,
+            out,
+            limit=args.limit or None,
+            options=EvalOptions(rank_fraction=args.rank_fraction, window=args.window, synchronous=not args.no_sync),
+        )
     finally:
         embedded.down(settings)
     report = orjson.loads((out / "report.json").read_bytes())
     print(variant_table(report))
     print(f"report: {html}")
     v, run = report["variants"], report["run"]
-    figures: dict[str, object] = {"data": args.data, "events": run["n_events"], "scored": run["n_scored"],
-                                  "ranked": run["n_ranked"]}
-    names = {"base": "base", "base+memory": "memory", "base+tpp": "tpp", "full": "full",
-             "river-lr": "river_lr", "river-fm": "river_fm", "vw": "vw",
-             "river-lr@event": "river_lr_per_event", "river-fm@event": "river_fm_per_event", "vw@event": "vw_per_event"}
+    figures: dict[str, object] = {
+        "data": args.data,
+        "events": run["n_events"],
+        "scored": run["n_scored"],
+        "ranked": run["n_ranked"],
+    }
+    names = {
+        "base": "base",
+        "base+memory": "memory",
+        "base+tpp": "tpp",
+        "full": "full",
+        "river-lr": "river_lr",
+        "river-fm": "river_fm",
+        "vw": "vw",
+        "river-lr@event": "river_lr_per_event",
+        "river-fm@event": "river_fm_per_event",
+        "vw@event": "vw_per_event",
+    }
     for metric in ("auc", "logloss", "recall20", "ndcg20"):
         for variant, short in names.items():
             if variant in v:
@@ -82,7 +115,7 @@ def main() -> None:
     figures["events_per_s"] = v["full"]["events_per_s"]
     figures["synchronous"] = run["synchronous"]
     figures["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(figures))
+    emit("evaluate", figures)
 
 
 if __name__ == "__main__":

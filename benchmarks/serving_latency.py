@@ -30,6 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import emit
+
 
 # ---- load generator (runs in its own process) -----------------------------------------------
 class _KeepAliveClient:
@@ -49,8 +51,10 @@ class _KeepAliveClient:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
 
     def encode(self, body: bytes) -> bytes:
-        head = (f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
         return head.encode() + body
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
@@ -67,8 +71,9 @@ class _KeepAliveClient:
             self.writer.close()
 
 
-async def _load(url: str, bodies: list[bytes], duration: float, warmup: float, concurrency: int,
-                label: str) -> dict[str, float]:
+async def _load(
+    url: str, bodies: list[bytes], duration: float, warmup: float, concurrency: int, label: str
+) -> dict[str, float]:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -77,8 +82,9 @@ async def _load(url: str, bodies: list[bytes], duration: float, warmup: float, c
     errors = 0
     stop_at = time.perf_counter() + warmup + duration
     measure_from = time.perf_counter() + warmup
-    clients = [_KeepAliveClient(parts.hostname or "127.0.0.1", parts.port or 80, parts.path)
-               for _ in range(concurrency)]
+    clients = [
+        _KeepAliveClient(parts.hostname or "127.0.0.1", parts.port or 80, parts.path) for _ in range(concurrency)
+    ]
     requests = [clients[0].encode(body) for body in bodies]
 
     async def worker(k: int, client: _KeepAliveClient) -> None:
@@ -102,17 +108,24 @@ async def _load(url: str, bodies: list[bytes], duration: float, warmup: float, c
         while time.perf_counter() < stop_at:
             await asyncio.sleep(5.0)
             n, t = len(latencies), time.perf_counter()
-            print(f"[{label}] {n} requests measured, {(n - last) / (t - last_t):.0f} req/s", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[{label}] {n} requests measured, {(n - last) / (t - last_t):.0f} req/s", file=sys.stderr, flush=True
+            )
             last, last_t = n, t
 
     ticker = asyncio.create_task(progress())
     await asyncio.gather(*(worker(k, c) for k, c in enumerate(clients)))
     ticker.cancel()
     lat = np.asarray(latencies) * 1000.0
-    return {"n": int(lat.size), "errors": errors, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "requests_per_s": lat.size / duration,
-            "server_p50_ms": float(np.percentile(server_ms, 50)), "server_p99_ms": float(np.percentile(server_ms, 99))}
+    return {
+        "n": int(lat.size),
+        "errors": errors,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "requests_per_s": lat.size / duration,
+        "server_p50_ms": float(np.percentile(server_ms, 50)),
+        "server_p99_ms": float(np.percentile(server_ms, 99)),
+    }
 
 
 def load_main(args: argparse.Namespace) -> None:
@@ -122,16 +135,16 @@ def load_main(args: argparse.Namespace) -> None:
 
 
 # ---- setup: state in Redis -----------------------------------------------------------------
-async def prepare_state(settings, data: Path | None, train_events: int, memory_events: int) -> dict[str, object]:  # noqa: ANN001
+async def prepare_state(settings, data: Path | None, train_events: int, memory_events: int) -> dict[str, object]:
     import orjson
     from redis.asyncio import Redis
 
     from driftrec.models.dsl import DSLRecommender, SparseScorer
     from driftrec.models.error_memory import RandomProjectionLSH
-    from driftrec.streams.datasets import load_ml100k_interactions
     from driftrec.storage.error_memory import MemoryKeys, write_errors
-    from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
     from driftrec.storage.event_state import StateKeys
+    from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
+    from driftrec.streams.datasets import load_ml100k_interactions
 
     t0 = time.perf_counter()
     xs = load_ml100k_interactions(data)
@@ -140,22 +153,28 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
     model = DSLRecommender(n_rows=d.n_rows, dim=d.dim, density=d.density, lr=d.lr, seed=d.seed)
     train = labelled[:train_events]
     for k in range(0, len(train), d.batch_size):
-        model.learn_many(train[k:k + d.batch_size])
+        model.learn_many(train[k : k + d.batch_size])
     catalog = {x.item_id: x.category for x in xs if x.category is not None}
     blob = model.to_bytes()
-    print(f"trained on {len(train)} events in {time.perf_counter() - t0:.1f} s; snapshot {len(blob) / 1e6:.1f} MB, "
-          f"{len(catalog)} catalog items", file=sys.stderr, flush=True)
+    print(
+        f"trained on {len(train)} events in {time.perf_counter() - t0:.1f} s; snapshot {len(blob) / 1e6:.1f} MB, "
+        f"{len(catalog)} catalog items",
+        file=sys.stderr,
+        flush=True,
+    )
     redis = Redis.from_url(settings.redis_url)
-    version = await publish_snapshot(redis, SnapshotKeys(settings.key_prefix, "dsl"),
-                                     {"model": blob, "catalog": orjson.dumps(catalog)})
+    version = await publish_snapshot(
+        redis, SnapshotKeys(settings.key_prefix, "dsl"), {"model": blob, "catalog": orjson.dumps(catalog)}
+    )
     scorer = SparseScorer.from_bytes(blob)
     m = settings.memory
-    lsh = RandomProjectionLSH(dim=scorer.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed,
-                              version=d.generation)
+    lsh = RandomProjectionLSH(
+        dim=scorer.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed, version=d.generation
+    )
     keys = MemoryKeys.from_settings(settings.key_prefix, d.generation, m.n_shards)
-    mem = labelled[train_events:train_events + memory_events]
+    mem = labelled[train_events : train_events + memory_events]
     for k in range(0, len(mem), 2000):
-        chunk = mem[k:k + 2000]
+        chunk = mem[k : k + 2000]
         probs, hidden = scorer.predict_with_hidden(chunk)
         await write_errors(redis, keys, lsh, chunk, probs, hidden, capacity=m.bucket_capacity)
     users = sorted({x.user_id for x in xs})
@@ -165,16 +184,24 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
     pipe = redis.pipeline(transaction=False)
     for u in users:
         p = rng.dirichlet(np.ones(len(cats)))
-        pipe.set(state.user_tpp(u), orjson.dumps({"ts": time.time() - 600, "version": 1, "n_types": len(cats),
-                                                   "probs": dict(zip(cats, p.tolist()))}))
+        pipe.set(
+            state.user_tpp(u),
+            orjson.dumps(
+                {"ts": time.time() - 600, "version": 1, "n_types": len(cats), "probs": dict(zip(cats, p.tolist()))}
+            ),
+        )
     await pipe.execute()
     await redis.aclose()
-    print(f"state ready: snapshot v{version}, memory for {len(mem)} events, tpp for {len(users)} users "
-          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    print(
+        f"state ready: snapshot v{version}, memory for {len(mem)} events, tpp for {len(users)} users "
+        f"({time.perf_counter() - t0:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     return {"version": version, "users": users, "items": sorted(catalog)}
 
 
-def cleanup(settings) -> None:  # noqa: ANN001
+def cleanup(settings) -> None:
     import redis
 
     client = redis.Redis.from_url(settings.redis_url)
@@ -230,8 +257,13 @@ def main() -> None:
     server: subprocess.Popen[bytes] | None = None
     try:
         info = asyncio.run(prepare_state(settings, args.data, args.train_events, args.memory_events))
-        env = dict(os.environ, DRIFTREC_KEY_PREFIX=settings.key_prefix, DRIFTREC_REDIS_URL=settings.redis_url,
-                   DRIFTREC_SERVING__PORT=str(settings.serving.port), DRIFTREC_SERVING__MAX_CANDIDATES="2000")
+        env = dict(
+            os.environ,
+            DRIFTREC_KEY_PREFIX=settings.key_prefix,
+            DRIFTREC_REDIS_URL=settings.redis_url,
+            DRIFTREC_SERVING__PORT=str(settings.serving.port),
+            DRIFTREC_SERVING__MAX_CANDIDATES="2000",
+        )
         server = subprocess.Popen([sys.executable, "-m", "driftrec.cli", "serve"], env=env, cwd=REPO)
         base_url = f"http://127.0.0.1:{settings.serving.port}"
         deadline = time.monotonic() + 120
@@ -253,15 +285,37 @@ def main() -> None:
             path = bodies_dir / f"bodies-{n}.jsonl"
             path.write_text("\n".join(make_bodies(info["users"], info["items"], n, 300 if n <= 100 else 60, rng)))
             done = subprocess.run(
-                [sys.executable, __file__, "--_load", "--url", f"{base_url}/v1/score", "--bodies", str(path),
-                 "--duration", str(args.duration), "--warmup", str(args.warmup),
-                 "--concurrency", str(args.concurrency), "--label", f"{n} candidates"],
-                capture_output=False, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
+                [
+                    sys.executable,
+                    __file__,
+                    "--_load",
+                    "--url",
+                    f"{base_url}/v1/score",
+                    "--bodies",
+                    str(path),
+                    "--duration",
+                    str(args.duration),
+                    "--warmup",
+                    str(args.warmup),
+                    "--concurrency",
+                    str(args.concurrency),
+                    "--label",
+                    f"{n} candidates",
+                ],
+                capture_output=False,
+                stdout=subprocess.PIPE,
+                text=True,
+                check=True,
+                cwd=REPO,
+            )
             stats = json.loads(done.stdout.strip().splitlines()[-1])
             per_count[n] = stats
-            print(f"{n:>5} candidates: p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms "
-                  f"(in the service: p50 {stats['server_p50_ms']:.2f}, p99 {stats['server_p99_ms']:.2f}), "
-                  f"{stats['requests_per_s']:.0f} req/s, {stats['errors']} errors", flush=True)
+            print(
+                f"{n:>5} candidates: p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms "
+                f"(in the service: p50 {stats['server_p50_ms']:.2f}, p99 {stats['server_p99_ms']:.2f}), "
+                f"{stats['requests_per_s']:.0f} req/s, {stats['errors']} errors",
+                flush=True,
+            )
             results[f"p50_ms_{n}"] = round(stats["p50_ms"], 3)
             results[f"p99_ms_{n}"] = round(stats["p99_ms"], 3)
             results[f"server_p99_ms_{n}"] = round(stats["server_p99_ms"], 3)
@@ -272,7 +326,7 @@ def main() -> None:
         results["cpu_cores"] = os.cpu_count() or 0
         results["load_avg_1m"] = round(os.getloadavg()[0], 2)
         results["errors"] = sum(int(s["errors"]) for s in per_count.values())
-        print(json.dumps(results), flush=True)
+        emit("serving_latency", results)
     finally:
         if server is not None and server.poll() is None:
             server.terminate()

@@ -78,13 +78,21 @@ class SparseMF:
         # Row-sparse gradients + lazy row Adam: a step costs O(batch rows), not O(table); the
         # dense gradient DSL grows from is recovered exactly at exploration steps (see sparse.py).
         self.opt = RowAdam([self.user, self.item], lr=lr)
-        groups = None if row_groups is None else {"user": torch.as_tensor(row_groups[0]),
-                                                  "item": torch.as_tensor(row_groups[1])}
+        groups = (
+            None
+            if row_groups is None
+            else {"user": torch.as_tensor(row_groups[0]), "item": torch.as_tensor(row_groups[1])}
+        )
         mask_init = aligned_masks(groups, shared_columns, group_block) if init == "aligned" else None
-        self.masks = SparseParameterSet({"user": self.user, "item": self.item}, density, seed=seed,
-                                        protect_grown=protect_grown, mask_init=mask_init)
-        self.schedule = DSLSchedule(prune_every=prune_every, total_steps=total_steps,
-                                    initial_fraction=initial_fraction, floor_fraction=floor_fraction)
+        self.masks = SparseParameterSet(
+            {"user": self.user, "item": self.item}, density, seed=seed, protect_grown=protect_grown, mask_init=mask_init
+        )
+        self.schedule = DSLSchedule(
+            prune_every=prune_every,
+            total_steps=total_steps,
+            initial_fraction=initial_fraction,
+            floor_fraction=floor_fraction,
+        )
         self.step = 0
         self._rng = np.random.default_rng(seed)
         self.last_report: PruneGrowReport | None = None
@@ -148,8 +156,9 @@ class SparseMF:
             log(f"  {n_batches} steps, {len(users) / max(dt, 1e-9):,.0f} pairs/s, loss {total / n_batches:.4f}")
         return total / max(n_batches, 1)
 
-    def _scores(self, i: torch.Tensor, eu: torch.Tensor, j_batch: np.ndarray, fused: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _scores(
+        self, i: torch.Tensor, eu: torch.Tensor, j_batch: np.ndarray, fused: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Positive scores (B,), negative scores (B, k) and the batch's L2 sum (its item rows'
         negatives weighted 1/k).
 
@@ -184,8 +193,10 @@ class SparseMF:
 
     def to_sparse_tables(self) -> tuple[SparseTable, SparseTable]:
         """Export both tables in the serving layout (``sparse_table``: support columns or ELL)."""
-        return (sparse_table(CSRTable.from_dense(self.user.detach().numpy())),
-                sparse_table(CSRTable.from_dense(self.item.detach().numpy())))
+        return (
+            sparse_table(CSRTable.from_dense(self.user.detach().numpy())),
+            sparse_table(CSRTable.from_dense(self.item.detach().numpy())),
+        )
 
 
 class _SampledScores(torch.autograd.Function):
@@ -202,12 +213,18 @@ class _SampledScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, query: torch.Tensor, table: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
-                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        table: torch.Tensor,
+        rows: torch.Tensor,  # type: ignore[override]
+        weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         flat = rows.reshape(-1)
         # numpy's take gathers rows ~2x faster than index_select on one CPU thread
         emb = torch.from_numpy(np.take(table.detach().numpy(), flat.numpy(), axis=0)).view(
-            *rows.shape, table.shape[1])  # (B, C, dim)
+            *rows.shape, table.shape[1]
+        )  # (B, C, dim)
         # the distinct looked-up rows, sorted, by counting (linear time, no sort); the L2 term
         # Σ_bc w_c |emb_bc|² is then each distinct row's |row|² times its total lookup weight
         flat_np = flat.numpy()
@@ -217,7 +234,8 @@ class _SampledScores(torch.autograd.Function):
         inverse = torch.from_numpy(position[flat_np])
         touched = torch.from_numpy(touched_np)
         row_weight = torch.zeros(len(touched_np), dtype=table.dtype).index_add_(
-            0, inverse, weights.expand(rows.shape).reshape(-1))
+            0, inverse, weights.expand(rows.shape).reshape(-1)
+        )
         touched_rows = table.detach()[touched]
         ctx.save_for_backward(query, emb, inverse, touched, row_weight, touched_rows)
         ctx.table_shape = table.shape
@@ -225,20 +243,25 @@ class _SampledScores(torch.autograd.Function):
         return scores, (touched_rows.pow(2).sum(1) * row_weight).sum()
 
     @staticmethod
-    def backward(ctx: Any, g_scores: torch.Tensor, g_sq: torch.Tensor  # type: ignore[override]
-                 ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(
+        ctx: Any,
+        g_scores: torch.Tensor,
+        g_sq: torch.Tensor,  # type: ignore[override]
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         query, emb, inverse, touched, row_weight, touched_rows = ctx.saved_tensors
         g_query = torch.bmm(g_scores.unsqueeze(1), emb).squeeze(1)
         # a touched row's gradient is Σ over its lookups (b, c) of g_bc · query_b: one sparse
         # (touched x B) matrix times the queries, never the (B, C, dim) outer product
         n_users, n_cols = g_scores.shape
-        lookups = coo_matrix((g_scores.detach().numpy().ravel(),
-                              (inverse.numpy(), np.repeat(np.arange(n_users), n_cols))),
-                             shape=(len(touched), n_users)).tocsr()  # sums duplicates, no sort
+        lookups = coo_matrix(
+            (g_scores.detach().numpy().ravel(), (inverse.numpy(), np.repeat(np.arange(n_users), n_cols))),
+            shape=(len(touched), n_users),
+        ).tocsr()  # sums duplicates, no sort
         values = torch.from_numpy(np.asarray(lookups @ query.detach().numpy(), dtype=np.float32))
         values.addcmul_(touched_rows, (2 * g_sq * row_weight).unsqueeze(1))
-        g_table = torch.sparse_coo_tensor(touched[None], values, ctx.table_shape, is_coalesced=True,
-                                          check_invariants=False)
+        g_table = torch.sparse_coo_tensor(
+            touched[None], values, ctx.table_shape, is_coalesced=True, check_invariants=False
+        )
         return g_query, g_table, None, None
 
 
@@ -246,8 +269,6 @@ def _is_member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(sorted_keys, keys)
     pos[pos == len(sorted_keys)] = 0
     return sorted_keys[pos] == keys
-
-
 
 
 # ---- mask initialisation ------------------------------------------------------------------------
@@ -271,8 +292,7 @@ def aligned_masks(row_groups: dict[str, torch.Tensor] | None, shared: int, block
     return init
 
 
-def _aligned_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
-                  gen: torch.Generator) -> torch.Tensor:
+def _aligned_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Every row active on the same leading columns of ``column_order``; the remainder of the
     exact budget (fewer than one column's worth) goes to random rows on the next column.
 
@@ -292,10 +312,15 @@ def _aligned_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor,
     return mask
 
 
-
-
-def _grouped_mask(shape: torch.Size, n_active: int, column_order: torch.Tensor, row_groups: torch.Tensor,
-                  shared: int, gen: torch.Generator, block: int | None = None) -> torch.Tensor:
+def _grouped_mask(
+    shape: torch.Size,
+    n_active: int,
+    column_order: torch.Tensor,
+    row_groups: torch.Tensor,
+    shared: int,
+    gen: torch.Generator,
+    block: int | None = None,
+) -> torch.Tensor:
     """Aligned masks per row group, ranked: every row is active on the first ``shared`` columns of
     the order, then its nearest group's block, then its second group's, then every other column in
     the shared order; it takes the first ``k`` (``k`` per row as in ``_aligned_mask``: the

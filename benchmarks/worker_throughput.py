@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import tempfile
@@ -23,22 +22,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import redis  # noqa: E402
-from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+import redis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from driftrec import embedded  # noqa: E402
-from driftrec.contract.settings import Settings  # noqa: E402
-from driftrec.streams.replay import publish, source_items  # noqa: E402
-from driftrec.streams.topics import ensure_topics  # noqa: E402
-from tests.infra import WorkerProcess, delete_prefix, free_port, wait_for  # noqa: E402
+from benchmarks._common import emit
+from driftrec import embedded
+from driftrec.contract.settings import Settings
+from driftrec.streams.replay import publish, source_items
+from tests.infra import WorkerProcess, delete_prefix, free_port, wait_for
 
 log = logging.getLogger("bench.worker")
 
 
 async def raw_consume(settings: Settings, expected: int) -> float:
     """Seconds for a bare aiokafka consumer (no group, no processing) to read every message."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest", max_poll_records=2000)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=2000,
+    )
     await consumer.start()
     try:
         parts = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
@@ -65,8 +68,14 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="driftrec-bench-"))
     run = uuid.uuid4().hex[:8]
-    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", home=home, key_prefix=f"bench{run}",
-                        worker_id=f"bench-{run}", worker_web_port=free_port(), topic_prefix=f"b{run}.")
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        home=home,
+        key_prefix=f"bench{run}",
+        worker_id=f"bench-{run}",
+        worker_web_port=free_port(),
+        topic_prefix=f"b{run}.",
+    )
     for section in ("memory", "dsl", "tpp"):
         getattr(settings, section).enabled = args.learners
 
@@ -84,8 +93,13 @@ def main() -> None:
         log.info("raw aiokafka: %d messages in %.2f s (%.0f msg/s)", n, raw_s, n / raw_s)
 
         worker = WorkerProcess(settings, home / "worker.log").start()
-        first = wait_for(lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] > 0
-                         and time.perf_counter(), 120, "first processed event", worker, interval=0.05)
+        first = wait_for(
+            lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] > 0 and time.perf_counter(),
+            120,
+            "first processed event",
+            worker,
+            interval=0.05,
+        )
         last_log = time.perf_counter()
 
         def done() -> float | None:
@@ -115,7 +129,7 @@ def main() -> None:
         "up_to_ready_s": round(up_seconds, 3),
         "learners": args.learners,
     }
-    print(json.dumps(figures))
+    emit("worker_throughput", figures)
 
 
 if __name__ == "__main__":

@@ -177,12 +177,15 @@ class Settings(BaseSettings):
     @classmethod
     def _no_unknown_environment(cls, data: Any) -> Any:
         """A ``DRIFTREC_*`` variable that names no setting is a typo: refuse it by name."""
-        unknown = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX)
-                         and not name.upper().startswith(TEST_PREFIX)
-                         and not _known_variable(name[len(ENV_PREFIX):].lower()))
+        unknown = sorted(
+            name
+            for name in os.environ
+            if name.upper().startswith(ENV_PREFIX)
+            and not name.upper().startswith(TEST_PREFIX)
+            and not _known_variable(name[len(ENV_PREFIX) :].lower())
+        )
         if unknown:
-            raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)} "
-                             "(see README, Configuration)")
+            raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)} (see README, Configuration)")
         return data
 
     # topic names (the prefix namespaces them, e.g. for parallel test runs)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from driftrec.contract.settings import get_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Online adaptive recommendation over Kafka and Redis.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Online adaptive recommendation over Kafka and Redis."
+)
 
 
 def _logging(level: str = "INFO") -> None:
@@ -59,25 +60,29 @@ def serve() -> None:
 @app.command()
 def replay(
     source: Annotated[str, typer.Argument(help="ml-100k, taobao-sample, or a JSONL file of events")],
-    speed: Annotated[Optional[float], typer.Option(help="event-seconds per wall second; omit for flat out")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="publish only the first N events")] = None,
+    speed: Annotated[float | None, typer.Option(help="event-seconds per wall second; omit for flat out")] = None,
+    limit: Annotated[int | None, typer.Option(help="publish only the first N events")] = None,
 ) -> None:
     """Publish a recorded dataset to the `events` topic in event-time order."""
     from driftrec.streams.replay import replay as run_replay
 
     _logging()
     report = run_replay(get_settings(), source, speed=speed, limit=limit)
-    typer.echo(f"published {report.published} events, dead-lettered {report.dead_lettered}, "
-               f"{report.rate:.0f} ev/s")
+    typer.echo(f"published {report.published} events, dead-lettered {report.dead_lettered}, {report.rate:.0f} ev/s")
 
 
 @app.command()
 def evaluate(
     source: Annotated[str, typer.Argument(help="ml-100k, taobao-sample, or a JSONL file of events")] = "ml-100k",
     out: Annotated[Path, typer.Option(help="report folder")] = Path("reports/latest"),
-    limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N events")] = None,
-    sync: Annotated[bool, typer.Option(help="score each window with a state that learned every earlier event "
-                                            "(--no-sync: score while learning, as deployed)")] = True,
+    limit: Annotated[int | None, typer.Option(help="evaluate only the first N events")] = None,
+    sync: Annotated[
+        bool,
+        typer.Option(
+            help="score each window with a state that learned every earlier event "
+            "(--no-sync: score while learning, as deployed)"
+        ),
+    ] = True,
 ) -> None:
     """Prequential (test-then-train) evaluation through the real broker; writes report.json/.html."""
     from driftrec.evaluate import run_evaluation
@@ -90,7 +95,7 @@ def evaluate(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="report folder")] = Path("reports/demo"),
-    limit: Annotated[Optional[int], typer.Option(help="replay only the first N events")] = None,
+    limit: Annotated[int | None, typer.Option(help="replay only the first N events")] = None,
 ) -> None:
     """Everything on the embedded default: up → worker → serve → replay ML-100K → evaluate."""
     from driftrec.evaluate import run_demo

@@ -8,6 +8,7 @@ stops exactly that and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -69,7 +70,7 @@ def kafka_answers(settings: Settings) -> bool:
     try:
         broker_topics(settings, timeout_s=2.0)
         return True
-    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+    except Exception:
         return False
 
 
@@ -81,8 +82,9 @@ def _spawn(settings: Settings, name: str, argv: list[str]) -> int:
     """Start a daemon detached from this process group, remember its pid."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     logfile = (settings.run_dir / f"{name}.log").open("ab")
-    proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     _pid_file(settings, name).write_text(f"{proc.pid}\n{' '.join(argv)}\n")
     return proc.pid
 
@@ -115,8 +117,20 @@ def start_broker(settings: Settings) -> str:
     if not endpoint.is_loopback:
         raise RuntimeError(f"no broker answers at {settings.kafka_bootstrap} and it is not on loopback")
     url = f"tcp://{endpoint.host}:{endpoint.port}"
-    pid = _spawn(settings, "tansu", [tansu_binary(), "broker", "--listener-url", url,
-                                     "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"])
+    pid = _spawn(
+        settings,
+        "tansu",
+        [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+    )
     _wait(lambda: kafka_answers(settings), f"Tansu at {url}", 30)
     return f"started Tansu (pid {pid}) at {endpoint.host}:{endpoint.port}"
 
@@ -131,8 +145,11 @@ def start_redis(settings: Settings) -> str:
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError("no Redis answers and `redis-server` is not on PATH (apt-get install redis-server)")
-    pid = _spawn(settings, "redis", [binary, "--bind", endpoint.host, "--port", str(endpoint.port),
-                                     "--save", "", "--appendonly", "no"])
+    pid = _spawn(
+        settings,
+        "redis",
+        [binary, "--bind", endpoint.host, "--port", str(endpoint.port), "--save", "", "--appendonly", "no"],
+    )
     _wait(lambda: redis_answers(settings), f"redis-server at {endpoint.host}:{endpoint.port}", 15)
     return f"started redis-server (pid {pid}) at {endpoint.host}:{endpoint.port}"
 
@@ -151,10 +168,8 @@ def up(settings: Settings) -> list[str]:
 
 def _reap(pid: int) -> None:
     """Collect a child we spawned in this same process (tests), so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def down(settings: Settings) -> list[str]:

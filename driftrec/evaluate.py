@@ -61,18 +61,17 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
-import redis
 from redis.asyncio import Redis as AsyncRedis
 from tqdm import tqdm
 
-from driftrec.procs import ChildProcess, serving_healthy, serving_url, start_server, start_worker, worker_metrics
-from driftrec.report import SERVED_VARIANTS, plot_series, summarize, write_html
-from driftrec.contract.settings import Settings
-from driftrec.models import metrics
 from driftrec.contract.events import Event
 from driftrec.contract.interaction import Interaction
-from driftrec.storage.error_memory import KEY_SPACE
+from driftrec.contract.settings import Settings
+from driftrec.models import metrics
+from driftrec.procs import ChildProcess, serving_healthy, serving_url, start_server, start_worker, worker_metrics
+from driftrec.report import SERVED_VARIANTS, plot_series, summarize, write_html
 from driftrec.storage.client import connect, connect_sync
+from driftrec.storage.error_memory import KEY_SPACE
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +148,9 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def served_variants(base: np.ndarray, comp: np.ndarray, tpp: np.ndarray, score: np.ndarray,
-                    eps: float) -> dict[str, np.ndarray]:
+def served_variants(
+    base: np.ndarray, comp: np.ndarray, tpp: np.ndarray, score: np.ndarray, eps: float
+) -> dict[str, np.ndarray]:
     """The four ablations from one served response (see the module doc)."""
     return {
         "base": base,
@@ -220,12 +220,14 @@ def _free_port() -> int:
 
 def evaluation_settings(settings: Settings, run_id: str) -> Settings:
     """Fresh topics, key prefix, consumer group and ports, so no earlier state leaks into the run."""
-    s = settings.model_copy(update={
-        "topic_prefix": f"{settings.topic_prefix}eval-{run_id}.",
-        "key_prefix": f"{settings.key_prefix}:eval-{run_id}",
-        "worker_id": f"{settings.worker_id}-eval-{run_id}",
-        "worker_web_port": _free_port(),
-    })
+    s = settings.model_copy(
+        update={
+            "topic_prefix": f"{settings.topic_prefix}eval-{run_id}.",
+            "key_prefix": f"{settings.key_prefix}:eval-{run_id}",
+            "worker_id": f"{settings.worker_id}-eval-{run_id}",
+            "worker_web_port": _free_port(),
+        }
+    )
     s.serving = s.serving.model_copy(update={"port": _free_port()})
     return s
 
@@ -266,8 +268,9 @@ async def _worker_progress(client: httpx.AsyncClient, settings: Settings, learne
     return _progress_counts(parse_prometheus(resp.text), learners)
 
 
-async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions, peers: dict[str, Any],
-                         bar: tqdm, served_path: Path) -> _Run:
+async def _evaluate_loop(
+    settings: Settings, items: list[Any], opts: EvalOptions, peers: dict[str, Any], bar: tqdm, served_path: Path
+) -> _Run:
     from driftrec.streams.producer import EventProducer
 
     run = _Run(peer_seconds={name: 0.0 for name in peers})
@@ -284,17 +287,25 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
     latest_key = SnapshotKeys(settings.key_prefix, "dsl").latest
     # pooled connections expire well before the service's keep-alive timeout: a synchronous window
     # can wait seconds for the worker, and a connection the server closes while we reuse it fails
-    limits = httpx.Limits(max_connections=opts.concurrency, max_keepalive_connections=opts.concurrency,
-                          keepalive_expiry=min(2.0, settings.serving.keep_alive_s / 2))
-    async with httpx.AsyncClient(base_url=serving_url(settings), timeout=60.0, limits=limits) as client, \
-            httpx.AsyncClient() as metrics_client, connect(settings) as snapshots_redis:
+    limits = httpx.Limits(
+        max_connections=opts.concurrency,
+        max_keepalive_connections=opts.concurrency,
+        keepalive_expiry=min(2.0, settings.serving.keep_alive_s / 2),
+    )
+    async with (
+        httpx.AsyncClient(base_url=serving_url(settings), timeout=60.0, limits=limits) as client,
+        httpx.AsyncClient() as metrics_client,
+        connect(settings) as snapshots_redis,
+    ):
+
         async def ask(plan: _Plan) -> dict[str, Any]:
             body = orjson.dumps({"user_id": plan.event.user_id, "candidates": plan.candidates, "ts": plan.event.ts})
             async with sem:
                 for attempt in range(2):  # scoring is read-only, so one retry on a dropped connection is safe
                     try:
-                        resp = await client.post("/v1/score", content=body,
-                                                 headers={"content-type": "application/json"})
+                        resp = await client.post(
+                            "/v1/score", content=body, headers={"content-type": "application/json"}
+                        )
                         break
                     except httpx.TransportError:
                         if attempt:
@@ -308,7 +319,7 @@ async def _evaluate_loop(settings: Settings, items: list[Any], opts: EvalOptions
                 producer.dead_letter(raw, reason, "evaluate")
                 run.dead_lettered += 1
             for start in range(0, len(events), opts.window):
-                window = events[start:start + opts.window]
+                window = events[start : start + opts.window]
                 plans = [p for p in (_plan(sampler, e, opts) for e in window) if p is not None]
                 # ---- test: the served state has seen only events published before this window
                 t0 = time.perf_counter()
@@ -364,8 +375,9 @@ def _max_lag(opts: EvalOptions) -> int:
     return opts.max_lag if opts.max_lag is not None else 2 * opts.window
 
 
-async def _until_served_latest(client: httpx.AsyncClient, r: AsyncRedis, latest_key: str,
-                               timeout_s: float = 60.0) -> None:
+async def _until_served_latest(
+    client: httpx.AsyncClient, r: AsyncRedis, latest_key: str, timeout_s: float = 60.0
+) -> None:
     """Wait until the scoring service has loaded the newest DSL snapshot in Redis.
 
     Called once the trainer has learned every published event; in synchronous mode the trainer
@@ -394,12 +406,23 @@ def _record(plan: _Plan, resp: dict[str, Any], eps: float, published_before: int
     variants = served_variants(base, comp, tpp, score, eps)
     e = plan.event
     rec: dict[str, Any] = {
-        "event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "category": e.category, "ts": e.ts,
+        "event_id": e.event_id,
+        "user_id": e.user_id,
+        "item_id": e.item_id,
+        "category": e.category,
+        "ts": e.ts,
         "label": int(e.label),
-        "ranked": plan.ranked, "n_candidates": len(plan.candidates), "model_version": resp.get("model_version"),
-        "published_before": published_before, "took_ms": resp.get("took_ms"),
-        "served": {"base": float(base[0]), "compensation": float(comp[0]), "tpp": float(tpp[0]),
-                   "score": float(score[0])},
+        "ranked": plan.ranked,
+        "n_candidates": len(plan.candidates),
+        "model_version": resp.get("model_version"),
+        "published_before": published_before,
+        "took_ms": resp.get("took_ms"),
+        "served": {
+            "base": float(base[0]),
+            "compensation": float(comp[0]),
+            "tpp": float(tpp[0]),
+            "score": float(score[0]),
+        },
         "scores": {v: float(a[0]) for v, a in variants.items()},
         "rank": {},
     }
@@ -448,7 +471,7 @@ def _sigterm_as_interrupt():
         yield
         return
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -458,8 +481,14 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None = None,
-                   options: EvalOptions | None = None, **overrides: Any) -> Path:
+def run_evaluation(
+    settings: Settings,
+    source: str,
+    out: Path,
+    limit: int | None = None,
+    options: EvalOptions | None = None,
+    **overrides: Any,
+) -> Path:
     """Run the prequential evaluation (see the module doc); return the path of ``report.html``."""
     from driftrec.models.baselines import make_peer
     from driftrec.streams.replay import source_items
@@ -482,8 +511,10 @@ def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None
     from driftrec import embedded
 
     if not embedded.redis_answers(s) or not _broker_answers(s):
-        raise RuntimeError(f"no broker at {s.kafka_bootstrap} or no Redis at {s.redis_url}: run `driftrec up` "
-                           "first (or `driftrec demo`, which does)")
+        raise RuntimeError(
+            f"no broker at {s.kafka_bootstrap} or no Redis at {s.redis_url}: run `driftrec up` "
+            "first (or `driftrec demo`, which does)"
+        )
     items = source_items(settings, source, limit)
     n_events = sum(1 for x in items if isinstance(x, Event))
     peers = {name: make_peer(name) for name in opts.baselines}
@@ -492,8 +523,9 @@ def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None
     procs: list[ChildProcess] = []
     with _sigterm_as_interrupt():
         try:
-            with tqdm(total=n_events, unit="ev", desc=f"evaluate {source}", disable=not opts.progress,
-                      dynamic_ncols=True) as bar:
+            with tqdm(
+                total=n_events, unit="ev", desc=f"evaluate {source}", disable=not opts.progress, dynamic_ncols=True
+            ) as bar:
                 bar.set_postfix_str("starting worker + scoring service", refresh=True)
                 ensure_topics(s)
                 procs.append(start_worker(s, out / "logs" / "worker.log"))
@@ -524,13 +556,36 @@ def run_evaluation(settings: Settings, source: str, out: Path, limit: int | None
                 with contextlib.suppress(Exception):
                     _delete_prefix(s)
 
-    return _write_report(out, source, limit, s, opts, run, loop_s, time.perf_counter() - t_start, started_wall,
-                         final_metrics, health, counts)
+    return _write_report(
+        out,
+        source,
+        limit,
+        s,
+        opts,
+        run,
+        loop_s,
+        time.perf_counter() - t_start,
+        started_wall,
+        final_metrics,
+        health,
+        counts,
+    )
 
 
-def _write_report(out: Path, source: str, limit: int | None, s: Settings, opts: EvalOptions, run: _Run,
-                  loop_s: float, wall_s: float, started_wall: float, final_metrics: dict[str, float] | None,
-                  health: dict | None, counts: dict[str, int]) -> Path:
+def _write_report(
+    out: Path,
+    source: str,
+    limit: int | None,
+    s: Settings,
+    opts: EvalOptions,
+    run: _Run,
+    loop_s: float,
+    wall_s: float,
+    started_wall: float,
+    final_metrics: dict[str, float] | None,
+    health: dict | None,
+    counts: dict[str, int],
+) -> Path:
     records = run.records
     variants = list(SERVED_VARIANTS) + list(run.peer_seconds)
     n = len(records)
@@ -544,28 +599,47 @@ def _write_report(out: Path, source: str, limit: int | None, s: Settings, opts: 
         "variants": overall,
         "series": series,
         "run": {
-            "source": source, "limit": limit, "n_events": run.published, "n_scored": n,
-            "n_ranked": sum(1 for r in records if r["ranked"]), "n_positive": sum(r["label"] for r in records),
+            "source": source,
+            "limit": limit,
+            "n_events": run.published,
+            "n_scored": n,
+            "n_ranked": sum(1 for r in records if r["ranked"]),
+            "n_positive": sum(r["label"] for r in records),
             "dead_lettered": run.dead_lettered,
-            "negatives": opts.negatives, "k": opts.k, "rank_fraction": opts.rank_fraction, "seed": opts.seed,
-            "window": opts.window, "concurrency": opts.concurrency,
-            "synchronous": opts.synchronous, "max_lag": _max_lag(opts),
+            "negatives": opts.negatives,
+            "k": opts.k,
+            "rank_fraction": opts.rank_fraction,
+            "seed": opts.seed,
+            "window": opts.window,
+            "concurrency": opts.concurrency,
+            "synchronous": opts.synchronous,
+            "max_lag": _max_lag(opts),
             "max_observed_lag": run.max_observed_lag,
-            "started": started_wall, "wall_s": round(wall_s, 2), "loop_s": round(loop_s, 2),
-            "serving_s": round(run.serving_s, 2), "lag_waits_s": round(run.lag_waits_s, 2),
+            "started": started_wall,
+            "wall_s": round(wall_s, 2),
+            "loop_s": round(loop_s, 2),
+            "serving_s": round(run.serving_s, 2),
+            "lag_waits_s": round(run.lag_waits_s, 2),
             "peer_seconds": {k: round(v, 2) for k, v in run.peer_seconds.items()},
             "requests_per_s": round(n / run.serving_s, 1) if run.serving_s > 0 else None,
             "first_served_version_at": next((i for i, r in enumerate(records) if r["model_version"] is not None), None),
             "last_model_version": versions[-1] if versions else None,
             "events_with_compensation": sum(1 for r in records if r["served"]["compensation"] != 0.0),
             "events_with_tpp": sum(1 for r in records if r["served"]["tpp"] != 0.0),
-            "worker_metrics": {k: v for k, v in (final_metrics or {}).items()
-                               if k.startswith(("driftrec_events_", "driftrec_learner_events_total"))},
+            "worker_metrics": {
+                k: v
+                for k, v in (final_metrics or {}).items()
+                if k.startswith(("driftrec_events_", "driftrec_learner_events_total"))
+            },
             "serving_health": health,
             "redis": counts,
             "namespace": {"key_prefix": s.key_prefix, "topic_prefix": s.topic_prefix, "worker_id": s.worker_id},
-            "settings": {"dsl": s.dsl.model_dump(mode="json"), "memory": s.memory.model_dump(mode="json", by_alias=True),
-                         "tpp": s.tpp.model_dump(mode="json"), "serving": s.serving.model_dump(mode="json")},
+            "settings": {
+                "dsl": s.dsl.model_dump(mode="json"),
+                "memory": s.memory.model_dump(mode="json", by_alias=True),
+                "tpp": s.tpp.model_dump(mode="json"),
+                "serving": s.serving.model_dump(mode="json"),
+            },
             "protocol": _protocol_text(opts),
         },
     }
@@ -577,24 +651,29 @@ def _write_report(out: Path, source: str, limit: int | None, s: Settings, opts: 
 
 
 def _protocol_text(opts: EvalOptions) -> str:
-    lag = ("every window is scored by a served state that has learned every earlier event (synchronous)"
-           if opts.synchronous else
-           f"served state lags by at most window + {_max_lag(opts)} events plus the trainer's snapshot interval")
-    return (f"Prequential in windows of {opts.window} events: each window's labelled events are scored by the "
-            f"scoring service before the window is published; {lag}; no score includes its own event. "
-            "Peers score the same candidates and learn each window right after it is scored (the same "
-            f"information as the served state); '<peer>{PER_EVENT}' peers learn each event right after scoring it "
-            f"(no lag, a reference the pipeline cannot match by construction). Ranking: the positive among "
-            f"{opts.negatives} fixed-seed sampled negatives (items seen so far, not the user's), ties broken "
-            "uniformly in expectation.")
+    lag = (
+        "every window is scored by a served state that has learned every earlier event (synchronous)"
+        if opts.synchronous
+        else f"served state lags by at most window + {_max_lag(opts)} events plus the trainer's snapshot interval"
+    )
+    return (
+        f"Prequential in windows of {opts.window} events: each window's labelled events are scored by the "
+        f"scoring service before the window is published; {lag}; no score includes its own event. "
+        "Peers score the same candidates and learn each window right after it is scored (the same "
+        f"information as the served state); '<peer>{PER_EVENT}' peers learn each event right after scoring it "
+        f"(no lag, a reference the pipeline cannot match by construction). Ranking: the positive among "
+        f"{opts.negatives} fixed-seed sampled negatives (items seen so far, not the user's), ties broken "
+        "uniformly in expectation."
+    )
 
 
 def variant_table(report: dict[str, Any]) -> str:
     cols = ("auc", "logloss", "recall20", "ndcg20", "events_per_s")
     lines = [f"{'variant':<12}" + "".join(f"{c:>13}" for c in cols)]
     for v, m in report["variants"].items():
-        cells = "".join(f"{'-' if m.get(c) is None else format(m[c], '.4f' if c != 'events_per_s' else '.0f'):>13}"
-                        for c in cols)
+        cells = "".join(
+            f"{'-' if m.get(c) is None else format(m[c], '.4f' if c != 'events_per_s' else '.0f'):>13}" for c in cols
+        )
         lines.append(f"{v:<12}{cells}")
     return "\n".join(lines)
 
@@ -637,8 +716,9 @@ def run_demo(settings: Settings, out: Path, limit: int | None = None) -> Path:
     for line in embedded.up(settings):
         print(f"  {line}", flush=True)
     try:
-        path = run_evaluation(settings, "ml-100k", out, limit=limit if limit is not None else DEMO_LIMIT,
-                              rank_fraction=DEMO_RANK_FRACTION)
+        path = run_evaluation(
+            settings, "ml-100k", out, limit=limit if limit is not None else DEMO_LIMIT, rank_fraction=DEMO_RANK_FRACTION
+        )
     finally:
         for name, had in (("tansu", had_broker), ("redis", had_redis)):
             if not had:

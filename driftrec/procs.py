@@ -63,9 +63,15 @@ class ChildProcess:
     def start(self, ready: Callable[[], object], timeout_s: float = 90.0) -> ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "driftrec.cli", *self.argv], env=settings_env(self.settings),
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "driftrec.cli", *self.argv],
+            env=settings_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -146,7 +152,8 @@ def serving_healthy(settings: Settings) -> dict | None:
 
 def start_worker(settings: Settings, log_path: Path) -> ChildProcess:
     return ChildProcess("worker", ["worker", "--loglevel", "warn"], settings, log_path).start(
-        lambda: worker_metrics(settings) is not None)
+        lambda: worker_metrics(settings) is not None
+    )
 
 
 def start_server(settings: Settings, log_path: Path) -> ChildProcess:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,9 @@ def load_served(path: Path) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in fh if line.strip()]
 
 
-def variant_arrays(records: list[dict[str, Any]], variant: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def variant_arrays(
+    records: list[dict[str, Any]], variant: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(labels, pointwise scores, ranked mask, greater, ties)`` of one variant over the records."""
     y = np.fromiter((r["label"] for r in records), dtype=np.float64, count=len(records))
     s = np.fromiter((r["scores"][variant] for r in records), dtype=np.float64, count=len(records))
@@ -42,21 +43,27 @@ def _clean(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 6)
 
 
-def summarize(records: list[dict[str, Any]], variants: list[str], series_size: int,
-              series_step: int) -> tuple[dict[str, dict[str, float | None]], dict[str, Any]]:
+def summarize(
+    records: list[dict[str, Any]], variants: list[str], series_size: int, series_step: int
+) -> tuple[dict[str, dict[str, float | None]], dict[str, Any]]:
     """Overall metrics per variant and sliding-window series (over event order)."""
     overall: dict[str, dict[str, float | None]] = {}
     bounds = metrics.window_bounds(len(records), series_size, series_step)
     series: dict[str, Any] = {
-        "window_events": series_size, "step_events": series_step,
+        "window_events": series_size,
+        "step_events": series_step,
         "end_index": [end - 1 for _, end in bounds],
         "end_ts": [records[end - 1]["ts"] for _, end in bounds],
     }
     for v in variants:
         y, s, ranked, g, t = variant_arrays(records, v)
         rec, nd = metrics.ranking(g[ranked], t[ranked], K)
-        overall[v] = {"auc": _clean(metrics.auc(y, s)), "logloss": _clean(metrics.logloss(y, s)),
-                      "recall20": _clean(rec), "ndcg20": _clean(nd)}
+        overall[v] = {
+            "auc": _clean(metrics.auc(y, s)),
+            "logloss": _clean(metrics.logloss(y, s)),
+            "recall20": _clean(rec),
+            "ndcg20": _clean(nd),
+        }
         per = {"auc": [], "logloss": [], "recall20": [], "ndcg20": []}
         for start, end in bounds:
             per["auc"].append(_clean(metrics.auc(y[start:end], s[start:end])))
@@ -78,8 +85,12 @@ def plot_series(series: dict[str, Any], variants: list[str], out: Path) -> dict[
 
     x = series["end_index"]
     paths: dict[str, Path] = {}
-    titles = {"auc": "AUC (sliding window)", "logloss": "log-loss (sliding window)",
-              "recall20": "Recall@20 vs sampled negatives", "ndcg20": "NDCG@20 vs sampled negatives"}
+    titles = {
+        "auc": "AUC (sliding window)",
+        "logloss": "log-loss (sliding window)",
+        "recall20": "Recall@20 vs sampled negatives",
+        "ndcg20": "NDCG@20 vs sampled negatives",
+    }
     for name in METRIC_NAMES:
         fig, ax = plt.subplots(figsize=(8, 4.2), dpi=100)
         for v in variants:
@@ -111,26 +122,38 @@ def write_html(report: dict[str, Any], pngs: dict[str, Path], path: Path) -> Non
     rows = []
     cols = ["auc", "logloss", "recall20", "ndcg20", "events_per_s"]
     for v, m in report["variants"].items():
-        rows.append("<tr><th>" + html.escape(v) + "</th>" + "".join(f"<td>{_fmt(m.get(c), c == 'events_per_s')}</td>" for c in cols) + "</tr>")
+        rows.append(
+            "<tr><th>"
+            + html.escape(v)
+            + "</th>"
+            + "".join(f"<td>{_fmt(m.get(c), c == 'events_per_s')}</td>" for c in cols)
+            + "</tr>"
+        )
     imgs = []
     for name, png in pngs.items():
         data = base64.b64encode(png.read_bytes()).decode()
-        imgs.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>')
+        imgs.append(
+            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+        )
     run = report["run"]
-    meta = "".join(f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(orjson.dumps(v).decode()[:400])}</code></td></tr>"
-                   for k, v in run.items() if k != "protocol")
+    meta = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(orjson.dumps(v).decode()[:400])}</code></td></tr>"
+        for k, v in run.items()
+        if k != "protocol"
+    )
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>driftrec prequential evaluation</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 th{{text-align:left}}img{{max-width:100%}}code{{font-size:85%;white-space:pre-wrap}}</style></head>
 <body><h1>driftrec — prequential evaluation</h1>
-<p>Source <b>{html.escape(str(run.get('source')))}</b>, {run.get('n_scored')} labelled events scored
-({run.get('n_ranked')} ranked against {run.get('negatives')} sampled negatives), wall time {_fmt(run.get('wall_s'))} s.</p>
+<p>Source <b>{html.escape(str(run.get("source")))}</b>, {run.get("n_scored")} labelled events scored
+({run.get("n_ranked")} ranked against {run.get("negatives")} sampled negatives),
+wall time {_fmt(run.get("wall_s"))} s.</p>
 <h2>Variants</h2>
-<table><tr><th>variant</th>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{''.join(rows)}</table>
-<p>{html.escape(run.get('protocol', ''))}</p>
-<h2>Over time</h2>{''.join(imgs)}
+<table><tr><th>variant</th>{"".join(f"<th>{c}</th>" for c in cols)}</tr>{"".join(rows)}</table>
+<p>{html.escape(run.get("protocol", ""))}</p>
+<h2>Over time</h2>{"".join(imgs)}
 <h2>Run</h2><table>{meta}</table>
 </body></html>"""
     path.write_text(doc, encoding="utf-8")

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from redis.asyncio import Redis
 
-from driftrec.models.error_memory import DEFAULT_EPS, DEFAULT_GAMMA, DEFAULT_LAMBDA, DEFAULT_PRIOR, RandomProjectionLSH
 from driftrec.contract.interaction import Interaction
-from driftrec.storage.error_memory import BucketNames, read_compensation
-from driftrec.storage.error_memory import MemoryKeys, write_errors
+from driftrec.models.error_memory import DEFAULT_EPS, DEFAULT_GAMMA, DEFAULT_LAMBDA, DEFAULT_PRIOR, RandomProjectionLSH
+from driftrec.storage.error_memory import BucketNames, MemoryKeys, read_compensation, write_errors
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,7 @@ def inject_genre_flip(interactions: Sequence[Interaction], flip: GenreFlip) -> l
     ]
 
 
-def shifted_mask(
-    interactions: Sequence[Interaction], flip: GenreFlip, horizon_events: int | None = None
-) -> np.ndarray:
+def shifted_mask(interactions: Sequence[Interaction], flip: GenreFlip, horizon_events: int | None = None) -> np.ndarray:
     """Events of the flipped category after the flip, limited to the first ``horizon_events``
     stream events after the flip: the window in which fast adaptation must show."""
     ts = np.array([x.ts for x in interactions])
@@ -139,14 +136,22 @@ async def prequential_with_memory(
         probs, hidden = model.predict_with_hidden(batch)  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         delta = await read_compensation(
-            redis, keys, lsh, hidden, probs, lam=lam, gamma=gamma, prior=prior, half_life_s=half_life_s,
-            now=batch[0].ts, eps=eps, names=names,
+            redis,
+            keys,
+            lsh,
+            hidden,
+            probs,
+            lam=lam,
+            gamma=gamma,
+            prior=prior,
+            half_life_s=half_life_s,
+            now=batch[0].ts,
+            eps=eps,
+            names=names,
         )
         t1 = time.perf_counter()
         if start + batch_size > write_from:
-            trace.written += await write_errors(
-                redis, keys, lsh, batch, probs, hidden, capacity=capacity, ttl_s=ttl_s
-            )
+            trace.written += await write_errors(redis, keys, lsh, batch, probs, hidden, capacity=capacity, ttl_s=ttl_s)
         t2 = time.perf_counter()
         model.learn_many(batch)  # type: ignore[attr-defined]
         t3 = time.perf_counter()

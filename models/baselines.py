@@ -41,8 +41,9 @@ def _require(module: str, package: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MissingExtra(f"baseline needs {package!r}: pip install 'driftrec[baselines]' "
-                           f"(or pip install {package})") from exc
+        raise MissingExtra(
+            f"baseline needs {package!r}: pip install 'driftrec[baselines]' (or pip install {package})"
+        ) from exc
 
 
 def _features(user: str, item: str, category: str | None) -> dict[str, float]:
@@ -78,8 +79,11 @@ class RiverPeer(Peer):
 
     def predict_many(self, xs: Sequence[Interaction]) -> np.ndarray:
         predict = self.model.predict_proba_one
-        return np.fromiter((predict(_features(x.user_id, x.item_id, x.category)).get(True, 0.5) for x in xs),
-                           dtype=np.float64, count=len(xs))
+        return np.fromiter(
+            (predict(_features(x.user_id, x.item_id, x.category)).get(True, 0.5) for x in xs),
+            dtype=np.float64,
+            count=len(xs),
+        )
 
     def learn_one(self, x: Interaction) -> None:
         if x.label is not None:
@@ -95,8 +99,14 @@ def river_lr(lr: float = 0.05) -> RiverPeer:
 def river_fm(n_factors: int = 8, seed: int = 0) -> RiverPeer:
     facto = _require("river.facto", "river")
     optim = _require("river.optim", "river")
-    model = facto.FMClassifier(n_factors=n_factors, weight_optimizer=optim.SGD(0.05),
-                               latent_optimizer=optim.SGD(0.05), l2_weight=0.0, l2_latent=0.0, seed=seed)
+    model = facto.FMClassifier(
+        n_factors=n_factors,
+        weight_optimizer=optim.SGD(0.05),
+        latent_optimizer=optim.SGD(0.05),
+        l2_weight=0.0,
+        l2_latent=0.0,
+        seed=seed,
+    )
     return RiverPeer(model, "river-fm")
 
 
@@ -110,8 +120,9 @@ class VWPeer(Peer):
 
     def __init__(self, bits: int = 20, lr: float = 0.5) -> None:
         pyvw = _require("vowpalwabbit", "vowpalwabbit")
-        self.vw = pyvw.Workspace(f"--loss_function logistic --link logistic -q ui -b {bits} "
-                                 f"--learning_rate {lr} --quiet")
+        self.vw = pyvw.Workspace(
+            f"--loss_function logistic --link logistic -q ui -b {bits} --learning_rate {lr} --quiet"
+        )
 
     @staticmethod
     def _line(user: str, item: str, category: str | None, label: int | None = None) -> str:

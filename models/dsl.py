@@ -65,8 +65,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -75,11 +74,9 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse import csr_array
 
-from driftrec.models.ell import EllTable
 from driftrec.contract.interaction import Interaction, stable_hash
+from driftrec.models.ell import EllTable
 from driftrec.models.sparse import (
-    DEFAULT_FLOOR_FRACTION,
-    DEFAULT_INITIAL_FRACTION,
     DSLSchedule,
     PruneGrowReport,
     RowAdagrad,
@@ -100,7 +97,7 @@ class CSRTable:
     against one dense vector with scipy's compiled CSR kernels (row gather + SpMV, no Python loop).
     """
 
-    __slots__ = ("indptr", "indices", "data", "shape", "_lens")
+    __slots__ = ("_lens", "data", "indices", "indptr", "shape")
 
     def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple[int, int]) -> None:
         self.indptr = np.ascontiguousarray(indptr, dtype=np.int32)
@@ -110,12 +107,12 @@ class CSRTable:
         self._lens = np.diff(self.indptr).astype(np.int32)
 
     @classmethod
-    def from_dense(cls, dense: np.ndarray) -> "CSRTable":
+    def from_dense(cls, dense: np.ndarray) -> CSRTable:
         rows, cols = np.nonzero(dense)
         return cls.from_flat(rows.astype(np.int64) * dense.shape[1] + cols, dense[rows, cols], dense.shape)
 
     @classmethod
-    def from_flat(cls, flat_idx: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> "CSRTable":
+    def from_flat(cls, flat_idx: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> CSRTable:
         """From row-major flat indices of active entries (the snapshot layout)."""
         order = np.argsort(flat_idx, kind="stable")
         flat_idx, values = flat_idx[order], values[order]
@@ -176,7 +173,7 @@ class SupportTable:
     CSR. ``sparse_table`` picks this layout only when it takes fewer bytes than ELL.
     """
 
-    __slots__ = ("columns", "values", "shape", "nnz")
+    __slots__ = ("columns", "nnz", "shape", "values")
 
     def __init__(self, columns: np.ndarray, values: np.ndarray, shape: tuple[int, int], nnz: int) -> None:
         self.columns = np.ascontiguousarray(columns, dtype=np.int64)
@@ -185,7 +182,7 @@ class SupportTable:
         self.nnz = int(nnz)  # stored non-padding entries (active and non-zero)
 
     @classmethod
-    def from_csr(cls, table: CSRTable) -> "SupportTable":
+    def from_csr(cls, table: CSRTable) -> SupportTable:
         columns = np.unique(table.indices)
         slot = np.full(table.shape[1], -1, dtype=np.int64)
         slot[columns] = np.arange(columns.size)
@@ -286,10 +283,19 @@ class DSLRecommender:
         bias_lr: float = 0.3,
     ) -> None:
         self.config: dict[str, Any] = {
-            "n_rows": n_rows, "dim": dim, "density": density, "hidden": hidden, "lr": lr,
-            "prune_every": prune_every, "seed": seed, "head_density": head_density,
-            "anneal_steps": anneal_steps, "init_std": init_std, "first_order": first_order,
-            "grow_on_touch": grow_on_touch, "bias_lr": bias_lr,
+            "n_rows": n_rows,
+            "dim": dim,
+            "density": density,
+            "hidden": hidden,
+            "lr": lr,
+            "prune_every": prune_every,
+            "seed": seed,
+            "head_density": head_density,
+            "anneal_steps": anneal_steps,
+            "init_std": init_std,
+            "first_order": first_order,
+            "grow_on_touch": grow_on_touch,
+            "bias_lr": bias_lr,
         }
         torch.manual_seed(seed)
         self.n_rows, self.dim, self.hidden = n_rows, dim, hidden
@@ -340,7 +346,9 @@ class DSLRecommender:
         n = self.n_rows
         u = torch.tensor([_row(x, n, _SALTS["user"]) for x in users], dtype=torch.long)
         i = torch.tensor([_row(x, n, _SALTS["item"]) for x in items], dtype=torch.long)
-        c = torch.tensor([_row(x if x is not None else _UNKNOWN_CATEGORY, n, _SALTS["cat"]) for x in cats], dtype=torch.long)
+        c = torch.tensor(
+            [_row(x if x is not None else _UNKNOWN_CATEGORY, n, _SALTS["cat"]) for x in cats], dtype=torch.long
+        )
         return u, i, c
 
     def _forward(self, u: torch.Tensor, i: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,8 +376,12 @@ class DSLRecommender:
         if self.config.get("grow_on_touch"):
             touched = {"user": u, "item": i, "cat": c}
             self.masks.grow_touched_rows(
-                {**{f"emb.{k}": r for k, r in touched.items()},
-                 **{f"emb.bias_{k}": r for k, r in touched.items() if k in self.biases}}, self.opts)
+                {
+                    **{f"emb.{k}": r for k, r in touched.items()},
+                    **{f"emb.bias_{k}": r for k, r in touched.items() if k in self.biases},
+                },
+                self.opts,
+            )
         y = torch.tensor([float(x.label) for x in batch])
         logit, _ = self._forward(u, i, c)
         loss = F.binary_cross_entropy_with_logits(logit, y)
@@ -390,8 +402,9 @@ class DSLRecommender:
     def predict_with_hidden(self, interactions: Sequence[Interaction]) -> tuple[np.ndarray, np.ndarray]:
         if not interactions:
             return np.zeros(0, dtype=np.float64), np.zeros((0, self.hidden), dtype=np.float32)
-        rows = self._rows([x.user_id for x in interactions], [x.item_id for x in interactions],
-                          [x.category for x in interactions])
+        rows = self._rows(
+            [x.user_id for x in interactions], [x.item_id for x in interactions], [x.category for x in interactions]
+        )
         logit, h = self._forward(*rows)
         return torch.sigmoid(logit).double().numpy(), h.float().numpy()
 
@@ -433,15 +446,20 @@ class DSLRecommender:
             arrays[f"{name}.dense"] = p.detach().numpy().astype(np.float32)
         for name, rows in self.masks.touched_rows.items():  # a resumed trainer must not prune live rows
             arrays[f"{name}.touched"] = np.flatnonzero(rows.numpy()).astype(np.int64)
-        meta = {"format": SNAPSHOT_FORMAT, "config": self.config, "step": self.step,
-                "n_active_params": self.n_active_params, "n_total_params": self.n_total_params}
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "config": self.config,
+            "step": self.step,
+            "n_active_params": self.n_active_params,
+            "n_total_params": self.n_total_params,
+        }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "DSLRecommender":
+    def from_bytes(cls, blob: bytes) -> DSLRecommender:
         """Rebuild a trainable model (masks from the stored indices; optimiser state starts fresh)."""
         meta, arrays = _read_snapshot(blob)
         model = cls(**{"first_order": False, **meta["config"]})  # snapshots from before first-order terms
@@ -501,7 +519,7 @@ class SparseScorer:
             table.rows_dense(np.zeros(0, dtype=np.int32))  # not on the first scored request
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "SparseScorer":
+    def from_bytes(cls, blob: bytes) -> SparseScorer:
         return cls(*_read_snapshot(blob))
 
     def _score_rows(self, u: np.ndarray, i: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -527,16 +545,21 @@ class SparseScorer:
         cats = list(categories) if categories is not None else [None] * len(item_ids)
         u = np.full(len(item_ids), _row(user_id, n, _SALTS["user"]), dtype=np.int32)
         i = np.fromiter((_row(x, n, _SALTS["item"]) for x in item_ids), dtype=np.int32, count=len(item_ids))
-        c = np.fromiter((_row(x if x is not None else _UNKNOWN_CATEGORY, n, _SALTS["cat"]) for x in cats),
-                        dtype=np.int32, count=len(cats))
+        c = np.fromiter(
+            (_row(x if x is not None else _UNKNOWN_CATEGORY, n, _SALTS["cat"]) for x in cats),
+            dtype=np.int32,
+            count=len(cats),
+        )
         return self._score_rows(u, i, c)
 
     def predict_with_hidden(self, interactions: Sequence[Interaction]) -> tuple[np.ndarray, np.ndarray]:
         n = self.n_rows
         u = np.array([_row(x.user_id, n, _SALTS["user"]) for x in interactions], dtype=np.int32)
         i = np.array([_row(x.item_id, n, _SALTS["item"]) for x in interactions], dtype=np.int32)
-        c = np.array([_row(x.category if x.category is not None else _UNKNOWN_CATEGORY, n, _SALTS["cat"])
-                      for x in interactions], dtype=np.int32)
+        c = np.array(
+            [_row(x.category if x.category is not None else _UNKNOWN_CATEGORY, n, _SALTS["cat"]) for x in interactions],
+            dtype=np.int32,
+        )
         return self._score_rows(u, i, c)
 
     def predict_many(self, interactions: Sequence[Interaction]) -> np.ndarray:
@@ -573,9 +596,16 @@ def sample_negatives(
         item = item_pool[int(rng.integers(len(item_pool)))]
         if item in banned:
             continue
-        out.append(Interaction(
-            user_id=interaction.user_id, item_id=item, ts=interaction.ts, label=0,
-            category=(categories or {}).get(item), kind="negative-sample",
-            event_id=f"{interaction.event_id}#neg{len(out)}", features=dict(interaction.features),
-        ))
+        out.append(
+            Interaction(
+                user_id=interaction.user_id,
+                item_id=item,
+                ts=interaction.ts,
+                label=0,
+                category=(categories or {}).get(item),
+                kind="negative-sample",
+                event_id=f"{interaction.event_id}#neg{len(out)}",
+                features=dict(interaction.features),
+            )
+        )
     return out

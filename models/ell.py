@@ -18,8 +18,17 @@ import numpy as np
 
 
 @numba.njit(cache=True, fastmath=True, boundscheck=False, nogil=True)
-def _ell_dot(cols: np.ndarray, vals: np.ndarray, ov_bits: np.ndarray, ov_ptr: np.ndarray, ov_cols: np.ndarray,
-             ov_vals: np.ndarray, rows: np.ndarray, vector: np.ndarray, out: np.ndarray) -> None:
+def _ell_dot(
+    cols: np.ndarray,
+    vals: np.ndarray,
+    ov_bits: np.ndarray,
+    ov_ptr: np.ndarray,
+    ov_cols: np.ndarray,
+    ov_vals: np.ndarray,
+    rows: np.ndarray,
+    vector: np.ndarray,
+    out: np.ndarray,
+) -> None:
     width = cols.shape[1]
     for k in range(rows.size):
         r = rows[k]
@@ -33,8 +42,15 @@ def _ell_dot(cols: np.ndarray, vals: np.ndarray, ov_bits: np.ndarray, ov_ptr: np
 
 
 @numba.njit(cache=True, boundscheck=False, nogil=True)
-def _ell_rows_dense(cols: np.ndarray, vals: np.ndarray, ov_ptr: np.ndarray, ov_cols: np.ndarray,
-                    ov_vals: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+def _ell_rows_dense(
+    cols: np.ndarray,
+    vals: np.ndarray,
+    ov_ptr: np.ndarray,
+    ov_cols: np.ndarray,
+    ov_vals: np.ndarray,
+    rows: np.ndarray,
+    out: np.ndarray,
+) -> None:
     width = cols.shape[1]
     for k in range(rows.size):
         r = rows[k]
@@ -77,10 +93,18 @@ def _col_dtype(dim: int) -> type:
 class EllTable:
     """A sparse ``(rows, dim)`` table: fixed-width ELL part plus a CSR overflow (module docstring)."""
 
-    __slots__ = ("cols", "vals", "ov_bits", "ov_ptr", "ov_cols", "ov_vals", "shape", "nnz")
+    __slots__ = ("cols", "nnz", "ov_bits", "ov_cols", "ov_ptr", "ov_vals", "shape", "vals")
 
-    def __init__(self, cols: np.ndarray, vals: np.ndarray, ov_ptr: np.ndarray, ov_cols: np.ndarray,
-                 ov_vals: np.ndarray, shape: tuple[int, int], nnz: int) -> None:
+    def __init__(
+        self,
+        cols: np.ndarray,
+        vals: np.ndarray,
+        ov_ptr: np.ndarray,
+        ov_cols: np.ndarray,
+        ov_vals: np.ndarray,
+        shape: tuple[int, int],
+        nnz: int,
+    ) -> None:
         self.cols, self.vals = cols, vals
         self.ov_ptr, self.ov_cols, self.ov_vals = ov_ptr, ov_cols, ov_vals
         self.ov_bits = np.packbits(np.diff(ov_ptr) > 0, bitorder="little")  # rows with an overflow
@@ -88,8 +112,9 @@ class EllTable:
         self.nnz = int(nnz)
 
     @classmethod
-    def from_csr(cls, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple[int, int],
-                 width: int | None = None) -> "EllTable":
+    def from_csr(
+        cls, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple[int, int], width: int | None = None
+    ) -> EllTable:
         n_rows, dim = int(shape[0]), int(shape[1])
         col_dtype = _col_dtype(dim)
         lengths = np.diff(indptr).astype(np.int64)
@@ -103,8 +128,15 @@ class EllTable:
         vals[row_of[inside], slot[inside]] = data[inside]
         ov_ptr = np.zeros(n_rows + 1, dtype=np.int32)
         np.cumsum(np.clip(lengths - w, 0, None), out=ov_ptr[1:])
-        return cls(cols, vals, ov_ptr, np.ascontiguousarray(indices[~inside], dtype=col_dtype),
-                   np.ascontiguousarray(data[~inside], dtype=np.float32), (n_rows, dim), int(indices.size))
+        return cls(
+            cols,
+            vals,
+            ov_ptr,
+            np.ascontiguousarray(indices[~inside], dtype=col_dtype),
+            np.ascontiguousarray(data[~inside], dtype=np.float32),
+            (n_rows, dim),
+            int(indices.size),
+        )
 
     @staticmethod
     def nbytes_for(indptr: np.ndarray, dim: int) -> int:
@@ -126,8 +158,17 @@ class EllTable:
         """``table[rows] @ vector``, one compiled pass over the candidates' stored entries."""
         rows = _index_array(rows)
         out = np.empty(rows.size, dtype=np.float32)
-        _ell_dot(self.cols, self.vals, self.ov_bits, self.ov_ptr, self.ov_cols, self.ov_vals, rows,
-                 np.ascontiguousarray(vector, dtype=np.float32), out)
+        _ell_dot(
+            self.cols,
+            self.vals,
+            self.ov_bits,
+            self.ov_ptr,
+            self.ov_cols,
+            self.ov_vals,
+            rows,
+            np.ascontiguousarray(vector, dtype=np.float32),
+            out,
+        )
         return out
 
     def rows_dense(self, rows: np.ndarray) -> np.ndarray:

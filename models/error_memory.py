@@ -225,8 +225,11 @@ def estimate_from_sums(
     """
     w = np.asarray(weight, dtype=np.float64)
     q = np.asarray(query_probs, dtype=np.float64)
-    num = np.asarray(weighted_labels, dtype=np.float64) - gamma * q * w - (1.0 - gamma) * np.asarray(
-        weighted_served, dtype=np.float64)
+    num = (
+        np.asarray(weighted_labels, dtype=np.float64)
+        - gamma * q * w
+        - (1.0 - gamma) * np.asarray(weighted_served, dtype=np.float64)
+    )
     out = np.zeros_like(w)
     found = w > 0
     out[found] = num[found] / (w[found] + prior)
@@ -251,9 +254,14 @@ def estimate_error(
         return 0.0, 0.0
     w = recency_weights(entry_ts, now, half_life_s)
     total = float(w.sum())
-    e_hat = estimate_from_sums(np.array([total]), np.array([(w * y).sum()]),
-                               np.array([(w * np.asarray(entry_served, dtype=np.float64)).sum()]),
-                               np.array([query_prob]), gamma=gamma, prior=prior)
+    e_hat = estimate_from_sums(
+        np.array([total]),
+        np.array([(w * y).sum()]),
+        np.array([(w * np.asarray(entry_served, dtype=np.float64)).sum()]),
+        np.array([query_prob]),
+        gamma=gamma,
+        prior=prior,
+    )
     return float(e_hat[0]), total
 
 
@@ -359,19 +367,31 @@ class ErrorMemory:
             added += len(new_ids & self.buckets[key].keys())
         self.last_added = added
 
-    def estimate_many(self, hidden: np.ndarray, base_probs: np.ndarray,
-                      now: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def estimate_many(
+        self, hidden: np.ndarray, base_probs: np.ndarray, now: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """ê and the total neighbour weight for each row of ``hidden`` (served ``base_probs``)."""
         codes = self.lsh.codes(hidden)
         base = np.asarray(base_probs, dtype=np.float64)
         e_hat = np.zeros(codes.shape[0])
         support = np.zeros(codes.shape[0])
         for i in range(codes.shape[0]):
-            entries = [entry for t in range(self.lsh.n_tables)
-                       for entry in self.buckets.get(self._bucket(t, codes[i, t]), {}).values()]
+            entries = [
+                entry
+                for t in range(self.lsh.n_tables)
+                for entry in self.buckets.get(self._bucket(t, codes[i, t]), {}).values()
+            ]
             ts_i, y_i, p_i = (np.array(col) for col in zip(*entries)) if entries else (np.array([]),) * 3
-            e_hat[i], support[i] = estimate_error(y_i, p_i, ts_i, float(base[i]), gamma=self.gamma,
-                                                  prior=self.prior, now=now, half_life_s=self.half_life_s)
+            e_hat[i], support[i] = estimate_error(
+                y_i,
+                p_i,
+                ts_i,
+                float(base[i]),
+                gamma=self.gamma,
+                prior=self.prior,
+                now=now,
+                half_life_s=self.half_life_s,
+            )
         return e_hat, support
 
     def compensate_many(self, hidden: np.ndarray, base_probs: np.ndarray, now: float | None = None) -> np.ndarray:
@@ -410,8 +430,14 @@ class SessionMemory:
     ĉ for a user's candidates; ``predict_*`` return ``clip(ŷ + λ·ĉ)`` of a sample's ``served``.
     """
 
-    def __init__(self, capacity: int = DEFAULT_SESSION_CAPACITY, gamma: float = DEFAULT_SESSION_GAMMA,
-                 prior: float = DEFAULT_PRIOR, lam: float = DEFAULT_LAMBDA, eps: float = DEFAULT_EPS) -> None:
+    def __init__(
+        self,
+        capacity: int = DEFAULT_SESSION_CAPACITY,
+        gamma: float = DEFAULT_SESSION_GAMMA,
+        prior: float = DEFAULT_PRIOR,
+        lam: float = DEFAULT_LAMBDA,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be positive")
         self.capacity, self.gamma, self.prior, self.lam, self.eps = capacity, gamma, prior, lam, eps
@@ -439,8 +465,9 @@ class SessionMemory:
             if entries:
                 vals = np.array(list(entries.values()))
                 w[i], wy[i], wp[i] = len(vals), vals[:, 1].sum(), vals[:, 2].sum()
-        return estimate_from_sums(w, wy, wp, np.asarray(base_probs, dtype=np.float64),
-                                  gamma=self.gamma, prior=self.prior)
+        return estimate_from_sums(
+            w, wy, wp, np.asarray(base_probs, dtype=np.float64), gamma=self.gamma, prior=self.prior
+        )
 
     def predict_one(self, sample: ServedSample) -> float:
         c_hat = self.estimate_many(sample.user_id, [sample.category], np.array([sample.served]))

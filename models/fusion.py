@@ -55,8 +55,7 @@ from driftrec.models.error_memory import compensate
 TINY_P = 1e-12  # a zero propensity counts as this, so ln(K·p) stays finite (and is then clipped)
 
 
-def tpp_log_ratios(payload: bytes | None, categories: Sequence[str | None], now: float, *,
-                   tau_s: float) -> np.ndarray:
+def tpp_log_ratios(payload: bytes | None, categories: Sequence[str | None], now: float, *, tau_s: float) -> np.ndarray:
     """``f`` per candidate from a user's stored propensity (the TPP agent's JSON); 0 where unknown.
 
     Raises ``ValueError`` on a payload that is not the TPP agent's format; callers treat that as
@@ -78,15 +77,19 @@ def tpp_log_ratios(payload: bytes | None, categories: Sequence[str | None], now:
         decay = math.exp(-max(now - float(last_ts), 0.0) / tau_s)
     # a probability above 1 is malformed; capping it keeps k·p finite (k·p overflowed to inf, and
     # inf times a decay that underflowed to 0 is NaN)
-    lut = {cat: decay * math.log(float(k) * min(max(float(p), TINY_P), 1.0)) for cat, p in probs.items()
-           if isinstance(p, (int, float)) and math.isfinite(p) and p >= 0}
+    lut = {
+        cat: decay * math.log(float(k) * min(max(float(p), TINY_P), 1.0))
+        for cat, p in probs.items()
+        if isinstance(p, (int, float)) and math.isfinite(p) and p >= 0
+    }
     if not lut:
         return np.zeros(n)
     return np.fromiter((lut.get(c, 0.0) if c is not None else 0.0 for c in categories), dtype=np.float64, count=n)
 
 
-def tpp_terms(payload: bytes | None, categories: Sequence[str | None], now: float, *, weight: float,
-              tau_s: float, clip: float) -> np.ndarray:
+def tpp_terms(
+    payload: bytes | None, categories: Sequence[str | None], now: float, *, weight: float, tau_s: float, clip: float
+) -> np.ndarray:
     """The logit-space TPP term per candidate: ``clip(weight · f, −clip, clip)``."""
     if payload is None or weight == 0.0:
         return np.zeros(len(categories))
@@ -117,7 +120,7 @@ class TPPWeight:
     :class:`FusionWeights`, which is the learner the stream drives.
     """
 
-    w: float = 0.5
+    w: float = 0.0  # no evidence yet that the term helps (settings.serving.tpp_weight)
     lr: float = 0.05
     clip: float = 2.0  # the term's bound, as in serving
     max_abs_w: float = 2.0
@@ -153,8 +156,9 @@ class TPPWeight:
         """The learned weight in a snapshot's ``fusion`` part, or None where none was learned."""
         if "tpp_weight" not in doc:
             return None
-        return cls(w=float(doc["tpp_weight"]), _g2=float(doc.get("g2", 1e-8)), n_seen=int(doc.get("n_seen", 0)),
-                   **kwargs)
+        return cls(
+            w=float(doc["tpp_weight"]), _g2=float(doc.get("g2", 1e-8)), n_seen=int(doc.get("n_seen", 0)), **kwargs
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, **kwargs: float) -> TPPWeight:
@@ -183,7 +187,7 @@ class MemoryLambda:
     nothing (``ê = 0``) or the compensated probability sits at the clip carry no gradient.
     """
 
-    lam: float = 0.5
+    lam: float = 0.0  # likewise (settings.memory.lambda / session_lambda)
     lr: float = 0.05
     rho: float = 0.99  # decay of the running squared gradient (RMSprop)
     eps: float = 1e-4  # the serving clip of base + λ·ê
@@ -220,9 +224,14 @@ class MemoryLambda:
         """The learned λ in a snapshot's ``fusion`` part, or None where none was learned."""
         if f"{key}_lambda" not in doc:
             return None
-        return cls(lam=float(doc[f"{key}_lambda"]), _v=float(doc.get(f"{key}_v", 0.0)),
-                   _t=int(doc.get(f"{key}_t", 0)), n_seen=int(doc.get(f"{key}_n_seen", 0)), key=key,
-                   **kwargs)  # type: ignore[arg-type]
+        return cls(
+            lam=float(doc[f"{key}_lambda"]),
+            _v=float(doc.get(f"{key}_v", 0.0)),
+            _t=int(doc.get(f"{key}_t", 0)),
+            n_seen=int(doc.get(f"{key}_n_seen", 0)),
+            key=key,
+            **kwargs,
+        )  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +257,13 @@ class FusionWeights:
     Each part is fitted on its own term against the base alone (see the module docstring).
     """
 
-    def __init__(self, tpp: TPPWeight | None = None, memory: MemoryLambda | None = None,
-                 session: MemoryLambda | None = None, eps: float = 1e-4) -> None:
+    def __init__(
+        self,
+        tpp: TPPWeight | None = None,
+        memory: MemoryLambda | None = None,
+        session: MemoryLambda | None = None,
+        eps: float = 1e-4,
+    ) -> None:
         self.tpp, self.memory, self.session, self.eps = tpp, memory, session, eps
 
     @property
@@ -313,5 +327,9 @@ class FusionWeights:
     def from_bytes(cls, data: bytes, eps: float = 1e-4) -> FusionWeights:
         """Every part found in ``data`` (a part absent there stays off)."""
         doc = read_fusion(data)
-        return cls(tpp=TPPWeight.from_dict(doc), memory=MemoryLambda.from_dict(doc, eps=eps),
-                   session=MemoryLambda.from_dict(doc, key="session", eps=eps), eps=eps)
+        return cls(
+            tpp=TPPWeight.from_dict(doc),
+            memory=MemoryLambda.from_dict(doc, eps=eps),
+            session=MemoryLambda.from_dict(doc, key="session", eps=eps),
+            eps=eps,
+        )

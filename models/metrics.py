@@ -26,7 +26,9 @@ import numpy as np
 LOGLOSS_EPS = 1e-7
 
 
-def _arrays(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(
+    labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels, dtype=np.float64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
@@ -64,8 +66,9 @@ def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarr
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def logloss(labels: Sequence[float] | np.ndarray, probs: Sequence[float] | np.ndarray,
-            eps: float = LOGLOSS_EPS) -> float:
+def logloss(
+    labels: Sequence[float] | np.ndarray, probs: Sequence[float] | np.ndarray, eps: float = LOGLOSS_EPS
+) -> float:
     """Mean binary cross-entropy with probabilities clipped to ``[eps, 1 - eps]``; nan if empty."""
     y, p = _arrays(labels, probs)
     if y.size == 0:
@@ -118,8 +121,13 @@ def window_bounds(n: int, size: int, step: int | None = None) -> list[tuple[int,
     return out
 
 
-def sliding(metric: Callable[[np.ndarray, np.ndarray], float], labels: Sequence[float] | np.ndarray,
-            scores: Sequence[float] | np.ndarray, size: int, step: int | None = None) -> list[tuple[int, float]]:
+def sliding(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    labels: Sequence[float] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    size: int,
+    step: int | None = None,
+) -> list[tuple[int, float]]:
     """``[(index of the window's last event, metric over the window), …]``."""
     y, s = _arrays(labels, scores)
     return [(end - 1, metric(y[start:end], s[start:end])) for start, end in window_bounds(y.size, size, step)]
@@ -133,9 +141,14 @@ def sliding_logloss(labels, scores, size: int, step: int | None = None) -> list[
     return sliding(logloss, labels, scores, size, step)
 
 
-def sliding_ranking(is_ranked: Sequence[bool] | np.ndarray, greater: Sequence[int] | np.ndarray,
-                    ties: Sequence[int] | np.ndarray, size: int, step: int | None = None,
-                    k: int = 20) -> list[tuple[int, float, float]]:
+def sliding_ranking(
+    is_ranked: Sequence[bool] | np.ndarray,
+    greater: Sequence[int] | np.ndarray,
+    ties: Sequence[int] | np.ndarray,
+    size: int,
+    step: int | None = None,
+    k: int = 20,
+) -> list[tuple[int, float, float]]:
     """Per window over *all* events: ``(last index, Recall@k, NDCG@k)`` of the ranked events in it."""
     mask = np.asarray(is_ranked, dtype=bool).ravel()
     g = np.asarray(greater).ravel()

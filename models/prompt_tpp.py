@@ -102,14 +102,28 @@ class PromptTPP(NeuralTPP):
         copy_lr_scale: float = 1.0,
     ) -> None:
         super().__init__(
-            n_types, hidden=hidden, n_layers=n_layers, heads=heads, lr=lr, batch_size=batch_size,
-            n_mc=n_mc, grid_size=grid_size, time_scale=time_scale, max_gap=max_gap, seed=seed,
-            copy_history=copy_history, copy_lr_scale=copy_lr_scale,
+            n_types,
+            hidden=hidden,
+            n_layers=n_layers,
+            heads=heads,
+            lr=lr,
+            batch_size=batch_size,
+            n_mc=n_mc,
+            grid_size=grid_size,
+            time_scale=time_scale,
+            max_gap=max_gap,
+            seed=seed,
+            copy_history=copy_history,
+            copy_lr_scale=copy_lr_scale,
         )
         if top_n > pool_size:
             raise ValueError("top_n must be <= pool_size")
         self.config.update(
-            pool_size=pool_size, top_n=top_n, prompt_len=prompt_len, key_weight=key_weight, freeze=freeze,
+            pool_size=pool_size,
+            top_n=top_n,
+            prompt_len=prompt_len,
+            key_weight=key_weight,
+            freeze=freeze,
         )
         self.top_n, self.key_weight, self.freeze = top_n, key_weight, freeze
         self.pool = PromptPool(self.net.n_sites, pool_size, prompt_len, hidden, 2 * hidden)

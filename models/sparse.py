@@ -144,8 +144,10 @@ class SparseParameterSet:
             given = mask_init(name, p, n_active, self._gen) if mask_init is not None else None
             if given is not None:
                 if given.shape != p.shape or int(given.sum()) != n_active:
-                    raise ValueError(f"mask_init gave {name} a mask of shape {tuple(given.shape)} with "
-                                     f"{int(given.sum())} active, expected {tuple(p.shape)} with {n_active}")
+                    raise ValueError(
+                        f"mask_init gave {name} a mask of shape {tuple(given.shape)} with "
+                        f"{int(given.sum())} active, expected {tuple(p.shape)} with {n_active}"
+                    )
                 self.masks[name] = given.to(torch.bool)
                 continue
             mask = torch.zeros(n, dtype=torch.bool)
@@ -375,7 +377,9 @@ class SparseParameterSet:
         names = list(positions)
         sizes = torch.tensor([0, *(positions[n].numel() for n in names)]).cumsum(0)
         keep = torch.randperm(int(sizes[-1]), generator=self._gen)[:k]
-        out = {n: positions[n][keep[(keep >= sizes[j]) & (keep < sizes[j + 1])] - sizes[j]] for j, n in enumerate(names)}
+        out = {
+            n: positions[n][keep[(keep >= sizes[j]) & (keep < sizes[j + 1])] - sizes[j]] for j, n in enumerate(names)
+        }
         return {n: v for n, v in out.items() if v.numel()}
 
     def _untouched_donors(self, names: list[str], k: int, rounds: int = 8) -> dict[str, torch.Tensor]:
@@ -407,8 +411,9 @@ class SparseParameterSet:
                 out[n] = idx
         return out
 
-    def _smallest_outside(self, names: list[str], grow: Mapping[str, torch.Tensor],
-                          taken: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    def _smallest_outside(
+        self, names: list[str], grow: Mapping[str, torch.Tensor], taken: Mapping[str, torch.Tensor], k: int
+    ) -> dict[str, torch.Tensor]:
         """The ``k`` smallest-magnitude active weights outside the rows being grown."""
         scores = []
         for n in names:
@@ -427,11 +432,15 @@ class SparseParameterSet:
             return {}
         idx = torch.topk(flat, k, largest=False).indices
         sizes = torch.tensor([0, *[self.params[n].numel() for n in names]]).cumsum(0)
-        return {n: idx[(idx >= sizes[j]) & (idx < sizes[j + 1])] - sizes[j] for j, n in enumerate(names)
-                if bool(((idx >= sizes[j]) & (idx < sizes[j + 1])).any())}
+        return {
+            n: idx[(idx >= sizes[j]) & (idx < sizes[j + 1])] - sizes[j]
+            for j, n in enumerate(names)
+            if bool(((idx >= sizes[j]) & (idx < sizes[j + 1])).any())
+        }
 
-    def _set(self, name: str, on: torch.Tensor | None, off: torch.Tensor | None,
-             optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    def _set(
+        self, name: str, on: torch.Tensor | None, off: torch.Tensor | None, optimizers: Sequence[torch.optim.Optimizer]
+    ) -> None:
         """Switch flat positions of one tensor on (at zero) / off, resetting their optimiser moments."""
         p = self.params[name]
         mask = self.masks[name].reshape(-1)
@@ -447,8 +456,13 @@ class SparseParameterSet:
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
                     value.reshape(-1)[changed] = 0.0
 
-    def _apply(self, names: list[str], masks: torch.Tensor, new_masks: torch.Tensor,
-               optimizers: Sequence[torch.optim.Optimizer]) -> tuple[int, int]:
+    def _apply(
+        self,
+        names: list[str],
+        masks: torch.Tensor,
+        new_masks: torch.Tensor,
+        optimizers: Sequence[torch.optim.Optimizer],
+    ) -> tuple[int, int]:
         """Install a group's new masks: grown weights start at zero, pruned ones leave, and the
         optimiser moments of every changed position are reset."""
         newly_on = new_masks & ~masks
@@ -509,8 +523,13 @@ class RowAdam(torch.optim.Optimizer):
     changed entries like any other optimiser's. Dense gradients are accepted too.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -135,8 +135,9 @@ class PrefixAttention(nn.Module):
 class AttnTPPNet(nn.Module):
     """Encoder + continuous-time attention head; ``n_sites`` = number of attention layers."""
 
-    def __init__(self, n_types: int, hidden: int = 32, n_layers: int = 1, heads: int = 2,
-                 copy_history: bool = False) -> None:
+    def __init__(
+        self, n_types: int, hidden: int = 32, n_layers: int = 1, heads: int = 2, copy_history: bool = False
+    ) -> None:
         super().__init__()
         self.n_types, self.d = n_types, hidden
         self.type_emb = nn.Embedding(n_types, hidden)
@@ -305,8 +306,16 @@ class NeuralTPP:
         copy_lr_scale: float = 1.0,
     ) -> None:
         self.config = dict(
-            n_types=n_types, hidden=hidden, n_layers=n_layers, heads=heads, lr=lr,
-            batch_size=batch_size, n_mc=n_mc, grid_size=grid_size, seed=seed, copy_history=copy_history,
+            n_types=n_types,
+            hidden=hidden,
+            n_layers=n_layers,
+            heads=heads,
+            lr=lr,
+            batch_size=batch_size,
+            n_mc=n_mc,
+            grid_size=grid_size,
+            seed=seed,
+            copy_history=copy_history,
             copy_lr_scale=copy_lr_scale,
         )
         self.n_types = n_types
@@ -373,9 +382,7 @@ class NeuralTPP:
         self._fit_scales(seqs)
         self.poisson.learn_many(seqs)
         params = self._trainable()
-        if self._opt is None or {id(p) for g in self._opt.param_groups for p in g["params"]} != {
-            id(p) for p in params
-        }:
+        if self._opt is None or {id(p) for g in self._opt.param_groups for p in g["params"]} != {id(p) for p in params}:
             self._opt = torch.optim.Adam(self._param_groups(params), lr=self.lr)  # type: ignore[arg-type]
         self.net.train()
         for _ in range(epochs):
@@ -425,9 +432,7 @@ class NeuralTPP:
         lam = self.net.intensity_at(batch, h, h, grid.expand(b, n, -1), pre)  # (B,n,G,K)
         total = lam.sum(-1)
         dt = grid[1:] - grid[:-1]
-        cum = torch.cat(
-            [torch.zeros(b, n, 1), torch.cumsum(0.5 * (total[..., 1:] + total[..., :-1]) * dt, -1)], -1
-        )
+        cum = torch.cat([torch.zeros(b, n, 1), torch.cumsum(0.5 * (total[..., 1:] + total[..., :-1]) * dt, -1)], -1)
         surv = torch.exp(-cum)
         exp_gap = (0.5 * (surv[..., 1:] + surv[..., :-1]) * dt).sum(-1)
         dens = lam * surv.unsqueeze(-1)
@@ -492,7 +497,7 @@ class NeuralTPP:
         self.net.eval()
         out = []
         for s in range(0, len(sequences), chunk):
-            batch = collate(list(sequences[s:s + chunk]), self.time_scale)
+            batch = collate(list(sequences[s : s + chunk]), self.time_scale)
             pre = self._prefixes(batch)
             h = self.net.encode(batch, pre)
             b, n = batch.types.shape

@@ -23,7 +23,7 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import contextlib  # noqa: E402
+import contextlib
 import logging
 import math
 import time
@@ -77,8 +77,11 @@ class _ScorerCollector:
         for name, doc, value in (
             ("driftrec_serving_snapshot_reloads", "Snapshots swapped in without a restart", st.reloads),
             ("driftrec_serving_snapshot_reload_failures", "Snapshots refused as unusable", st.reload_failures),
-            ("driftrec_serving_redis_errors", "Requests answered without memory/tpp because Redis failed",
-             st.redis_errors),
+            (
+                "driftrec_serving_redis_errors",
+                "Requests answered without memory/tpp because Redis failed",
+                st.redis_errors,
+            ),
             ("driftrec_serving_tpp_parse_errors", "Unreadable per-user TPP propensities", st.tpp_parse_errors),
         ):
             c = CounterMetricFamily(name, doc)
@@ -93,12 +96,21 @@ class _ScorerCollector:
 class ServingMetrics:
     def __init__(self, scorer: Scorer) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("driftrec_serving_requests_total", "Score requests by HTTP status", ["status"],
-                                registry=self.registry)
-        self.latency = Histogram("driftrec_serving_request_seconds", "Score request handling time",
-                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.candidates = Histogram("driftrec_serving_candidates", "Candidates per scored request",
-                                    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000), registry=self.registry)
+        self.requests = Counter(
+            "driftrec_serving_requests_total", "Score requests by HTTP status", ["status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "driftrec_serving_request_seconds",
+            "Score request handling time",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.candidates = Histogram(
+            "driftrec_serving_candidates",
+            "Candidates per scored request",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+            registry=self.registry,
+        )
         self.registry.register(_ScorerCollector(scorer))  # type: ignore[arg-type]
 
 
@@ -133,9 +145,13 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
             if owned:
                 await the_scorer.close()
 
-    app = FastAPI(title="driftrec scoring", version="1", lifespan=lifespan,
-                  description="Fuses the DSL model, the ReLoop2 error memory and PromptTPP; "
-                              "see serving/README.md for the fusion rule.")
+    app = FastAPI(
+        title="driftrec scoring",
+        version="1",
+        lifespan=lifespan,
+        description="Fuses the DSL model, the ReLoop2 error memory and PromptTPP; "
+        "see serving/README.md for the fusion rule.",
+    )
     app.state.scorer = the_scorer
     metrics = ServingMetrics(the_scorer)
     app.state.metrics = metrics
@@ -149,8 +165,13 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
     @app.post(
         "/v1/score",
         response_class=Response,
-        responses={200: {"model": ScoreResponse, "description": "ranked candidates"},
-                   400: error_doc, 413: error_doc, 415: error_doc, 422: error_doc},
+        responses={
+            200: {"model": ScoreResponse, "description": "ranked candidates"},
+            400: error_doc,
+            413: error_doc,
+            415: error_doc,
+            422: error_doc,
+        },
         openapi_extra={"requestBody": {"required": True, "content": {JSON: {"schema": request_schema}}}},
         summary="Score and rank candidates for a user",
     )
@@ -164,8 +185,7 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
     async def _score(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype != JSON:
-            return _error(415, "unsupported_media_type",
-                          f"Content-Type must be {JSON}, got {ctype or 'none'!r}")
+            return _error(415, "unsupported_media_type", f"Content-Type must be {JSON}, got {ctype or 'none'!r}")
         body = await _read_capped(request, max_body)
         if body is None:
             return _error(413, "payload_too_large", f"request body exceeds {max_body} bytes")
@@ -223,6 +243,14 @@ def run_server(settings: Settings) -> None:
     import uvicorn
 
     torch.set_num_threads(1)  # torch is loaded with the snapshot code, never used to score
-    uvicorn.run(create_app(settings), host=settings.serving.host, port=settings.serving.port,
-                workers=1, access_log=False, log_level="warning", loop="auto", http="auto",
-                timeout_keep_alive=int(math.ceil(settings.serving.keep_alive_s)))
+    uvicorn.run(
+        create_app(settings),
+        host=settings.serving.host,
+        port=settings.serving.port,
+        workers=1,
+        access_log=False,
+        log_level="warning",
+        loop="auto",
+        http="auto",
+        timeout_keep_alive=int(math.ceil(settings.serving.keep_alive_s)),
+    )

@@ -39,8 +39,13 @@ def _request_id_of(value: bytes | None) -> str | None:
 
 
 def _error_result(request_id: str | None, error: str, message: str, detail: list[Any] | None = None) -> bytes:
-    return orjson.dumps({"request_id": request_id, "response": None,
-                         "error": {"error": error, "message": message, "detail": detail or []}})
+    return orjson.dumps(
+        {
+            "request_id": request_id,
+            "response": None,
+            "error": {"error": error, "message": message, "detail": detail or []},
+        }
+    )
 
 
 async def handle_request(scorer: Scorer, value: bytes | None, max_candidates: int) -> tuple[str | None, bytes]:
@@ -56,11 +61,12 @@ async def handle_request(scorer: Scorer, value: bytes | None, max_candidates: in
         return rid, orjson.dumps({"request_id": rid, "response": None, "error": err.model_dump()})
     problem = check_request(req, max_candidates)
     if problem is not None:
-        return req.request_id, orjson.dumps({"request_id": req.request_id, "response": None,
-                                             "error": problem.model_dump()})
+        return req.request_id, orjson.dumps(
+            {"request_id": req.request_id, "response": None, "error": problem.model_dump()}
+        )
     try:
         result = await scorer.score(req.user_id, req.candidates, req.ts)
-    except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the agent
+    except Exception as exc:
         log.exception("scoring request %s failed", req.request_id)
         return req.request_id, _error_result(req.request_id, "internal_error", f"{type(exc).__name__}: {exc}")
     return req.request_id, orjson.dumps({"request_id": req.request_id, "response": result.to_dict(), "error": None})
@@ -72,10 +78,18 @@ def register_scoring_agent(app: faust.App, settings: Settings, scorer_factory: C
     The scorer is created lazily inside the agent, i.e. on the worker's event loop (its Redis
     client and reload task must live there), and is shared by the agent's instances.
     """
-    requests = app.topic(settings.score_requests_topic, key_serializer="raw", value_serializer="raw",
-                         partitions=settings.events_partitions)
-    results = app.topic(settings.score_results_topic, key_serializer="raw", value_serializer="raw",
-                        partitions=settings.events_partitions)
+    requests = app.topic(
+        settings.score_requests_topic,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.events_partitions,
+    )
+    results = app.topic(
+        settings.score_results_topic,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.events_partitions,
+    )
     holder: dict[str, Scorer] = {}
     max_candidates = settings.serving.max_candidates
 
@@ -92,7 +106,7 @@ def register_scoring_agent(app: faust.App, settings: Settings, scorer_factory: C
             try:
                 rid, payload = await handle_request(the_scorer, event.message.value, max_candidates)
                 await results.send(key=rid.encode() if rid is not None else None, value=payload)
-            except Exception:  # noqa: BLE001 - e.g. a send failure: log, keep consuming
+            except Exception:
                 log.exception("score agent failed on offset %s/%s", event.message.partition, event.message.offset)
 
     score.__name__ = "score"

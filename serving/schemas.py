@@ -63,10 +63,13 @@ class ScoredItem(BaseModel):
     item_id: str
     score: float = Field(description="fused probability in [0, 1]")
     base: float = Field(description="DSL model probability (cold-start constant before any snapshot)")
-    compensation: float = Field(description="error-memory correction, probability space: base + compensation "
-                                            "is the corrected probability, kept in [eps, 1 - eps]")
-    tpp: float = Field(description="TPP propensity term, logit space: "
-                                   "score = sigmoid(logit(base + compensation) + tpp)")
+    compensation: float = Field(
+        description="error-memory correction, probability space: base + compensation "
+        "is the corrected probability, kept in [eps, 1 - eps]"
+    )
+    tpp: float = Field(
+        description="TPP propensity term, logit space: score = sigmoid(logit(base + compensation) + tpp)"
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -107,16 +110,20 @@ def check_request(req: ScoreRequest, max_candidates: int) -> ErrorResponse | Non
     """The settings-dependent check the static schema cannot express."""
     if len(req.candidates) > max_candidates:
         msg = f"candidates: at most {max_candidates} items per request, got {len(req.candidates)}"
-        return ErrorResponse(error="validation_error", message=msg,
-                             detail=[ErrorDetail(loc=["body", "candidates"], msg=msg)])
+        return ErrorResponse(
+            error="validation_error", message=msg, detail=[ErrorDetail(loc=["body", "candidates"], msg=msg)]
+        )
     return None
 
 
 def validation_error(exc_errors: list[dict], prefix: tuple[str | int, ...] = ("body",)) -> ErrorResponse:
     """A pydantic error list → our error body (inputs are not echoed: they may be megabytes)."""
-    detail = [ErrorDetail(loc=[*prefix, *[p for p in e.get("loc", ()) if isinstance(p, (str, int))]],
-                          msg=str(e.get("msg", "invalid")))
-              for e in exc_errors[:20]]
+    detail = [
+        ErrorDetail(
+            loc=[*prefix, *[p for p in e.get("loc", ()) if isinstance(p, (str, int))]], msg=str(e.get("msg", "invalid"))
+        )
+        for e in exc_errors[:20]
+    ]
     first = detail[0] if detail else ErrorDetail(msg="invalid request")
     where = ".".join(str(p) for p in first.loc[1:]) or "body"
     return ErrorResponse(error="validation_error", message=f"{where}: {first.msg}", detail=detail)

@@ -39,7 +39,8 @@ With the DSL switched off but the memory on, the snapshot is still used for its 
 (the memory is keyed by them) and ``base`` is the constant.
 
 Per request the Redis work is one pipelined round trip: the error-memory ``MGET``, the session
-memory's ``MGET`` (one bucket per distinct candidate category) and the user's TPP ``GET``. If Redis fails, the request is still answered from the in-process model
+memory's ``MGET`` (one bucket per distinct candidate category) and the user's TPP ``GET``. If
+Redis fails, the request is still answered from the in-process model
 (compensation and tpp 0) and the failure is counted; scoring must not go down with the cache.
 """
 
@@ -61,12 +62,17 @@ from redis.exceptions import RedisError
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
-from driftrec.models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms  # noqa: F401 - tpp_terms is API
-from driftrec.storage.error_memory import BucketNames, estimates_from_values, plan_buckets, plan_session_buckets
-from driftrec.storage.error_memory import MemoryKeys
-from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
-from driftrec.storage.event_state import StateKeys
+from driftrec.models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms
 from driftrec.storage.client import connect
+from driftrec.storage.error_memory import (
+    BucketNames,
+    MemoryKeys,
+    estimates_from_values,
+    plan_buckets,
+    plan_session_buckets,
+)
+from driftrec.storage.event_state import StateKeys
+from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +108,11 @@ class ScoreResult:
     def to_dict(self) -> dict[str, Any]:
         items = [
             {"item_id": i, "score": s, "base": b, "compensation": c, "tpp": t}
-            for i, s, b, c, t in zip(self.item_ids, self.score.tolist(), self.base.tolist(),
-                                     self.compensation.tolist(), self.tpp.tolist())
+            for i, s, b, c, t in zip(
+                self.item_ids, self.score.tolist(), self.base.tolist(), self.compensation.tolist(), self.tpp.tolist()
+            )
         ]
-        return {"user_id": self.user_id, "model_version": self.model_version, "items": items,
-                "took_ms": self.took_ms}
+        return {"user_id": self.user_id, "model_version": self.model_version, "items": items, "took_ms": self.took_ms}
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
@@ -142,8 +148,9 @@ class Scorer:
         self._owns_redis = redis is None
         self.snapshot_keys = SnapshotKeys(settings.key_prefix, "dsl")
         self.state_keys = StateKeys(settings.key_prefix)
-        self.memory_keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation,
-                                                    settings.memory.n_shards)
+        self.memory_keys = MemoryKeys.from_settings(
+            settings.key_prefix, settings.dsl.generation, settings.memory.n_shards
+        )
         self.current: LoadedSnapshot | None = None
         self.stats = ScorerStats()
         self._bad_version: int | None = None
@@ -184,7 +191,7 @@ class Scorer:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a failed poll must not end the reload loop
+            except Exception as exc:
                 log.warning("snapshot reload failed: %s", exc)
 
     async def refresh(self) -> bool:
@@ -196,7 +203,7 @@ class Scorer:
             version, parts = found
             try:
                 loaded = await asyncio.to_thread(self._build, version, parts)
-            except Exception as exc:  # noqa: BLE001 - a bad snapshot must not replace a good one
+            except Exception as exc:
                 self._bad_version = version
                 self.stats.reload_failures += 1
                 log.error("snapshot %s is unusable, keeping %s: %s", version, self.version, exc)
@@ -216,8 +223,13 @@ class Scorer:
         names = self.current.names if self.current and self.current.model.hidden == model.hidden else None
         if names is None:
             m = self.settings.memory
-            lsh = RandomProjectionLSH(dim=model.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed,
-                                      version=self.settings.dsl.generation)
+            lsh = RandomProjectionLSH(
+                dim=model.hidden,
+                n_tables=m.n_tables,
+                n_bits=m.n_bits,
+                seed=m.seed,
+                version=self.settings.dsl.generation,
+            )
             names = BucketNames(self.memory_keys, lsh)
         stats = parts.get("hidden_stats")
         standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
@@ -225,9 +237,16 @@ class Scorer:
         tpp = TPPWeight.from_dict(fusion) if self.settings.serving.learn_tpp_weight else None
         lam = MemoryLambda.from_dict(fusion) if self.settings.memory.learn_lambda else None
         mu = MemoryLambda.from_dict(fusion, key="session") if self.settings.memory.learn_lambda else None
-        return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names, standardizer=standardizer,
-                              tpp_weight=tpp.w if tpp else None, memory_lambda=lam.lam if lam else None,
-                              session_lambda=mu.lam if mu else None)
+        return LoadedSnapshot(
+            version=version,
+            model=model,
+            catalog=catalog,
+            names=names,
+            standardizer=standardizer,
+            tpp_weight=tpp.w if tpp else None,
+            memory_lambda=lam.lam if lam else None,
+            session_lambda=mu.lam if mu else None,
+        )
 
     # ---- scoring -------------------------------------------------------------------------------
     async def score(self, user_id: str, candidates: Sequence[str], ts: float | None = None) -> ScoreResult:
@@ -276,21 +295,26 @@ class Scorer:
         if replies:
             if plan is not None:
                 m = s.memory
-                e_hat, _ = estimates_from_values(replies[0], plan, base, gamma=m.gamma, prior=m.prior,
-                                                 half_life_s=m.half_life_s, now=now)
+                e_hat, _ = estimates_from_values(
+                    replies[0], plan, base, gamma=m.gamma, prior=m.prior, half_life_s=m.half_life_s, now=now
+                )
                 lam = snap.memory_lambda if snap.memory_lambda is not None else m.lambda_  # type: ignore[union-attr]
                 correction = lam * e_hat
                 if session_plan is not None:
-                    c_hat, _ = estimates_from_values(replies[1], session_plan, base, gamma=m.session_gamma,
-                                                     prior=m.prior)
+                    c_hat, _ = estimates_from_values(
+                        replies[1], session_plan, base, gamma=m.session_gamma, prior=m.prior
+                    )
                     mu = snap.session_lambda if snap.session_lambda is not None else m.session_lambda  # type: ignore[union-attr]
                     correction = correction + mu * c_hat
                 compensation = compensation_delta(base, correction, 1.0, eps)
             if s.tpp.enabled:
                 try:
-                    weight = snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight
-                    tpp = tpp_terms(replies[-1], cats, now, weight=weight,
-                                    tau_s=s.serving.tpp_tau_s, clip=s.serving.tpp_clip)
+                    weight = (
+                        snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight
+                    )
+                    tpp = tpp_terms(
+                        replies[-1], cats, now, weight=weight, tau_s=s.serving.tpp_tau_s, clip=s.serving.tpp_clip
+                    )
                 except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
                     self.stats.tpp_parse_errors += 1
                     log.warning("unreadable tpp propensity for user %r: %s", user_id, exc)

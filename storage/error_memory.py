@@ -237,8 +237,9 @@ def _entry(x: Interaction, served: float) -> tuple[str, str, str, str]:
     return event_key(x), repr(float(x.ts)), repr(float(x.label)), repr(served)  # type: ignore[arg-type]
 
 
-def _script_calls(per_bucket: dict[B, list[str]], slot: Callable[[B], Hashable],
-                  bucket_keys: Callable[[B], tuple[str, str]]) -> list[tuple[list[str], list[str | int]]]:
+def _script_calls(
+    per_bucket: dict[B, list[str]], slot: Callable[[B], Hashable], bucket_keys: Callable[[B], tuple[str, str]]
+) -> list[tuple[list[str], list[str | int]]]:
     """One script call per hash-tag slot (a call's keys must share one), each bucket's entries
     preceded by their count, as ``WRITE_BUCKETS_LUA`` reads its arguments."""
     groups: dict[Hashable, tuple[list[str], list[str | int]]] = {}
@@ -324,6 +325,7 @@ async def delete_memory(redis: Redis, keys: MemoryKeys, batch: int = 500) -> int
         deleted += await redis.unlink(*chunk)
     return deleted
 
+
 # ---- read side --------------------------------------------------------------------------------
 _ENTRY = np.dtype("<f8")
 
@@ -405,8 +407,11 @@ def estimates_from_values(
     n = plan.rows.shape[0]
     if n == 0:
         return np.zeros(0), np.zeros(0)
-    counts = np.fromiter((len(v) // ENTRY_BYTES if v and len(v) % ENTRY_BYTES == 0 else 0 for v in values),
-                         dtype=np.int64, count=len(values))
+    counts = np.fromiter(
+        (len(v) // ENTRY_BYTES if v and len(v) % ENTRY_BYTES == 0 else 0 for v in values),
+        dtype=np.int64,
+        count=len(values),
+    )
     if not counts.any():
         return np.zeros(n), np.zeros(n)
     blob = b"".join(v for v, c in zip(values, counts) if c)
@@ -423,8 +428,14 @@ def estimates_from_values(
     # a candidate's sums are the sums of its buckets' sums: the same quantities ErrorMemory
     # computes entry by entry (an entry found in k of its buckets counts k times)
     support = bucket_w[plan.rows].sum(axis=1)
-    e_hat = estimate_from_sums(support, bucket_wy[plan.rows].sum(axis=1), bucket_wp[plan.rows].sum(axis=1),
-                               base_probs, gamma=gamma, prior=prior)
+    e_hat = estimate_from_sums(
+        support,
+        bucket_wy[plan.rows].sum(axis=1),
+        bucket_wp[plan.rows].sum(axis=1),
+        base_probs,
+        gamma=gamma,
+        prior=prior,
+    )
     return e_hat, support
 
 
@@ -473,9 +484,11 @@ async def read_compensation(
     names: BucketNames | None = None,
 ) -> np.ndarray:
     """Additive correction per candidate, probability space: ``clip(ŷ + λ·ê) − ŷ``."""
-    e_hat, _ = await read_estimates(redis, keys, lsh, hidden, base_probs, gamma=gamma, prior=prior,
-                                    half_life_s=half_life_s, now=now, names=names)
+    e_hat, _ = await read_estimates(
+        redis, keys, lsh, hidden, base_probs, gamma=gamma, prior=prior, half_life_s=half_life_s, now=now, names=names
+    )
     return compensation_delta(base_probs, e_hat, lam, eps)
+
 
 # ---- the trainer's writer ----------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -506,13 +519,19 @@ class ErrorMemoryWriter:
         """The LSH and its key table, built on first use (the hidden width comes with the model)."""
         if self.lsh is None or self.names is None:
             c = self.cfg
-            self.lsh = RandomProjectionLSH(dim=dim, n_tables=c.n_tables, n_bits=c.n_bits, seed=c.seed,
-                                           version=self.generation)
+            self.lsh = RandomProjectionLSH(
+                dim=dim, n_tables=c.n_tables, n_bits=c.n_bits, seed=c.seed, version=self.generation
+            )
             self.names = BucketNames(self.keys, self.lsh)
         return self.lsh, self.names
 
-    async def record(self, labelled: Sequence[Interaction], probs: np.ndarray, hidden: np.ndarray,
-                     standardizer: HiddenStandardizer | None) -> MemoryEstimates:
+    async def record(
+        self,
+        labelled: Sequence[Interaction],
+        probs: np.ndarray,
+        hidden: np.ndarray,
+        standardizer: HiddenStandardizer | None,
+    ) -> MemoryEstimates:
         """Estimate, then write, the served ``probs``/``hidden`` of labelled interactions."""
         n = len(labelled)
         if n == 0:
@@ -520,17 +539,30 @@ class ErrorMemoryWriter:
         c = self.cfg
         lsh, names = self._lsh(hidden.shape[1])
         keyed = standardizer.transform(hidden) if standardizer is not None else hidden
-        e_hat, _ = await read_estimates(self.redis, self.keys, lsh, keyed, probs, gamma=c.gamma, prior=c.prior,
-                                        half_life_s=c.half_life_s, now=labelled[-1].ts, names=names)
+        e_hat, _ = await read_estimates(
+            self.redis,
+            self.keys,
+            lsh,
+            keyed,
+            probs,
+            gamma=c.gamma,
+            prior=c.prior,
+            half_life_s=c.half_life_s,
+            now=labelled[-1].ts,
+            names=names,
+        )
         c_hat = np.zeros(n)
         if c.session_capacity > 0:
             # samples of one batch are estimated before any of them is written, as serving sees them
             plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
-            c_hat, _ = estimates_from_values(await self.redis.mget(plan.names), plan, probs, gamma=c.session_gamma,
-                                             prior=c.prior)
-        await write_errors(self.redis, self.keys, lsh, labelled, probs, keyed, capacity=c.bucket_capacity,
-                           ttl_s=c.ttl_s)
+            c_hat, _ = estimates_from_values(
+                await self.redis.mget(plan.names), plan, probs, gamma=c.session_gamma, prior=c.prior
+            )
+        await write_errors(
+            self.redis, self.keys, lsh, labelled, probs, keyed, capacity=c.bucket_capacity, ttl_s=c.ttl_s
+        )
         if c.session_capacity > 0:
-            await write_session_errors(self.redis, self.keys, labelled, probs, capacity=c.session_capacity,
-                                       ttl_s=c.ttl_s)
+            await write_session_errors(
+                self.redis, self.keys, labelled, probs, capacity=c.session_capacity, ttl_s=c.ttl_s
+            )
         return MemoryEstimates(e_hat, c_hat)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import orjson
 from redis.asyncio import Redis
 
-from driftrec.contract.interaction import stable_hash
 from driftrec.contract.events import Event
+from driftrec.contract.interaction import stable_hash
 
 DEDUP_TTL_S = 7 * 24 * 3600
 
@@ -139,19 +139,26 @@ class EventState:
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
         for user_id, user_events in by_user.items():
-            payload = orjson.dumps([[repr(e.ts), sequence_member(e).decode(), e.kind, _label(e)]
-                                    for e in user_events])
+            payload = orjson.dumps([[repr(e.ts), sequence_member(e).decode(), e.kind, _label(e)] for e in user_events])
             await self._user(
-                keys=[k.user_seq(user_id), k.user_counts(user_id),
-                      *(k.user_seen(user_id, e.event_id) for e in user_events)],
+                keys=[
+                    k.user_seq(user_id),
+                    k.user_counts(user_id),
+                    *(k.user_seen(user_id, e.event_id) for e in user_events),
+                ],
                 args=[self.dedup_ttl_s, self.max_seq_len, payload],
                 client=pipe,
             )
         for shard_events in by_shard.values():
             payload = orjson.dumps([[e.kind, _label(e), e.category or ""] for e in shard_events])
-            await self._item(keys=[*(k.item_seen(e.item_id, e.event_id) for e in shard_events),
-                                   *(k.item_counts(e.item_id) for e in shard_events)],
-                             args=[self.dedup_ttl_s, payload], client=pipe)
+            await self._item(
+                keys=[
+                    *(k.item_seen(e.item_id, e.event_id) for e in shard_events),
+                    *(k.item_counts(e.item_id) for e in shard_events),
+                ],
+                args=[self.dedup_ttl_s, payload],
+                client=pipe,
+            )
         results = await pipe.execute()
         return sum(int(r) for r in results[: len(by_user)])
 

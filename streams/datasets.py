@@ -20,8 +20,8 @@ from pathlib import Path
 
 import orjson
 
-from driftrec.contract.interaction import Interaction
 from driftrec.contract.events import Event, InvalidEvent, parse_event
+from driftrec.contract.interaction import Interaction
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,17 @@ def ensure_ml100k(cache_dir: Path) -> Path:
     wheel = cache_dir / RECBOLE_WHEEL
     if not wheel.is_file() or _sha256(wheel) != RECBOLE_WHEEL_SHA256:
         log.info("downloading %s from the package registry into %s", RECBOLE_WHEEL, cache_dir)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache_dir),
-               "recbole==1.2.1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--dest",
+            str(cache_dir),
+            "recbole==1.2.1",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not wheel.is_file():
             raise DatasetError(f"could not download recbole==1.2.1: {done.stderr.strip()[-500:]}")

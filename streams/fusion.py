@@ -30,7 +30,8 @@ def fusion_weights(settings: Settings) -> FusionWeights:
         tpp=TPPWeight(w=sv.tpp_weight, clip=sv.tpp_clip) if sv.learn_tpp_weight and settings.tpp.enabled else None,
         memory=MemoryLambda(lam=mem.lambda_, eps=sv.eps) if learn_memory else None,
         session=MemoryLambda(lam=mem.session_lambda, eps=sv.eps, key="session")
-        if learn_memory and mem.session_capacity > 0 else None,
+        if learn_memory and mem.session_capacity > 0
+        else None,
         eps=sv.eps,
     )
 
@@ -56,10 +57,12 @@ class FusionLearner:
         e_hat = estimates.lsh if estimates is not None else np.zeros(n)
         c_hat = estimates.session if estimates is not None else np.zeros(n)
         feature = await self._tpp_features(labelled) if self.weights.tpp is not None else np.zeros(n)
-        self.weights.learn_many([
-            FusionSample(base=float(p), label=e.label, memory=float(m), session=float(s), tpp=float(f))
-            for e, p, m, s, f in zip(labelled, probs, e_hat, c_hat, feature)
-        ])
+        self.weights.learn_many(
+            [
+                FusionSample(base=float(p), label=e.label, memory=float(m), session=float(s), tpp=float(f))
+                for e, p, m, s, f in zip(labelled, probs, e_hat, c_hat, feature)
+            ]
+        )
 
     async def _tpp_features(self, labelled: Sequence[Event]) -> np.ndarray:
         """The TPP log-ratio feature per event, from the user's propensity *before* the event.

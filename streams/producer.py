@@ -9,8 +9,8 @@ from typing import Any
 
 from kafka import KafkaProducer
 
-from driftrec.contract.settings import Settings
 from driftrec.contract.events import DeadLetter, Event
+from driftrec.contract.settings import Settings
 
 
 class EventProducer:
@@ -19,8 +19,9 @@ class EventProducer:
     def __init__(self, settings: Settings, **kafka_options: Any) -> None:
         self.settings = settings
         options = {"linger_ms": 5, "acks": "all", "batch_size": 64 * 1024} | kafka_options
-        self._producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, client_id="driftrec-producer",
-                                       **options)
+        self._producer = KafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap, client_id="driftrec-producer", **options
+        )
 
     def send(self, event: Event | Mapping[str, Any]) -> None:
         """Validate (raises ``pydantic.ValidationError`` with the reason) and publish."""
@@ -34,8 +35,13 @@ class EventProducer:
 
     def dead_letter(self, value: bytes, reason: str, source: str) -> None:
         """Refused input still reaches the DLQ, so nothing a user fed us is silently dropped."""
-        letter = DeadLetter(reason=reason, original=value.decode("utf-8", errors="replace"),
-                            original_b64=base64.b64encode(value).decode(), topic=source, ts=time.time())
+        letter = DeadLetter(
+            reason=reason,
+            original=value.decode("utf-8", errors="replace"),
+            original_b64=base64.b64encode(value).decode(),
+            topic=source,
+            ts=time.time(),
+        )
         self._producer.send(self.settings.dlq_topic, value=letter.model_dump_json().encode())
 
     def flush(self, timeout_s: float | None = 60.0) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
 from driftrec.streams.datasets import load_events, read_jsonl
-from driftrec.contract.events import Event
 from driftrec.streams.producer import EventProducer
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,14 @@ def source_items(settings: Settings, source: str, limit: int | None) -> list[Eve
     return list(load_events(source, settings.data_cache, settings.shared_data, limit))
 
 
-def publish(settings: Settings, items: Iterable[Event | tuple[bytes, str]], total: int | None = None,
-            speed: float | None = None, progress: bool = True, source: str = "replay") -> ReplayReport:
+def publish(
+    settings: Settings,
+    items: Iterable[Event | tuple[bytes, str]],
+    total: int | None = None,
+    speed: float | None = None,
+    progress: bool = True,
+    source: str = "replay",
+) -> ReplayReport:
     """Publish in the given order; ``speed`` X replays X event-seconds per wall second (None: flat out)."""
     started = time.monotonic()
     published = rejected = 0
@@ -59,12 +65,18 @@ def publish(settings: Settings, items: Iterable[Event | tuple[bytes, str]], tota
                 producer.dead_letter(raw, reason, source)
                 rejected += 1
     report = ReplayReport(published, rejected, time.monotonic() - started)
-    log.info("replayed %d events (%d dead-lettered) in %.1f s (%.0f ev/s)", report.published,
-             report.dead_lettered, report.seconds, report.rate)
+    log.info(
+        "replayed %d events (%d dead-lettered) in %.1f s (%.0f ev/s)",
+        report.published,
+        report.dead_lettered,
+        report.seconds,
+        report.rate,
+    )
     return report
 
 
-def replay(settings: Settings, source: str, speed: float | None = None, limit: int | None = None,
-           progress: bool = True) -> ReplayReport:
+def replay(
+    settings: Settings, source: str, speed: float | None = None, limit: int | None = None, progress: bool = True
+) -> ReplayReport:
     items = source_items(settings, source, limit)
     return publish(settings, items, total=len(items), speed=speed, progress=progress, source=source)

@@ -40,8 +40,9 @@ def ensure_topics(settings: Settings) -> list[str]:
     admin = _admin(settings)
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(name, parts, 1) for name, parts in topic_partitions(settings).items()
-                   if name not in existing]
+        missing = [
+            NewTopic(name, parts, 1) for name, parts in topic_partitions(settings).items() if name not in existing
+        ]
         created = []
         for topic in missing:
             try:

@@ -57,12 +57,12 @@ import orjson
 import torch
 from redis.asyncio import Redis
 
+from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
 from driftrec.models.prompt_tpp import PromptTPP, TypeVocabulary
 from driftrec.models.tpp import EventSeq
-from driftrec.contract.events import Event
-from driftrec.storage.snapshots import SnapshotKeys, load_snapshot, publish_snapshot
 from driftrec.storage.event_state import StateKeys, sequence_member
+from driftrec.storage.snapshots import SnapshotKeys, load_snapshot, publish_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,18 @@ class TPPLearner:
     # -- model lifecycle ---------------------------------------------------------------------
     def _new_model(self) -> PromptTPP:
         c = self.cfg
-        return PromptTPP(c.n_types, hidden=c.hidden, pool_size=c.pool_size, top_n=c.top_n,
-                         prompt_len=c.prompt_len, key_weight=c.key_weight, freeze=c.freeze,  # type: ignore[arg-type]
-                         lr=c.lr, batch_size=c.batch_size, seed=c.seed)
+        return PromptTPP(
+            c.n_types,
+            hidden=c.hidden,
+            pool_size=c.pool_size,
+            top_n=c.top_n,
+            prompt_len=c.prompt_len,
+            key_weight=c.key_weight,
+            freeze=c.freeze,  # type: ignore[arg-type]
+            lr=c.lr,
+            batch_size=c.batch_size,
+            seed=c.seed,
+        )
 
     async def ensure_model(self) -> PromptTPP:
         """The model, resumed from the newest ``tpp`` snapshot on first use."""
@@ -121,8 +130,9 @@ class TPPLearner:
                 self.period = int(meta.get("period", 0))
                 self.events_in_period = int(meta.get("events_in_period", 0))
                 self.events_learned = int(meta.get("events_learned", 0))
-                log.info("tpp resumed from snapshot v%s (step %d, period %d)", self.snapshot_version,
-                         self.steps, self.period)
+                log.info(
+                    "tpp resumed from snapshot v%s (step %d, period %d)", self.snapshot_version, self.steps, self.period
+                )
             else:
                 self.model = self._new_model()
                 self.model.start_period()
@@ -131,8 +141,13 @@ class TPPLearner:
     async def publish(self) -> int:
         """Publish model + vocabulary + counters as the next ``tpp`` snapshot version."""
         model = await self.ensure_model()
-        meta = {"steps": self.steps, "period": self.period, "events_in_period": self.events_in_period,
-                "events_learned": self.events_learned, "n_categories": len(self.vocab)}
+        meta = {
+            "steps": self.steps,
+            "period": self.period,
+            "events_in_period": self.events_in_period,
+            "events_learned": self.events_learned,
+            "n_categories": len(self.vocab),
+        }
         blob = await asyncio.to_thread(model.to_bytes)
         parts = {"model": blob, "vocab": self.vocab.to_bytes(), "meta": orjson.dumps(meta)}
         self.snapshot_version = await publish_snapshot(self.redis, self.snap_keys, parts)
@@ -167,7 +182,7 @@ class TPPLearner:
                 entries[event_id] = (float(ts), bytes(member), category or None)
             for e in by_user[user]:
                 entries.setdefault(e.event_id, (e.ts, sequence_member(e), e.category))
-            ordered = sorted(entries.values(), key=lambda r: (r[0], r[1]))[-self.cfg.max_seq_len:]
+            ordered = sorted(entries.values(), key=lambda r: (r[0], r[1]))[-self.cfg.max_seq_len :]
             out[user] = UserSequence([r[0] for r in ordered], [r[2] for r in ordered])
         return out
 
@@ -188,8 +203,9 @@ class TPPLearner:
         model.learn_many(trainable, epochs=1)
         return math.ceil(len(trainable) / model.batch_size)
 
-    def _compute(self, model: PromptTPP, train: list[EventSeq], score: list[EventSeq],
-                 n_fresh: int) -> tuple[int, int, np.ndarray]:
+    def _compute(
+        self, model: PromptTPP, train: list[EventSeq], score: list[EventSeq], n_fresh: int
+    ) -> tuple[int, int, np.ndarray]:
         """The CPU part of a batch (runs in a thread): learn, advance periods, then score."""
         steps = self._learn(model, train)
         ended = 0
@@ -231,14 +247,19 @@ class TPPLearner:
         self.events_learned += len(fresh)
         self.period += ended
         await self._write_propensities(users, seqs, lam)
-        if ended or (self.steps_since_publish and (
+        if ended or (
+            self.steps_since_publish
+            and (
                 self.steps_since_publish >= self.cfg.snapshot_every_steps
-                or time.monotonic() - self.last_publish >= self.cfg.snapshot_every_s)):
+                or time.monotonic() - self.last_publish >= self.cfg.snapshot_every_s
+            )
+        ):
             await self.publish()
         return len(fresh)
 
-    def propensity_record(self, seq: UserSequence, lam: np.ndarray,
-                          names: list[str] | None = None) -> dict[str, object]:
+    def propensity_record(
+        self, seq: UserSequence, lam: np.ndarray, names: list[str] | None = None
+    ) -> dict[str, object]:
         """The JSON object stored at ``user_tpp``: next-category probabilities at the last event."""
         total = float(lam.sum())
         names = names or self.vocab.names()

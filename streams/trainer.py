@@ -42,8 +42,13 @@ from driftrec.streams.fusion import FusionLearner
 log = logging.getLogger(__name__)
 
 
-def training_examples(events: Sequence[Event], rng: np.random.Generator, item_pool: Sequence[str],
-                      negatives: int, positive_kinds: Collection[str]) -> list[Interaction]:
+def training_examples(
+    events: Sequence[Event],
+    rng: np.random.Generator,
+    item_pool: Sequence[str],
+    negatives: int,
+    positive_kinds: Collection[str],
+) -> list[Interaction]:
     """Turn contract events into labelled interactions (see the module docstring for the rule)."""
     out: list[Interaction] = []
     for event in events:
@@ -60,9 +65,18 @@ def training_examples(events: Sequence[Event], rng: np.random.Generator, item_po
 def new_model(settings: Settings) -> DSLRecommender:
     """A fresh DSL model with every knob from the settings."""
     c = settings.dsl
-    return DSLRecommender(n_rows=c.n_rows, dim=c.dim, density=c.density, hidden=c.hidden, lr=c.lr,
-                          prune_every=c.prune_every, seed=c.seed, head_density=c.head_density,
-                          anneal_steps=c.anneal_steps, bias_lr=c.bias_lr)
+    return DSLRecommender(
+        n_rows=c.n_rows,
+        dim=c.dim,
+        density=c.density,
+        hidden=c.hidden,
+        lr=c.lr,
+        prune_every=c.prune_every,
+        seed=c.seed,
+        head_density=c.head_density,
+        anneal_steps=c.anneal_steps,
+        bias_lr=c.bias_lr,
+    )
 
 
 class DSLTrainer:
@@ -135,10 +149,12 @@ class DSLTrainer:
         self.item_pool.extend(e.item_id for e in fresh)
         self.recent.extend(x for x in examples if x.label is not None)
         for start in range(0, len(examples), c.batch_size):
-            model.learn_many(examples[start:start + c.batch_size])
+            model.learn_many(examples[start : start + c.batch_size])
             self.steps_since_publish += 1
-        if self.steps_since_publish and (self.steps_since_publish >= c.snapshot_every_steps
-                                         or time.monotonic() - self.last_publish >= c.snapshot_every_s):
+        if self.steps_since_publish and (
+            self.steps_since_publish >= c.snapshot_every_steps
+            or time.monotonic() - self.last_publish >= c.snapshot_every_s
+        ):
             await self.publish()
         return len(fresh)
 
@@ -157,6 +173,7 @@ class DSLTrainer:
         self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"]) if "hidden_stats" in parts else None
         self.steps_since_publish = 0
         self.last_publish = time.monotonic()
-        log.info("published DSL snapshot v%d (step %d, %d active params)", self.version, model.step,
-                 model.n_active_params)
+        log.info(
+            "published DSL snapshot v%d (step %d, %d active params)", self.version, model.step, model.n_active_params
+        )
         return self.version

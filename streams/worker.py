@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from redis.asyncio import Redis
 
 from driftrec.contract.settings import Settings
+from driftrec.storage.client import connect
 from driftrec.storage.event_state import EventState
 from driftrec.streams.ingest import BatchHandler, RawMessage, dead_letter, split_valid
-from driftrec.storage.client import connect
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,27 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.processed = Counter("driftrec_events_processed_total", "Valid events processed by ingest",
-                                 registry=self.registry)
-        self.duplicates = Counter("driftrec_events_duplicate_total", "Redelivered events ignored by ingest",
-                                  registry=self.registry)
-        self.dead_lettered = Counter("driftrec_events_dead_lettered_total", "Events sent to the DLQ",
-                                     registry=self.registry)
-        self.batch_seconds = Histogram("driftrec_batch_seconds", "Time to process one micro-batch", ["agent"],
-                                       registry=self.registry)
-        self.learner_events = Counter("driftrec_learner_events_total", "Events learned, per learner",
-                                      ["learner"], registry=self.registry)
-        self.learner_seen = Counter("driftrec_learner_seen_total", "Valid events a learner has handled "
-                                    "(learned or deliberately skipped)", ["learner"], registry=self.registry)
+        self.processed = Counter(
+            "driftrec_events_processed_total", "Valid events processed by ingest", registry=self.registry
+        )
+        self.duplicates = Counter(
+            "driftrec_events_duplicate_total", "Redelivered events ignored by ingest", registry=self.registry
+        )
+        self.dead_lettered = Counter(
+            "driftrec_events_dead_lettered_total", "Events sent to the DLQ", registry=self.registry
+        )
+        self.batch_seconds = Histogram(
+            "driftrec_batch_seconds", "Time to process one micro-batch", ["agent"], registry=self.registry
+        )
+        self.learner_events = Counter(
+            "driftrec_learner_events_total", "Events learned, per learner", ["learner"], registry=self.registry
+        )
+        self.learner_seen = Counter(
+            "driftrec_learner_seen_total",
+            "Valid events a learner has handled (learned or deliberately skipped)",
+            ["learner"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -74,8 +83,9 @@ def build_app(settings: Settings, learners: dict[str, Callable[[Redis], BatchHan
     )
     metrics = WorkerMetrics()
     app.driftrec_metrics = metrics  # type: ignore[attr-defined]
-    events_topic = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw",
-                             partitions=settings.events_partitions)
+    events_topic = app.topic(
+        settings.events_topic, key_serializer="raw", value_serializer="raw", partitions=settings.events_partitions
+    )
     dlq_topic = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=1)
     redis = connect(settings)
     state = EventState(redis, settings.key_prefix, max_seq_len=settings.tpp.max_seq_len * 4)
@@ -105,8 +115,15 @@ def build_app(settings: Settings, learners: dict[str, Callable[[Redis], BatchHan
     return app
 
 
-def _register_learner(app: faust.App, topic: faust.TopicT, name: str, handler: BatchHandler,
-                      metrics: WorkerMetrics, take: int, within: float) -> None:
+def _register_learner(
+    app: faust.App,
+    topic: faust.TopicT,
+    name: str,
+    handler: BatchHandler,
+    metrics: WorkerMetrics,
+    take: int,
+    within: float,
+) -> None:
     async def learner(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(take, within=within):
             started = time.perf_counter()

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from driftrec.procs import settings_env  # noqa: F401 - re-exported: tests and benchmarks import it here
 from driftrec.contract.settings import Settings
+from driftrec.procs import settings_env
 
 TEST_REDIS_DB = int(os.environ.get("DRIFTREC_TEST_REDIS_DB", "2"))
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def docker_available() -> bool:
 
         docker.from_env(timeout=2).ping()
         return True
-    except Exception:  # noqa: BLE001 - no engine, no socket, no package: all mean "no Docker"
+    except Exception:
         return False
 
 
@@ -53,8 +53,12 @@ def infrastructure(tmp_home: Path) -> Iterator[Settings]:
         from testcontainers.redis import RedisContainer
 
         with KafkaContainer("apache/kafka:3.8.0").with_kraft() as kafka, RedisContainer("redis:7") as rds:
-            settings = _settings(tmp_home, run_id, kafka.get_bootstrap_server(),
-                                 f"redis://{rds.get_container_host_ip()}:{rds.get_exposed_port(6379)}/0")
+            settings = _settings(
+                tmp_home,
+                run_id,
+                kafka.get_bootstrap_server(),
+                f"redis://{rds.get_container_host_ip()}:{rds.get_exposed_port(6379)}/0",
+            )
             from driftrec.streams.topics import ensure_topics
 
             ensure_topics(settings)
@@ -62,8 +66,7 @@ def infrastructure(tmp_home: Path) -> Iterator[Settings]:
         return
     from driftrec import embedded
 
-    settings = _settings(tmp_home, run_id, f"127.0.0.1:{free_port()}",
-                         f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
+    settings = _settings(tmp_home, run_id, f"127.0.0.1:{free_port()}", f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
     embedded.up(settings)
     try:
         yield settings
@@ -73,8 +76,14 @@ def infrastructure(tmp_home: Path) -> Iterator[Settings]:
 
 
 def _settings(home: Path, run_id: str, bootstrap: str, redis_url: str) -> Settings:
-    return Settings(kafka_bootstrap=bootstrap, redis_url=redis_url, home=home, key_prefix=f"t{run_id}",
-                    worker_id=f"test-{run_id}", events_partitions=4)
+    return Settings(
+        kafka_bootstrap=bootstrap,
+        redis_url=redis_url,
+        home=home,
+        key_prefix=f"t{run_id}",
+        worker_id=f"test-{run_id}",
+        events_partitions=4,
+    )
 
 
 def delete_prefix(settings: Settings, prefix: str | None = None) -> None:
@@ -99,9 +108,14 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "driftrec.cli", "worker", "--loglevel", "warn"],
-                                     env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=REPO, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "driftrec.cli", "worker", "--loglevel", "warn"],
+            env=settings_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
         wait_for(lambda: self.metrics() is not None, 60, "worker web port", self)
         return self
 
@@ -137,8 +151,13 @@ class WorkerProcess:
             return ""
 
 
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str,
-             worker: WorkerProcess | None = None, interval: float = 0.25) -> object:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    worker: WorkerProcess | None = None,
+    interval: float = 0.25,
+) -> object:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import redis
 
-from driftrec.contract.settings import Settings
 from driftrec.contract.events import Event
+from driftrec.contract.settings import Settings
 from driftrec.storage.event_state import StateKeys, sequence_member
 
 
@@ -52,8 +52,9 @@ def redis_state(settings: Settings) -> dict[str, object]:
         if ":seen:" in key:
             continue
         if key.endswith(":counts"):
-            state[key] = {f.decode(): v.decode() if f == b"category" else float(v)
-                          for f, v in client.hgetall(key).items()}
+            state[key] = {
+                f.decode(): v.decode() if f == b"category" else float(v) for f, v in client.hgetall(key).items()
+            }
         elif key.endswith(":seq"):
             state[key] = [(ts, m) for m, ts in client.zrange(key, 0, -1, withscores=True)]
     return state

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from driftrec.contract.interaction import Interaction
 from driftrec.models.dsl import CSRTable, DSLRecommender, SparseScorer, SupportTable, sample_negatives, sparse_table
 from driftrec.models.ell import EllTable
-from driftrec.contract.interaction import Interaction
 from driftrec.models.sparse import DSLSchedule, RowAdagrad, RowAdam, SparseParameterSet, cosine_update_fraction
-
 from tests.conftest import SHARED_DATA
 
 torch.set_num_threads(1)
@@ -129,8 +128,13 @@ def test_global_comparison_moves_density_between_tables() -> None:
 def _synthetic(n: int, seed: int = 0) -> list[Interaction]:
     rng = np.random.default_rng(seed)
     return [
-        Interaction(user_id=f"u{rng.integers(40)}", item_id=f"i{rng.integers(200)}", ts=float(t),
-                    label=int(rng.random() < 0.3), category=f"c{rng.integers(6)}" if t % 5 else None)
+        Interaction(
+            user_id=f"u{rng.integers(40)}",
+            item_id=f"i{rng.integers(200)}",
+            ts=float(t),
+            label=int(rng.random() < 0.3),
+            category=f"c{rng.integers(6)}" if t % 5 else None,
+        )
         for t in range(n)
     ]
 
@@ -167,7 +171,7 @@ def test_recommender_snapshot_round_trip_and_sparse_storage() -> None:
 
     items, cats = ["i1", "i2", "brand-new"], ["c1", None, None]
     probs, hidden = model.score_candidates("u3", items, cats, ts=123.0)
-    probs_s, hidden_s = scorer.score_candidates("u3", items, cats, ts=123.0)
+    probs_s, _ = scorer.score_candidates("u3", items, cats, ts=123.0)
     assert probs.shape == (3,) and hidden.shape == (3, 16) and hidden.dtype == np.float32
     np.testing.assert_allclose(probs_s, probs, atol=1e-6)
     single = [Interaction(user_id="u3", item_id=i, ts=123.0, category=c) for i, c in zip(items, cats)]
@@ -205,15 +209,15 @@ def test_learns_real_taobao_stream_better_than_popularity() -> None:
     popularity (and chance)."""
     with TAOBAO.open() as fh:
         rows = sorted(csv.reader(fh), key=lambda r: int(r[4]))
-    events = [Interaction(user_id=r[0], item_id=r[1], ts=float(r[4]), label=1, category=r[2], kind=r[3])
-              for r in rows]
+    events = [Interaction(user_id=r[0], item_id=r[1], ts=float(r[4]), label=1, category=r[2], kind=r[3]) for r in rows]
     item_cat = {r[1]: r[2] for r in rows}
     cut = int(0.8 * len(events))
     train, test = events[:cut], events[cut:]
 
     rng = np.random.default_rng(0)
-    model = DSLRecommender(n_rows=16384, dim=16, density=0.1, hidden=16, lr=0.01, prune_every=20,
-                           seed=0, anneal_steps=300)
+    model = DSLRecommender(
+        n_rows=16384, dim=16, density=0.1, hidden=16, lr=0.01, prune_every=20, seed=0, anneal_steps=300
+    )
     pool: list[str] = []
     for _epoch in range(4):
         for s in range(0, len(train), 64):
@@ -253,8 +257,9 @@ def test_first_order_terms_are_budgeted_and_older_snapshots_still_load() -> None
     for _ in range(5):
         new.learn_many(xs)
     assert new.n_active_params == before
-    np.testing.assert_allclose(SparseScorer.from_bytes(new.to_bytes()).predict_many(xs),
-                               new.predict_many(xs), atol=1e-5)
+    np.testing.assert_allclose(
+        SparseScorer.from_bytes(new.to_bytes()).predict_many(xs), new.predict_many(xs), atol=1e-5
+    )
     # a snapshot written before first-order terms existed has no "first_order" in its config
     old = DSLRecommender(n_rows=1024, dim=8, density=0.1, hidden=8, seed=0, first_order=False)
     with np.load(io.BytesIO(old.to_bytes()), allow_pickle=False) as npz:
@@ -267,8 +272,9 @@ def test_first_order_terms_are_budgeted_and_older_snapshots_still_load() -> None
     restored = DSLRecommender.from_bytes(buf.getvalue())
     assert not restored.biases
     np.testing.assert_allclose(restored.predict_many(xs), old.predict_many(xs), atol=1e-6)
-    np.testing.assert_allclose(SparseScorer.from_bytes(buf.getvalue()).predict_many(xs),
-                               old.predict_many(xs), atol=1e-5)
+    np.testing.assert_allclose(
+        SparseScorer.from_bytes(buf.getvalue()).predict_many(xs), old.predict_many(xs), atol=1e-5
+    )
 
 
 def test_grow_on_touch_completes_touched_rows_from_untouched_donors_at_constant_budget() -> None:
@@ -303,8 +309,10 @@ def test_grow_on_touch_completes_touched_rows_from_untouched_donors_at_constant_
 def test_grow_on_touch_keeps_the_budget_when_untouched_rows_run_out() -> None:
     for seed, touches in ((0, [range(5), range(5, 10)]), (1, [range(10)]), (2, [range(8), range(10)])):
         gen = torch.Generator().manual_seed(seed)
-        params = {"t": torch.nn.Parameter(torch.randn(10, 4, generator=gen)),
-                  "b": torch.nn.Parameter(torch.randn(10, 1, generator=gen))}
+        params = {
+            "t": torch.nn.Parameter(torch.randn(10, 4, generator=gen)),
+            "b": torch.nn.Parameter(torch.randn(10, 1, generator=gen)),
+        }
         masks = SparseParameterSet(params, {"t": 0.5, "b": 0.5}, groups={"t": "g", "b": "g"}, seed=seed)
         budget = masks.n_active
         for rows in touches:
@@ -376,5 +384,3 @@ def test_ell_layout_matches_dense_with_overflow_rows_and_column_zero() -> None:
     np.testing.assert_allclose(table.dot(rows, vector), dense[rows] @ vector, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(table.rows_dense(rows), dense[rows])
     assert table.dot(np.array([], dtype=np.int64), vector).shape == (0,)
-
-

@@ -12,8 +12,8 @@ import pytest
 
 from driftrec.models.error_memory import (
     ErrorMemory,
-    ServedSample,
     RandomProjectionLSH,
+    ServedSample,
     compensate,
     compensation_delta,
     errors,
@@ -29,6 +29,7 @@ def served(h: np.ndarray, y: int | None, p: float, ts: float = 0.0, event_id: st
     return ServedSample(hidden=h, served=p, label=y, ts=ts, event_id=event_id)
 
 
+@pytest.mark.integration  # a second process
 def test_codes_are_identical_across_instances_and_processes() -> None:
     rng = np.random.default_rng(1)
     h = rng.standard_normal((20, 12)).astype(np.float32)

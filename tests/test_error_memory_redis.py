@@ -11,20 +11,29 @@ import torch
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from driftrec.models.error_memory import ErrorMemory, RandomProjectionLSH, ServedSample, compensate
-from driftrec.contract.interaction import Interaction
 from benchmarks.standin_ctr import StandinCTR
-from driftrec.storage.error_memory import read_compensation, read_estimates
-from driftrec.storage.error_memory import ENTRY_BYTES, MemoryKeys, delete_memory, learn_and_write, write_errors
+from driftrec.contract.interaction import Interaction
+from driftrec.models.error_memory import ErrorMemory, RandomProjectionLSH, ServedSample, compensate
 from driftrec.shift import inject_genre_flip, pick_genre_flip, prequential_with_memory, segment_metrics, shifted_mask
+from driftrec.storage.error_memory import (
+    ENTRY_BYTES,
+    MemoryKeys,
+    delete_memory,
+    learn_and_write,
+    read_compensation,
+    read_estimates,
+    write_errors,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/3"
 DIM = 8
 
 
 def _served(xs: list[Interaction], probs: np.ndarray, hidden: np.ndarray) -> list[ServedSample]:
-    return [ServedSample(hidden=h, served=float(p), label=x.label, ts=x.ts, event_id=x.event_id)
-            for x, p, h in zip(xs, probs, hidden)]
+    return [
+        ServedSample(hidden=h, served=float(p), label=x.label, ts=x.ts, event_id=x.event_id)
+        for x, p, h in zip(xs, probs, hidden)
+    ]
 
 
 @pytest.fixture
@@ -47,7 +56,9 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
         await redis.unlink(*keys)
 
 
-def _batch(rng: np.random.Generator, start: int, n: int, n_clusters: int = 6) -> tuple[list[Interaction], np.ndarray, np.ndarray]:
+def _batch(
+    rng: np.random.Generator, start: int, n: int, n_clusters: int = 6
+) -> tuple[list[Interaction], np.ndarray, np.ndarray]:
     """Clustered hidden vectors (so buckets fill up and evict) with cluster-dependent errors."""
     centres = np.random.default_rng(99).standard_normal((n_clusters, DIM))
     cl = rng.integers(0, n_clusters, n)
@@ -55,8 +66,13 @@ def _batch(rng: np.random.Generator, start: int, n: int, n_clusters: int = 6) ->
     probs = rng.uniform(0.05, 0.95, n)
     labels = (rng.uniform(size=n) < (cl % 2) * 0.8 + 0.1).astype(int)
     xs = [
-        Interaction(user_id=f"u{i}", item_id=f"i{i}", ts=1_000.0 + (start + i) // 3, label=int(labels[i]),
-                    event_id=f"ev{start + i}")
+        Interaction(
+            user_id=f"u{i}",
+            item_id=f"i{i}",
+            ts=1_000.0 + (start + i) // 3,
+            label=int(labels[i]),
+            event_id=f"ev{start + i}",
+        )
         for i in range(n)
     ]
     return xs, probs, hidden

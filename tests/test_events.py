@@ -7,8 +7,8 @@ import math
 import orjson
 import pytest
 
-from driftrec.streams.datasets import ml100k_events, read_jsonl, taobao_sample_events, write_jsonl
 from driftrec.contract.events import Event, InvalidEvent, parse_event
+from driftrec.streams.datasets import ml100k_events, read_jsonl, taobao_sample_events, write_jsonl
 from driftrec.streams.worker import RawMessage, dead_letter, split_valid
 from tests.conftest import SHARED_DATA
 
@@ -72,6 +72,7 @@ def test_split_valid_keeps_order_and_reasons() -> None:
     assert letter.original == "{" and letter.original_b64 == "ew==" and letter.offset == 99
 
 
+@pytest.mark.integration  # ML-100K comes from the package registry on first use
 def test_ml100k_conversion_follows_the_shared_convention(tmp_path) -> None:
     from driftrec.contract.settings import get_settings
 

@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 
 from driftrec.models.fusion import TPPWeight, tpp_log_ratios, tpp_terms
 from driftrec.serving.scorer import Scorer
-from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from driftrec.storage.event_state import StateKeys
+from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from tests.test_serving import TS, catalog, make_settings, prefix, redis, snapshot_parts, tpp_payload  # noqa: F401
 
 
@@ -21,8 +21,9 @@ def test_log_ratio_and_term_by_hand() -> None:
     f = tpp_log_ratios(payload, ["c1", "c2", "zz", None], TS, tau_s=3600)
     decay = math.exp(-1)
     np.testing.assert_allclose(f, [decay * math.log(2.0), decay * math.log(4 * 1e-12), 0.0, 0.0])
-    np.testing.assert_allclose(tpp_terms(payload, ["c1", "c2"], TS, weight=0.5, tau_s=3600, clip=2.0),
-                               [0.5 * decay * math.log(2.0), -2.0])
+    np.testing.assert_allclose(
+        tpp_terms(payload, ["c1", "c2"], TS, weight=0.5, tau_s=3600, clip=2.0), [0.5 * decay * math.log(2.0), -2.0]
+    )
 
 
 def _stream(informative: bool, n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -39,7 +40,7 @@ def test_weight_moves_toward_what_the_feature_is_worth() -> None:
         model = TPPWeight(w=0.5)
         b, f, y = _stream(informative)
         for k in range(0, len(y), 64):
-            model.update(b[k:k + 64], f[k:k + 64], y[k:k + 64])
+            model.update(b[k : k + 64], f[k : k + 64], y[k : k + 64])
         assert lo < model.w < hi, (informative, model.w)
     # zero features (no propensity) teach nothing
     model = TPPWeight(w=0.5)
@@ -122,8 +123,10 @@ def test_memory_lambda_follows_what_the_memory_is_worth() -> None:
 async def test_scorer_loads_the_learned_memory_lambda(redis: Redis, prefix: str) -> None:  # noqa: F811
     from driftrec.models.fusion import MemoryLambda
 
-    parts = {**snapshot_parts(), "fusion": orjson.dumps({**TPPWeight(w=0.1).to_dict(),
-                                                          **MemoryLambda(lam=0.2).to_dict()})}
+    parts = {
+        **snapshot_parts(),
+        "fusion": orjson.dumps({**TPPWeight(w=0.1).to_dict(), **MemoryLambda(lam=0.2).to_dict()}),
+    }
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), parts)
     learned = Scorer(make_settings(prefix), redis)
     off = make_settings(prefix)

@@ -13,8 +13,10 @@ from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from tests.infra import WorkerProcess
 from tests.test_serving import TS, snapshot_parts
 
-GOOD = [{"request_id": f"r{k}", "user_id": f"u{k}", "candidates": [f"i{j}" for j in range(k, k + 5)], "ts": TS}
-        for k in range(3)]
+GOOD = [
+    {"request_id": f"r{k}", "user_id": f"u{k}", "candidates": [f"i{j}" for j in range(k, k + 5)], "ts": TS}
+    for k in range(3)
+]
 BAD: list[tuple[bytes, str | None, str]] = [
     (b'{"request_id": "broken-1", "user_id": ', None, "malformed_json"),  # unreadable: no id
     (orjson.dumps({"request_id": "bad-2", "user_id": "u", "candidates": []}), "bad-2", "validation_error"),
@@ -25,8 +27,12 @@ BAD: list[tuple[bytes, str | None, str]] = [
 
 async def _exchange(settings: Settings, expected: int, timeout_s: float = 60.0) -> list[dict]:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
-    consumer = AIOKafkaConsumer(settings.score_results_topic, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        settings.score_results_topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await producer.start()
     await consumer.start()
     results: list[dict] = []

@@ -17,20 +17,21 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from hypothesis import example, given, settings as hsettings, strategies as st
+from hypothesis import example, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, ConnectionPool
 
+from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import DSLRecommender, SparseScorer
 from driftrec.models.error_memory import RandomProjectionLSH
-from driftrec.contract.interaction import Interaction
 from driftrec.serving.app import create_app
-from driftrec.storage.error_memory import read_compensation
 from driftrec.serving.scorer import Scorer, fuse, tpp_terms
-from driftrec.storage.error_memory import MemoryKeys, write_errors
-from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
+from driftrec.storage.error_memory import MemoryKeys, read_compensation, write_errors
 from driftrec.storage.event_state import StateKeys
+from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 
 REDIS_URL = "redis://127.0.0.1:6379/4"
 N_ITEMS = 60
@@ -86,11 +87,18 @@ async def write_memory(redis: Redis, s: Settings, user: str, items: list[str], l
     """Errors of (user, item) events as the worker would write them for the published model."""
     scorer = SparseScorer.from_bytes(model_blob())
     cat = catalog()
-    xs = [Interaction(user, i, TS - 10, label=y, category=cat.get(i), event_id=f"e{k}")
-          for k, (i, y) in enumerate(zip(items, labels))]
+    xs = [
+        Interaction(user, i, TS - 10, label=y, category=cat.get(i), event_id=f"e{k}")
+        for k, (i, y) in enumerate(zip(items, labels))
+    ]
     probs, hidden = scorer.predict_with_hidden(xs)
-    lsh = RandomProjectionLSH(dim=scorer.hidden, n_tables=s.memory.n_tables, n_bits=s.memory.n_bits,
-                              seed=s.memory.seed, version=s.dsl.generation)
+    lsh = RandomProjectionLSH(
+        dim=scorer.hidden,
+        n_tables=s.memory.n_tables,
+        n_bits=s.memory.n_bits,
+        seed=s.memory.seed,
+        version=s.dsl.generation,
+    )
     keys = MemoryKeys.from_settings(s.key_prefix, s.dsl.generation, s.memory.n_shards)
     await write_errors(redis, keys, lsh, xs, probs, hidden, capacity=s.memory.bucket_capacity)
 
@@ -115,14 +123,21 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
 # ---- the fusion rule, by hand ---------------------------------------------------------------
 def test_fusion_rule_hand_worked() -> None:
     # tpp: w=0.5, one tau of age → decay e^-1; K=4, p=0.5 → ln 2
-    term = tpp_terms(tpp_payload({"c1": 0.5, "c2": 0.0}, ts=TS - 3600), ["c1", "c2", "zz", None], TS,
-                     weight=0.5, tau_s=3600.0, clip=2.0)
+    term = tpp_terms(
+        tpp_payload({"c1": 0.5, "c2": 0.0}, ts=TS - 3600),
+        ["c1", "c2", "zz", None],
+        TS,
+        weight=0.5,
+        tau_s=3600.0,
+        clip=2.0,
+    )
     assert term[0] == pytest.approx(0.5 * math.exp(-1) * math.log(2.0), abs=1e-12)
     assert term[1] == -2.0  # p = 0: the clip bounds ln 0
     assert term[2] == 0.0 and term[3] == 0.0  # unknown / missing category
     # a request older than the user's last event is not "un-decayed" beyond 1
-    assert tpp_terms(tpp_payload({"c1": 0.5}, ts=TS + 100), ["c1"], TS, weight=0.5, tau_s=3600, clip=2)[0] == \
-        pytest.approx(0.5 * math.log(2.0))
+    assert tpp_terms(tpp_payload({"c1": 0.5}, ts=TS + 100), ["c1"], TS, weight=0.5, tau_s=3600, clip=2)[
+        0
+    ] == pytest.approx(0.5 * math.log(2.0))
     # a uniform propensity (K·p = 1) says nothing
     assert tpp_terms(tpp_payload({"c1": 0.25}), ["c1"], TS, weight=1.0, tau_s=3600, clip=2)[0] == 0.0
     # score = sigmoid(logit(base + comp) + tpp)
@@ -140,12 +155,19 @@ def test_score_is_always_a_probability(base: float, comp: float, tpp: float, eps
 
 
 @hsettings(max_examples=100, deadline=None)
-@given(p=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10), st.text(max_size=3)),
-       k=st.integers(1, 10**9), w=st.floats(-1e3, 1e3), age=st.floats(-1e9, 1e9))
-@example(p=6.4789906289525375e+302, k=277465, w=1.0, age=44708.0)  # k·p overflowed, decay underflowed: NaN
+@given(
+    p=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10), st.text(max_size=3)),
+    k=st.integers(1, 10**9),
+    w=st.floats(-1e3, 1e3),
+    age=st.floats(-1e9, 1e9),
+)
+@example(p=6.4789906289525375e302, k=277465, w=1.0, age=44708.0)  # k·p overflowed, decay underflowed: NaN
 def test_tpp_term_is_bounded_for_any_payload(p: object, k: int, w: float, age: float) -> None:
-    payload = orjson.dumps({"ts": TS - age, "probs": {"c1": p}, "n_types": k}, option=orjson.OPT_SERIALIZE_NUMPY) \
-        if not (isinstance(p, float) and not math.isfinite(p)) else orjson.dumps({"ts": TS, "probs": {"c1": None}})
+    payload = (
+        orjson.dumps({"ts": TS - age, "probs": {"c1": p}, "n_types": k}, option=orjson.OPT_SERIALIZE_NUMPY)
+        if not (isinstance(p, float) and not math.isfinite(p))
+        else orjson.dumps({"ts": TS, "probs": {"c1": None}})
+    )
     term = tpp_terms(payload, ["c1"], TS, weight=w, tau_s=60.0, clip=2.0)
     assert np.isfinite(term).all() and (np.abs(term) <= 2.0).all()
 
@@ -156,8 +178,9 @@ async def test_components_match_their_sources(redis: Redis, prefix: str) -> None
     version = await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     items = [f"i{j}" for j in range(20)]
     await write_memory(redis, s, "u3", items * 2, [1] * 20 + [1] * 20)
-    await redis.set(StateKeys(prefix).user_tpp("u3"), tpp_payload({"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1},
-                                                                   ts=TS - 600))
+    await redis.set(
+        StateKeys(prefix).user_tpp("u3"), tpp_payload({"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}, ts=TS - 600)
+    )
     scorer = Scorer(s, redis)
     assert await scorer.refresh()
     res = await scorer.score("u3", items, TS)
@@ -168,16 +191,24 @@ async def test_components_match_their_sources(redis: Redis, prefix: str) -> None
     cats = [catalog()[i] for i in items]
     probs, hidden = model.score_candidates("u3", items, cats)
     np.testing.assert_allclose(res.base[order], probs, rtol=0, atol=1e-12)
-    lsh = RandomProjectionLSH(dim=model.hidden, n_tables=s.memory.n_tables, n_bits=s.memory.n_bits,
-                              seed=s.memory.seed, version=s.dsl.generation)
+    lsh = RandomProjectionLSH(
+        dim=model.hidden,
+        n_tables=s.memory.n_tables,
+        n_bits=s.memory.n_bits,
+        seed=s.memory.seed,
+        version=s.dsl.generation,
+    )
     keys = MemoryKeys.from_settings(prefix, s.dsl.generation, s.memory.n_shards)
-    comp = await read_compensation(redis, keys, lsh, hidden, probs, lam=s.memory.lambda_, prior=s.memory.prior,
-                                   eps=s.serving.eps)
+    comp = await read_compensation(
+        redis, keys, lsh, hidden, probs, lam=s.memory.lambda_, prior=s.memory.prior, eps=s.serving.eps
+    )
     np.testing.assert_allclose(res.compensation[order], comp, rtol=0, atol=1e-12)
     assert (res.compensation > 0).all()  # every label was 1: the memory pushes up
     decay = math.exp(-600 / s.serving.tpp_tau_s)
-    lut = {c: min(max(s.serving.tpp_weight * decay * math.log(4 * p), -2), 2)
-           for c, p in {"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}.items()}
+    lut = {
+        c: min(max(s.serving.tpp_weight * decay * math.log(4 * p), -2), 2)
+        for c, p in {"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}.items()
+    }
     np.testing.assert_allclose(res.tpp[order], [lut[c] for c in cats], rtol=0, atol=1e-12)
     np.testing.assert_allclose(res.score, fuse(res.base, res.compensation, res.tpp, s.serving.eps), atol=1e-15)
     assert list(res.score) == sorted(res.score, reverse=True)
@@ -201,10 +232,13 @@ async def test_extreme_state_still_yields_probabilities(redis: Redis, prefix: st
     await scorer.close()
 
 
-@pytest.mark.parametrize("dsl,memory,tpp", [(False, True, True), (True, False, True), (True, True, False),
-                                            (False, False, False), (False, False, True)])
-async def test_each_contribution_can_be_switched_off(redis: Redis, prefix: str, dsl: bool, memory: bool,
-                                                     tpp: bool) -> None:
+@pytest.mark.parametrize(
+    "dsl,memory,tpp",
+    [(False, True, True), (True, False, True), (True, True, False), (False, False, False), (False, False, True)],
+)
+async def test_each_contribution_can_be_switched_off(
+    redis: Redis, prefix: str, dsl: bool, memory: bool, tpp: bool
+) -> None:
     s = with_enabled(make_settings(prefix), dsl, memory, tpp)
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     await write_memory(redis, s, "u1", [f"i{j}" for j in range(10)], [1] * 10)
@@ -240,7 +274,7 @@ async def test_cold_start_unknown_ids_sorting_and_duplicates(redis: Redis, prefi
     await scorer.close()
 
 
-async def _wait_until(predicate, what: str, timeout_s: float = 20.0) -> None:  # noqa: ANN001
+async def _wait_until(predicate, what: str, timeout_s: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not await predicate():
@@ -254,23 +288,25 @@ async def test_hot_reload_without_restart(redis: Redis, prefix: str) -> None:
     keys = SnapshotKeys(prefix, "dsl")
     v1 = await publish_snapshot(redis, keys, snapshot_parts(4))
     app = create_app(s)  # the app owns its scorer: background reload runs in its lifespan
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
-            body = {"user_id": "u1", "candidates": ["i1", "i2", "i3"], "ts": TS}
-            first = (await client.post("/v1/score", json=body)).json()
-            assert first["model_version"] == v1
-            v2 = await publish_snapshot(redis, keys, snapshot_parts(6))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client,
+    ):
+        body = {"user_id": "u1", "candidates": ["i1", "i2", "i3"], "ts": TS}
+        first = (await client.post("/v1/score", json=body)).json()
+        assert first["model_version"] == v1
+        v2 = await publish_snapshot(redis, keys, snapshot_parts(6))
 
-            async def reloaded() -> bool:
-                return (await client.get("/healthz")).json()["model_version"] == v2
+        async def reloaded() -> bool:
+            return (await client.get("/healthz")).json()["model_version"] == v2
 
-            await _wait_until(reloaded, "the v2 snapshot to be picked up")
-            second = (await client.post("/v1/score", json=body)).json()
-            assert second["model_version"] == v2
-            assert [x["base"] for x in second["items"]] != [x["base"] for x in first["items"]]
-            metrics = (await client.get("/metrics")).text
-            assert f"driftrec_serving_snapshot_version {float(v2)}" in metrics
-            assert "driftrec_serving_snapshot_reloads_total 2.0" in metrics
+        await _wait_until(reloaded, "the v2 snapshot to be picked up")
+        second = (await client.post("/v1/score", json=body)).json()
+        assert second["model_version"] == v2
+        assert [x["base"] for x in second["items"]] != [x["base"] for x in first["items"]]
+        metrics = (await client.get("/metrics")).text
+        assert f"driftrec_serving_snapshot_version {float(v2)}" in metrics
+        assert "driftrec_serving_snapshot_reloads_total 2.0" in metrics
 
 
 class CountingConnection(Connection):
@@ -278,7 +314,7 @@ class CountingConnection(Connection):
 
     sends = 0
 
-    async def send_packed_command(self, command, check_health: bool = True) -> None:  # noqa: ANN001
+    async def send_packed_command(self, command, check_health: bool = True) -> None:
         type(self).sends += 1
         await super().send_packed_command(command, check_health)
 

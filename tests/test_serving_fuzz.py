@@ -19,12 +19,16 @@ import orjson
 import pytest
 import redis as redis_sync
 import uvicorn
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from driftrec.serving.app import create_app
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from tests.infra import free_port
 from tests.test_serving import REDIS_URL, make_settings, snapshot_parts
+
+pytestmark = pytest.mark.integration  # a real uvicorn server and Redis
 
 MAX_CANDIDATES = 50
 CLIENT = httpx.Client(timeout=30)  # keep-alive: the server, not connection set-up, is under test
@@ -44,8 +48,9 @@ def base_url() -> Iterator[str]:
 
     asyncio.run(publish())
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -69,16 +74,25 @@ def base_url() -> Iterator[str]:
         client.delete(*keys)
 
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=300))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=5),
-                                                                 st.dictionaries(st.text(max_size=10), inner, max_size=5)),
-                           max_leaves=20)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=300),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)),
+    max_leaves=20,
+)
 ids = st.one_of(st.text(max_size=300), json_values)
-candidate_lists = st.one_of(st.lists(st.text(max_size=300), max_size=80), json_values,
-                            st.integers(0, 20_000).map(lambda n: [f"i{j}" for j in range(n)]))
-timestamps = st.one_of(st.none(), st.floats(), st.integers(-(2**64), 2**64), st.text(max_size=10),
-                       st.just("NaN"))
+candidate_lists = st.one_of(
+    st.lists(st.text(max_size=300), max_size=80),
+    json_values,
+    st.integers(0, 20_000).map(lambda n: [f"i{j}" for j in range(n)]),
+)
+timestamps = st.one_of(st.none(), st.floats(), st.integers(-(2**64), 2**64), st.text(max_size=10), st.just("NaN"))
 
 
 @st.composite
@@ -99,8 +113,16 @@ def bodies(draw: st.DrawFn) -> bytes:
     return json.dumps(doc).encode()
 
 
-content_types = st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain",
-                                 "application/x-www-form-urlencoded", "", "APPLICATION/JSON"])
+content_types = st.sampled_from(
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "",
+        "APPLICATION/JSON",
+    ]
+)
 
 
 @hsettings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -123,10 +145,18 @@ def test_named_bad_requests_get_clear_errors(base_url: str) -> None:
     cases = [
         (b'{"user_id": "u1", "candidates": ["a"', "application/json", 400, "not valid JSON"),
         (b'{"user_id": "u1", "candidates": []}', "application/json", 422, "candidates"),
-        (orjson.dumps({"user_id": "u1", "candidates": [f"i{j}" for j in range(10_000)]}), "application/json", 413,
-         "exceeds"),
-        (orjson.dumps({"user_id": "u1", "candidates": [f"i{j}" for j in range(MAX_CANDIDATES + 1)]}),
-         "application/json", 422, f"at most {MAX_CANDIDATES}"),
+        (
+            orjson.dumps({"user_id": "u1", "candidates": [f"i{j}" for j in range(10_000)]}),
+            "application/json",
+            413,
+            "exceeds",
+        ),
+        (
+            orjson.dumps({"user_id": "u1", "candidates": [f"i{j}" for j in range(MAX_CANDIDATES + 1)]}),
+            "application/json",
+            422,
+            f"at most {MAX_CANDIDATES}",
+        ),
         (orjson.dumps({"user_id": "u" * 100_000, "candidates": ["a"]}), "application/json", 413, "exceeds"),
         (orjson.dumps({"user_id": "u" * 257, "candidates": ["a"]}), "application/json", 422, "user_id"),
         (orjson.dumps({"user_id": 5, "candidates": ["a"]}), "application/json", 422, "user_id"),

@@ -8,13 +8,17 @@ import orjson
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from driftrec.models.error_memory import compensation_delta
-from driftrec.models.fusion import MemoryLambda, TPPWeight
 from driftrec.contract.interaction import Interaction
-from driftrec.models.error_memory import ServedSample, SessionMemory, session_code
-from driftrec.storage.error_memory import estimates_from_values, plan_session_buckets
+from driftrec.models.error_memory import ServedSample, SessionMemory, compensation_delta, session_code
+from driftrec.models.fusion import MemoryLambda, TPPWeight
 from driftrec.serving.scorer import Scorer
-from driftrec.storage.error_memory import MemoryKeys, delete_memory, write_session_errors
+from driftrec.storage.error_memory import (
+    MemoryKeys,
+    delete_memory,
+    estimates_from_values,
+    plan_session_buckets,
+    write_session_errors,
+)
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from tests.test_serving import TS, catalog, make_settings, prefix, redis, snapshot_parts  # noqa: F401
 
@@ -37,8 +41,17 @@ def test_hand_worked_estimate_capacity_and_redelivery() -> None:
 
 def _stream(rng: np.random.Generator, n: int) -> tuple[list[Interaction], np.ndarray]:
     users, cats = ["a", "b", "c"], ["c0", "c1", None]
-    xs = [Interaction(str(rng.choice(users)), f"i{k}", 1000.0 + k // 2, label=int(rng.integers(2)),
-                      category=cats[int(rng.integers(3))], event_id=f"ev{k}") for k in range(n)]
+    xs = [
+        Interaction(
+            str(rng.choice(users)),
+            f"i{k}",
+            1000.0 + k // 2,
+            label=int(rng.integers(2)),
+            category=cats[int(rng.integers(3))],
+            event_id=f"ev{k}",
+        )
+        for k in range(n)
+    ]
     return xs, rng.uniform(0.05, 0.95, n)
 
 
@@ -47,7 +60,7 @@ async def test_redis_buckets_answer_like_the_reference(redis: Redis, prefix: str
     ref = SessionMemory(capacity=5, gamma=0.0)
     xs, probs = _stream(np.random.default_rng(0), 120)
     for start in range(0, 120, 40):
-        batch, p = xs[start:start + 40], probs[start:start + 40]
+        batch, p = xs[start : start + 40], probs[start : start + 40]
         await write_session_errors(redis, keys, batch, p, capacity=5)
         for x, q in zip(batch, p):
             ref.learn_one(ServedSample(np.zeros(0), float(q), x.label, x.ts, x.event_id, x.user_id, x.category))
@@ -69,8 +82,11 @@ async def test_redis_buckets_answer_like_the_reference(redis: Redis, prefix: str
 
 async def test_scorer_adds_the_session_term(redis: Redis, prefix: str) -> None:  # noqa: F811
     s = make_settings(prefix)
-    fusion = {**TPPWeight(w=0.0).to_dict(), **MemoryLambda(lam=0.0).to_dict(),
-              **MemoryLambda(lam=0.4, key="session").to_dict()}
+    fusion = {
+        **TPPWeight(w=0.0).to_dict(),
+        **MemoryLambda(lam=0.0).to_dict(),
+        **MemoryLambda(lam=0.4, key="session").to_dict(),
+    }
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), {**snapshot_parts(), "fusion": orjson.dumps(fusion)})
     cat = catalog()
     keys = MemoryKeys.from_settings(prefix, s.dsl.generation, s.memory.n_shards)
@@ -83,8 +99,9 @@ async def test_scorer_adds_the_session_term(redis: Redis, prefix: str) -> None: 
     res = await scorer.score("u3", items, TS)
     order = [res.item_ids.index(i) for i in items]
     c_hat = np.array([4 * 0.8 / 5 if cat[i] == "c0" else 0.0 for i in items])
-    np.testing.assert_allclose(res.compensation[order], compensation_delta(res.base[order], 0.4 * c_hat, 1.0,
-                                                                           s.serving.eps), atol=1e-12)
+    np.testing.assert_allclose(
+        res.compensation[order], compensation_delta(res.base[order], 0.4 * c_hat, 1.0, s.serving.eps), atol=1e-12
+    )
     assert (res.compensation[order][c_hat > 0] > 0).all() and (res.compensation[order][c_hat == 0] == 0).all()
     other = await scorer.score("u4", items, TS)
     assert (other.compensation == 0).all()  # another user's session says nothing about u4

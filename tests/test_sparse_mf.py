@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.sparse_mf import SparseMF, aligned_masks
-from driftrec.models.dsl import CSRTable, SupportTable
+from driftrec.models.dsl import SupportTable
 from driftrec.models.sparse import SparseParameterSet
 
 torch.set_num_threads(1)
@@ -75,8 +75,9 @@ def test_grouped_init_gives_each_group_its_own_columns_beside_the_shared_ones() 
     user = torch.nn.Parameter(torch.randn(60, 32))
     item = torch.nn.Parameter(torch.randn(90, 32))
     groups = {"user": torch.arange(60) % 5, "item": torch.arange(90) % 5}
-    masks = SparseParameterSet({"user": user, "item": item}, 5 / 32, seed=4,
-                               mask_init=aligned_masks(groups, 2, None)).masks
+    masks = SparseParameterSet(
+        {"user": user, "item": item}, 5 / 32, seed=4, mask_init=aligned_masks(groups, 2, None)
+    ).masks
     assert int(masks["user"].sum()) == round(5 / 32 * 60 * 32) and int(masks["item"].sum()) == round(5 / 32 * 90 * 32)
     overlap = masks["user"].float() @ masks["item"].float().T
     same = groups["user"][:, None] == groups["item"][None, :]
@@ -87,26 +88,41 @@ def test_grouped_init_gives_each_group_its_own_columns_beside_the_shared_ones() 
         SparseParameterSet({"user": user}, 0.2, mask_init=aligned_masks({"user": torch.arange(60) % 20}, 2, 3))
 
     # ranked: each row's nearest group, then its second, all in one space of blocks
-    ranked = {"user": torch.stack([torch.arange(60) % 5, (torch.arange(60) + 1) % 5], 1),
-              "item": torch.stack([torch.arange(90) % 5, (torch.arange(90) + 2) % 5], 1)}
-    masks = SparseParameterSet({"user": user, "item": item}, 6 / 32, seed=4, mask_init=aligned_masks(ranked, 2, 2)).masks
+    ranked = {
+        "user": torch.stack([torch.arange(60) % 5, (torch.arange(60) + 1) % 5], 1),
+        "item": torch.stack([torch.arange(90) % 5, (torch.arange(90) + 2) % 5], 1),
+    }
+    masks = SparseParameterSet(
+        {"user": user, "item": item}, 6 / 32, seed=4, mask_init=aligned_masks(ranked, 2, 2)
+    ).masks
     assert int(masks["user"].sum()) == 6 * 60 and int(masks["item"].sum()) == 6 * 90
     overlap = masks["user"].float() @ masks["item"].float().T
-    blocks_shared = ((ranked["user"][:, None, :, None] == ranked["item"][None, :, None, :]).sum((-1, -2)))
+    blocks_shared = (ranked["user"][:, None, :, None] == ranked["item"][None, :, None, :]).sum((-1, -2))
     assert bool((overlap == 2 + 2 * blocks_shared).all())  # shared columns + 2 per block both rows hold
 
 
 @pytest.mark.parametrize("kw", [{"n_negatives": 4}, {"loss": "softmax", "n_negatives": 16}])
 def test_loss_options_learn_block_structure(kw: dict[str, object]) -> None:
-    """BPR over several negatives and the sampled softmax both learn which block of items each block of users likes, sparse or dense."""
+    """BPR over several negatives and the sampled softmax both learn which block of items each
+    block of users likes, sparse or dense."""
     rng = np.random.default_rng(0)
     n_users, n_items, blocks = 200, 300, 4
     users = rng.integers(0, n_users, 6000)
     items = (users % blocks) + blocks * rng.integers(0, n_items // blocks, 6000)  # item % 4 == user % 4
     keys = np.unique(users * n_items + items)
     for density in (1.0, 0.25):
-        model = SparseMF(n_users, n_items, dim=16, density=density, init="aligned", batch_size=256,
-                         total_steps=10 * 24, prune_every=50, seed=1, **kw)  # type: ignore[arg-type]
+        model = SparseMF(
+            n_users,
+            n_items,
+            dim=16,
+            density=density,
+            init="aligned",
+            batch_size=256,
+            total_steps=10 * 24,
+            prune_every=50,
+            seed=1,
+            **kw,
+        )  # type: ignore[arg-type]
         losses = [model.fit_epoch(users, items, keys) for _ in range(10)]
         assert losses[-1] < losses[0]
         top = model.recommend_topk(np.arange(n_users), 10)
@@ -133,12 +149,16 @@ def test_fused_sampled_scores_match_the_row_lookups_in_value_and_gradient() -> N
         total = 0.3 * pos.sum() + (coef * neg).sum() + 0.7 * reg_sq
         total.backward()
         item_grad = model.item.grad.coalesce()
-        out.append((float(total.detach()), item_grad.indices()[0].numpy(), item_grad.to_dense(),
-                    model.user.grad.coalesce().to_dense()))
+        out.append(
+            (
+                float(total.detach()),
+                item_grad.indices()[0].numpy(),
+                item_grad.to_dense(),
+                model.user.grad.coalesce().to_dense(),
+            )
+        )
     (t_fused, rows_fused, item_fused, user_fused), (t_plain, rows_plain, item_plain, user_plain) = out
     assert t_fused == pytest.approx(t_plain, rel=1e-6)
     assert np.array_equal(rows_fused, rows_plain)  # the same rows are "touched" for lazy Adam
     assert torch.allclose(item_fused, item_plain, atol=1e-5)
     assert torch.allclose(user_fused, user_plain, atol=1e-5)
-
-

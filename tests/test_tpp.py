@@ -11,7 +11,6 @@ import torch
 
 from driftrec.models.prompt_tpp import PromptTPP, TypeVocabulary
 from driftrec.models.tpp import HomogeneousPoisson, NeuralTPP, collate
-
 from tests.conftest import SHARED_DATA
 
 torch.set_num_threads(1)
@@ -32,7 +31,10 @@ def random_sequences(n_seq: int, n_types: int, seed: int = 0) -> list[tuple[np.n
 def load_easytpp(path: Path, limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
     raw = json.loads(path.read_text())[:limit]
     return [
-        (np.cumsum(np.asarray(s["time_since_last_event"], dtype=np.float64)), np.asarray(s["type_event"], dtype=np.int64))
+        (
+            np.cumsum(np.asarray(s["time_since_last_event"], dtype=np.float64)),
+            np.asarray(s["type_event"], dtype=np.int64),
+        )
         for s in raw
     ]
 

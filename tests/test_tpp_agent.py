@@ -17,14 +17,14 @@ import redis as sync_redis
 import torch
 from redis.asyncio import Redis
 
+from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
 from driftrec.models.prompt_tpp import PromptTPP
 from driftrec.models.tpp import collate
-from driftrec.streams.datasets import taobao_sample_events
-from driftrec.contract.events import Event
-from driftrec.streams.replay import publish
-from driftrec.storage.snapshots import SnapshotKeys, latest_version, load_snapshot
 from driftrec.storage.event_state import EventState, StateKeys
+from driftrec.storage.snapshots import SnapshotKeys, latest_version, load_snapshot
+from driftrec.streams.datasets import taobao_sample_events
+from driftrec.streams.replay import publish
 from driftrec.streams.tpp_agent import TPPLearner
 from tests.conftest import SHARED_DATA
 from tests.infra import WorkerProcess, wait_for
@@ -81,8 +81,7 @@ async def test_redelivered_batch_changes_nothing(isolated: Settings, taobao: lis
         await client.aclose()
 
 
-async def test_propensities_are_probabilities_and_move_with_learning(isolated: Settings,
-                                                                     taobao: list[Event]) -> None:
+async def test_propensities_are_probabilities_and_move_with_learning(isolated: Settings, taobao: list[Event]) -> None:
     settings = with_tpp(isolated, period_events=100_000)
     first, later = taobao[:300], taobao[300:1500]
     client = Redis.from_url(settings.redis_url)
@@ -117,7 +116,7 @@ async def test_propensities_are_probabilities_and_move_with_learning(isolated: S
 
         steps = learner.steps
         for s in range(0, len(later), 300):
-            await learner.handle(later[s:s + 300])
+            await learner.handle(later[s : s + 300])
         assert learner.steps > steps
         after = learner.model.intensity_many([seq])[0]
         assert not np.allclose(before / before.sum(), after / after.sum(), atol=1e-4)
@@ -125,8 +124,7 @@ async def test_propensities_are_probabilities_and_move_with_learning(isolated: S
         await client.aclose()
 
 
-async def test_period_boundaries_end_periods_and_snapshots_resume(isolated: Settings,
-                                                                  taobao: list[Event]) -> None:
+async def test_period_boundaries_end_periods_and_snapshots_resume(isolated: Settings, taobao: list[Event]) -> None:
     settings = with_tpp(isolated, period_events=100, snapshot_every_steps=10_000, snapshot_every_s=1e9)
     events = taobao[:250]
     client = Redis.from_url(settings.redis_url)
@@ -154,8 +152,9 @@ async def test_period_boundaries_end_periods_and_snapshots_resume(isolated: Sett
         assert resumed.vocab.names() == learner.vocab.names()
         assert again.periods_done == 2
         user_events = [e for e in events if e.user_id == events[0].user_id]
-        seq = learner._encode((await learner._sequences({events[0].user_id: user_events}))[events[0].user_id],
-                              assign=False)
+        seq = learner._encode(
+            (await learner._sequences({events[0].user_id: user_events}))[events[0].user_id], assign=False
+        )
         np.testing.assert_allclose(again.intensity_many([seq]), model.intensity_many([seq]), rtol=1e-5)
         # Resumed learner does not relearn what the first one already marked.
         assert await resumed.handle(events[:250]) == 0
@@ -182,13 +181,16 @@ def test_freeze_none_keeps_a_live_query_after_the_first_period() -> None:
 
 
 @pytest.mark.integration
-def test_worker_writes_propensities_and_publishes_tpp_snapshot(isolated: Settings, taobao: list[Event],
-                                                               tmp_path) -> None:
+def test_worker_writes_propensities_and_publishes_tpp_snapshot(
+    isolated: Settings, taobao: list[Event], tmp_path
+) -> None:
     # Only ingest + TPP agents, so the test measures this agent and stays fast.
-    settings = isolated.model_copy(update={
-        "dsl": isolated.dsl.model_copy(update={"enabled": False}),
-        "memory": isolated.memory.model_copy(update={"enabled": False}),
-    })
+    settings = isolated.model_copy(
+        update={
+            "dsl": isolated.dsl.model_copy(update={"enabled": False}),
+            "memory": isolated.memory.model_copy(update={"enabled": False}),
+        }
+    )
     users = {e.user_id for e in taobao}
     keys = StateKeys(settings.key_prefix)
     client = sync_redis.Redis.from_url(settings.redis_url)
@@ -200,8 +202,12 @@ def test_worker_writes_propensities_and_publishes_tpp_snapshot(isolated: Setting
             return all(v is not None for v in client.mget([keys.user_tpp(u) for u in sorted(users)]))
 
         wait_for(all_users_have_propensities, 75, "user_tpp for every user", worker)
-        wait_for(lambda: (m := worker.metrics()) and m.get('driftrec_learner_events_total{learner="tpp"}')
-                 == len(taobao), 60, "the tpp agent to learn every event", worker)
+        wait_for(
+            lambda: (m := worker.metrics()) and m.get('driftrec_learner_events_total{learner="tpp"}') == len(taobao),
+            60,
+            "the tpp agent to learn every event",
+            worker,
+        )
         snap = SnapshotKeys(settings.key_prefix, "tpp")
         wait_for(lambda: client.get(snap.latest) is not None, 30, "a tpp snapshot", worker)
         version = int(client.get(snap.latest))

@@ -7,9 +7,9 @@ import asyncio
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings, get_settings
 from driftrec.streams.datasets import ml100k_events, taobao_sample_events
-from driftrec.contract.events import Event
 from driftrec.streams.producer import EventProducer
 from driftrec.streams.replay import publish
 from tests.conftest import SHARED_DATA
@@ -21,8 +21,11 @@ BAD_MESSAGES: list[tuple[bytes | None, bytes, str]] = [
     (b"u1", b'{"event_id":"bad1","user_id":"u1","item_id":"i","ts":"yesterday","kind":"click"}', "ts"),
     (b"u2", b'{"event_id":"bad2","user_id":"u2","item_id":"i","ts":880000000,"kind":"click","label":7}', "label"),
     (b"u3", b'{"event_id":"bad3","user_id":"u3","item_id":"i","ts":9e15,"kind":"click"}', "outside"),
-    (b"u4", b'{"event_id":"bad4","user_id":"u4","item_id":"i","ts":880000000,"kind":"click","extra":1}',
-     "Extra inputs"),
+    (
+        b"u4",
+        b'{"event_id":"bad4","user_id":"u4","item_id":"i","ts":880000000,"kind":"click","extra":1}',
+        "Extra inputs",
+    ),
     (b"u5", b'{"event_id":"bad5","item_id":"i","ts":880000000,"kind":"click"}', "user_id: Field required"),
 ]
 
@@ -35,8 +38,12 @@ def real_slice() -> list[Event]:
 
 def read_dlq(settings: Settings, expected: int, timeout_s: float = 20.0) -> list[dict]:
     async def consume() -> list[dict]:
-        consumer = AIOKafkaConsumer(settings.dlq_topic, bootstrap_servers=settings.kafka_bootstrap,
-                                    auto_offset_reset="earliest", enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            settings.dlq_topic,
+            bootstrap_servers=settings.kafka_bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         await consumer.start()
         letters: list[dict] = []
         try:
@@ -66,8 +73,12 @@ def test_replay_builds_exact_state_and_dead_letters_bad_input(isolated: Settings
             for key, value, _ in BAD_MESSAGES:
                 producer.send_raw(value, key=key)
         publish(isolated, events[3000:], progress=False)
-        wait_for(lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] >= len(events),
-                 120, "every event processed", worker)
+        wait_for(
+            lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] >= len(events),
+            120,
+            "every event processed",
+            worker,
+        )
         wait_for(lambda: state_reaches(isolated, expected), 30, "Redis state of all events", worker, interval=1)
 
         letters = read_dlq(isolated, len(BAD_MESSAGES))
@@ -78,14 +89,22 @@ def test_replay_builds_exact_state_and_dead_letters_bad_input(isolated: Settings
             assert reason in letter["reason"]
             assert letter["key"] == key.decode() and letter["topic"] == isolated.events_topic
 
-        metrics = wait_for(lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] == len(events)
-                           and m, 10, "metrics", worker)
+        metrics = wait_for(
+            lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] == len(events) and m,
+            10,
+            "metrics",
+            worker,
+        )
         assert metrics["driftrec_events_dead_lettered_total"] == len(BAD_MESSAGES)
 
         # Redelivery: the very same events again change nothing.
         publish(isolated, events, progress=False)
-        wait_for(lambda: (m := worker.metrics()) and m["driftrec_events_duplicate_total"] == len(events),
-                 120, "duplicates to be recognised", worker)
+        wait_for(
+            lambda: (m := worker.metrics()) and m["driftrec_events_duplicate_total"] == len(events),
+            120,
+            "duplicates to be recognised",
+            worker,
+        )
         assert redis_state(isolated) == expected
         assert worker.proc is not None and worker.proc.poll() is None, "worker must survive bad input"
     finally:
@@ -96,12 +115,20 @@ def test_worker_killed_mid_stream_converges_to_the_same_state(isolated: Settings
     events = real_slice()
     expected = expected_state(events, isolated.key_prefix, isolated.tpp.max_seq_len * 4)
     log = tmp_path / "worker.log"
+    half = len(events) // 2
     worker = WorkerProcess(isolated, log).start()
     try:
-        publish(isolated, events, progress=False)
-        wait_for(lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] >= 1000,
-                 120, "the worker to be mid-stream", worker)
+        publish(isolated, events[:half], progress=False)
+        wait_for(
+            lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] >= 1000,
+            120,
+            "the worker to be mid-stream",
+            worker,
+        )
         worker.kill()
+        # the second half is published while no worker runs, so the kill lands mid-stream by
+        # construction (not by winning a race against a fast worker)
+        publish(isolated, events[half:], progress=False)
         partial = redis_state(isolated)
         assert partial != expected, "the kill must land mid-stream for this test to mean anything"
         worker = WorkerProcess(isolated, log).start()
