@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-unit test-integration lint format typecheck check install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,8 +18,29 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/driftrec demo
 
+# every test: unit + integration against a real broker and a real Redis (what CI runs)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --timeout=600
 
+# unit tests only: no Redis, broker or subprocess (tests/conftest.py enforces it), under a minute
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q --timeout=120 -m "not integration"
+
+test-integration: $(VENV)/.installed
+	$(PY) -m pytest -q --timeout=600 -m integration
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: $(VENV)/.installed
+	PY=$(PY) .ci/typecheck
+
+check: lint typecheck test
+
 clean:
-	rm -rf $(VENV) reports .pytest_cache
+	rm -rf $(VENV) reports build .pytest_cache

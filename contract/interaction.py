@@ -1,7 +1,7 @@
 """The sample every learner consumes, decoupled from the wire format.
 
 Why a plain dataclass and not the pydantic ``Event``: ``models/`` must not depend on the
-transport layer; ``streams.events.Event.to_interaction()`` converts at the boundary.
+transport layer; ``contract.events.Event.to_interaction()`` converts at the boundary (both live in this bottom layer).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,7 +57,7 @@ class MemorySettings(Section):
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     half_life_s: float = 0.0  # 0 = no recency weighting (FIFO refresh only)
     batch_size: int = 256
-    # session memory (models/session_memory.py): the served errors of this user in this category;
+    # session memory (models/error_memory.py): the served errors of this user in this category;
     # capacity 0 turns it off; chosen on ML-100K events 25,000-50,000 (see that module)
     session_capacity: int = Field(8, ge=0)
     session_gamma: float = Field(0.0, ge=0.0, le=1.0)
@@ -104,7 +104,7 @@ class TPPSettings(Section):
     top_n: int = 5
     prompt_len: int = 5
     key_weight: float = 0.1
-    freeze: str = "query"
+    freeze: Literal["query", "none"] = "query"
     lr: float = 3e-3
     period_events: int = 2000  # fresh events per stream period (end_period() at each boundary)
     max_seq_len: int = 64  # newest events per user the TPP sees (training window and history)
@@ -168,10 +168,10 @@ class Settings(BaseSettings):
     broker_session_timeout_s: float = 10.0
     broker_heartbeat_s: float = 1.0
 
-    memory: MemorySettings = MemorySettings()
-    dsl: DSLSettings = DSLSettings()
-    tpp: TPPSettings = TPPSettings()
-    serving: ServingSettings = ServingSettings()
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    dsl: DSLSettings = Field(default_factory=DSLSettings)
+    tpp: TPPSettings = Field(default_factory=TPPSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -411,7 +411,7 @@ def _record(plan: _Plan, resp: dict[str, Any], eps: float, published_before: int
         "item_id": e.item_id,
         "category": e.category,
         "ts": e.ts,
-        "label": int(e.label),
+        "label": int(e.label or 0),  # planned events are labelled
         "ranked": plan.ranked,
         "n_candidates": len(plan.candidates),
         "model_version": resp.get("model_version"),

@@ -64,7 +64,7 @@ def summarize(
             "recall20": _clean(rec),
             "ndcg20": _clean(nd),
         }
-        per = {"auc": [], "logloss": [], "recall20": [], "ndcg20": []}
+        per: dict[str, list[float | None]] = {"auc": [], "logloss": [], "recall20": [], "ndcg20": []}
         for start, end in bounds:
             per["auc"].append(_clean(metrics.auc(y[start:end], s[start:end])))
             per["logloss"].append(_clean(metrics.logloss(y[start:end], s[start:end])))

@@ -15,13 +15,27 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import numpy as np
 from redis.asyncio import Redis
 
 from driftrec.contract.interaction import Interaction
-from driftrec.models.error_memory import DEFAULT_EPS, DEFAULT_GAMMA, DEFAULT_LAMBDA, DEFAULT_PRIOR, RandomProjectionLSH
+from driftrec.models.error_memory import (
+    DEFAULT_EPS,
+    DEFAULT_GAMMA,
+    DEFAULT_LAMBDA,
+    DEFAULT_PRIOR,
+    HiddenPredictor,
+    RandomProjectionLSH,
+)
 from driftrec.storage.error_memory import BucketNames, MemoryKeys, read_compensation, write_errors
+
+
+class ServedLearner(HiddenPredictor, Protocol):
+    """A base model the harness can serve (probability + hidden layer) and then train."""
+
+    def learn_many(self, interactions: Sequence[Interaction]) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,7 @@ async def prequential_with_memory(
     redis: Redis,
     keys: MemoryKeys,
     lsh: RandomProjectionLSH,
-    model: object,
+    model: ServedLearner,
     interactions: Sequence[Interaction],
     *,
     batch_size: int = 256,
@@ -133,7 +147,7 @@ async def prequential_with_memory(
         batch = [x for x in interactions[start : start + batch_size] if x.label is not None]
         if not batch:
             continue
-        probs, hidden = model.predict_with_hidden(batch)  # type: ignore[attr-defined]
+        probs, hidden = model.predict_with_hidden(batch)
         t0 = time.perf_counter()
         delta = await read_compensation(
             redis,
@@ -153,12 +167,12 @@ async def prequential_with_memory(
         if start + batch_size > write_from:
             trace.written += await write_errors(redis, keys, lsh, batch, probs, hidden, capacity=capacity, ttl_s=ttl_s)
         t2 = time.perf_counter()
-        model.learn_many(batch)  # type: ignore[attr-defined]
+        model.learn_many(batch)
         t3 = time.perf_counter()
         trace.read_s += t1 - t0
         trace.write_s += t2 - t1
         trace.learn_s += t3 - t2
-        trace.y.extend(int(x.label) for x in batch)  # type: ignore[arg-type]
+        trace.y.extend(int(x.label or 0) for x in batch)  # the batch holds labelled events only
         trace.p_base.extend(probs.tolist())
         trace.p_memory.extend((probs + delta).tolist())
         if progress is not None:

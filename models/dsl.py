@@ -382,12 +382,12 @@ class DSLRecommender:
                 },
                 self.opts,
             )
-        y = torch.tensor([float(x.label) for x in batch])
+        y = torch.tensor([float(x.label) for x in batch if x.label is not None])
         logit, _ = self._forward(u, i, c)
         loss = F.binary_cross_entropy_with_logits(logit, y)
         for opt in self.opts:
             opt.zero_grad()
-        loss.backward()
+        torch.autograd.backward(loss)
         self.step += 1
         report = self.masks.step(self.opts, self.schedule, self.step)
         if report is not None:
@@ -455,7 +455,7 @@ class DSLRecommender:
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, allow_pickle=False, **arrays)
         return buf.getvalue()
 
     @classmethod
@@ -508,8 +508,8 @@ class SparseScorer:
         self.n_active_params = int(meta["n_active_params"])
 
         def csr(name: str) -> CSRTable:
-            shape = tuple(int(s) for s in arrays[f"{name}.shape"])
-            return CSRTable.from_flat(arrays[f"{name}.idx"], arrays[f"{name}.val"], shape)  # type: ignore[arg-type]
+            rows, cols = (int(s) for s in arrays[f"{name}.shape"])
+            return CSRTable.from_flat(arrays[f"{name}.idx"], arrays[f"{name}.val"], (rows, cols))
 
         self.tables = {k: sparse_table(csr(f"emb.{k}")) for k in _SALTS}
         self.biases = {k: sparse_table(csr(f"emb.bias_{k}")) for k in _SALTS} if cfg.get("first_order") else {}

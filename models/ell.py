@@ -122,7 +122,7 @@ class EllTable:
         row_of = np.repeat(np.arange(n_rows), lengths)
         slot = np.arange(indices.size) - np.repeat(np.asarray(indptr[:-1], dtype=np.int64), lengths)
         inside = slot < w
-        cols = np.zeros((n_rows, w), dtype=col_dtype)
+        cols: np.ndarray = np.zeros((n_rows, w), dtype=col_dtype)
         vals = np.zeros((n_rows, w), dtype=np.float32)
         cols[row_of[inside], slot[inside]] = indices[inside]
         vals[row_of[inside], slot[inside]] = data[inside]

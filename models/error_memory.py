@@ -190,7 +190,7 @@ class RandomProjectionLSH:
         if h.shape[1] != self.dim:
             raise ValueError(f"hidden has {h.shape[1]} columns, the LSH expects {self.dim}")
         bits = (h @ self._planes > 0.0).reshape(h.shape[0], self.n_tables, self.n_bits)
-        return (bits.astype(np.int64) * self._weights).sum(axis=2)
+        return np.asarray((bits.astype(np.int64) * self._weights).sum(axis=2), dtype=np.int64)
 
 
 def errors(labels: np.ndarray | Sequence[int], probs: np.ndarray) -> np.ndarray:

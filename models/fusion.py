@@ -34,7 +34,7 @@ alone moves by ±0.003 between runs): all weights starting at 0.5 gave −0.0038
 0.0044 before its weight was learned down), only ``w`` starting at 0 gave −0.0042, all starting
 at 0 gave +0.0006 (log-loss −0.0002).
 
-The session memory's weight ``μ`` (``models/session_memory.py``) is a second ``MemoryLambda``
+The session memory's weight ``μ`` (``models/error_memory.py``) is a second ``MemoryLambda``
 (``key="session"``), fitted the same way on its own estimate ĉ: ``q = clip(base + μ·ĉ)``. The
 two weights are fitted separately, each against the base alone; on ML-100K λ settles near 0 and
 μ near 0.2, so the interaction they ignore is small.
@@ -132,7 +132,7 @@ class TPPWeight:
 
     def predict_many(self, base_logit: np.ndarray, feature: np.ndarray) -> np.ndarray:
         z = np.asarray(base_logit, dtype=np.float64) + self.term(feature)
-        return 0.5 * (1.0 + np.tanh(0.5 * z))
+        return np.asarray(0.5 * (1.0 + np.tanh(0.5 * z)), dtype=np.float64)
 
     def update(self, base_logit: np.ndarray, feature: np.ndarray, labels: np.ndarray) -> None:
         f = np.asarray(feature, dtype=np.float64)
@@ -231,7 +231,7 @@ class MemoryLambda:
             n_seen=int(doc.get(f"{key}_n_seen", 0)),
             key=key,
             **kwargs,
-        )  # type: ignore[arg-type]
+        )
 
 
 @dataclass(frozen=True, slots=True)

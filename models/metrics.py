@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+ArrayLike = Sequence[float] | np.ndarray
 LOGLOSS_EPS = 1e-7
 
 
@@ -133,11 +134,13 @@ def sliding(
     return [(end - 1, metric(y[start:end], s[start:end])) for start, end in window_bounds(y.size, size, step)]
 
 
-def sliding_auc(labels, scores, size: int, step: int | None = None) -> list[tuple[int, float]]:
+def sliding_auc(labels: ArrayLike, scores: ArrayLike, size: int, step: int | None = None) -> list[tuple[int, float]]:
     return sliding(auc, labels, scores, size, step)
 
 
-def sliding_logloss(labels, scores, size: int, step: int | None = None) -> list[tuple[int, float]]:
+def sliding_logloss(
+    labels: ArrayLike, scores: ArrayLike, size: int, step: int | None = None
+) -> list[tuple[int, float]]:
     return sliding(logloss, labels, scores, size, step)
 
 

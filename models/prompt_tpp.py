@@ -46,7 +46,7 @@ Deviations, and why:
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -168,7 +168,7 @@ class PromptTPP(NeuralTPP):
         return self.key_weight * self._surrogate
 
     # -- periods / freezing ----------------------------------------------------------------
-    def frozen_parameters(self) -> dict[str, nn.Parameter]:
+    def frozen_parameters(self) -> dict[str, torch.Tensor]:
         """Parameters that stay fixed once the first period has ended (by freeze mode)."""
         if self.freeze == "none":
             return {}
@@ -189,14 +189,14 @@ class PromptTPP(NeuralTPP):
             self._apply_freeze()
 
     # -- serialisation ---------------------------------------------------------------------
-    def _extra_state(self) -> dict[str, torch.Tensor]:
+    def _extra_state(self) -> dict[str, Any]:
         return {
             "pool": self.pool.state_dict(),
             "query_emb": self.query_emb.state_dict(),
             "periods_done": torch.tensor(self.periods_done),
         }
 
-    def _load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.pool.load_state_dict(state["pool"])
         self.query_emb.load_state_dict(state["query_emb"])
         self.periods_done = int(state["periods_done"])

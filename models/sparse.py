@@ -499,6 +499,8 @@ def _optimizer_list(
 def _row_gradient(p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, their gradient rows) of ``p.grad``, sparse or dense."""
     g = p.grad
+    if g is None:
+        raise ValueError("the parameter has no gradient (call backward first)")
     if g.is_sparse:
         g = g.coalesce()
         return g.indices()[0], g.values()
@@ -533,7 +535,7 @@ class RowAdam(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closure: one lazy step per batch
         for group in self.param_groups:
             lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
             for p in group["params"]:
@@ -570,7 +572,7 @@ class RowAdagrad(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "eps": eps})
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closure: one lazy step per batch
         for group in self.param_groups:
             lr, eps = group["lr"], group["eps"]
             for p in group["params"]:

@@ -31,6 +31,7 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,8 @@ class PrefixAttention(nn.Module):
         else:
             att = torch.nan_to_num(torch.softmax(scores, dim=-1))
             out = torch.einsum("bnshm,bmhd->bnshd", att, v)
-        return self.o(out.reshape(b, n, s, d))
+        result: torch.Tensor = self.o(out.reshape(b, n, s, d))
+        return result
 
 
 class AttnTPPNet(nn.Module):
@@ -169,11 +171,13 @@ class AttnTPPNet(nn.Module):
         return len(self.enc) + 1
 
     def embed(self, batch: Batch) -> torch.Tensor:
-        return self.type_emb(batch.types) + temporal_encoding(batch.times, self.d)
+        emb: torch.Tensor = self.type_emb(batch.types)
+        return emb + temporal_encoding(batch.times, self.d)
 
     def gap_encoding(self, gap: torch.Tensor) -> torch.Tensor:
         """Encoding of elapsed time since the last event; short periods because gaps are O(1)."""
-        return self.gap_proj(temporal_encoding(gap, self.d, max_period=100.0))
+        encoded: torch.Tensor = self.gap_proj(temporal_encoding(gap, self.d, max_period=100.0))
+        return encoded
 
     def encode(self, batch: Batch, prefixes: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Causal states h_i summarising events 1..i (inclusive)."""
@@ -305,7 +309,7 @@ class NeuralTPP:
         copy_history: bool = False,
         copy_lr_scale: float = 1.0,
     ) -> None:
-        self.config = dict(
+        self.config: dict[str, Any] = dict(
             n_types=n_types,
             hidden=hidden,
             n_layers=n_layers,
@@ -383,16 +387,17 @@ class NeuralTPP:
         self.poisson.learn_many(seqs)
         params = self._trainable()
         if self._opt is None or {id(p) for g in self._opt.param_groups for p in g["params"]} != {id(p) for p in params}:
-            self._opt = torch.optim.Adam(self._param_groups(params), lr=self.lr)  # type: ignore[arg-type]
+            self._opt = torch.optim.Adam(self._param_groups(params), lr=self.lr)
         self.net.train()
+        scale = self.time_scale or 1.0  # fitted above
         for _ in range(epochs):
             order = self.rng.permutation(len(seqs))
             for s in range(0, len(seqs), self.batch_size):
-                batch = collate([seqs[i] for i in order[s : s + self.batch_size]], self.time_scale)
+                batch = collate([seqs[i] for i in order[s : s + self.batch_size]], scale)
                 ll, n = self.net.log_likelihood(batch, self.n_mc, self._prefixes(batch), self.gen)
                 loss = -ll.sum() / n.sum().clamp(min=1) + self._extra_loss(batch)
                 self._opt.zero_grad()
-                loss.backward()
+                torch.autograd.backward(loss)
                 nn.utils.clip_grad_norm_(params, 5.0)
                 self._opt.step()
 
@@ -515,13 +520,13 @@ class NeuralTPP:
         (rows of zeros where every intensity is 0)."""
         lam = self.intensity_many(sequences)
         total = lam.sum(axis=1, keepdims=True)
-        return np.divide(lam, total, out=np.zeros_like(lam), where=total > 0)
+        return np.asarray(np.divide(lam, total, out=np.zeros_like(lam), where=total > 0), dtype=np.float64)
 
     # -- serialisation ---------------------------------------------------------------------
-    def _extra_state(self) -> dict[str, torch.Tensor]:
+    def _extra_state(self) -> dict[str, Any]:
         return {}
 
-    def _load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
     def to_bytes(self) -> bytes:

@@ -111,7 +111,7 @@ class ServingMetrics:
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
             registry=self.registry,
         )
-        self.registry.register(_ScorerCollector(scorer))  # type: ignore[arg-type]
+        self.registry.register(_ScorerCollector(scorer))
 
 
 async def _read_capped(request: Request, limit: int) -> bytes | None:
@@ -195,7 +195,7 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
             errors = exc.errors(include_input=False, include_url=False)
             if any(e.get("type") == "json_invalid" for e in errors):
                 return _error(400, "malformed_json", f"body is not valid JSON: {errors[0].get('msg', '')}")
-            return _error_model(422, validation_error(errors))  # type: ignore[arg-type]
+            return _error_model(422, validation_error(errors))
         problem = check_request(req, max_candidates)
         if problem is not None:
             return _error_model(422, problem)

@@ -57,7 +57,7 @@ async def handle_request(scorer: Scorer, value: bytes | None, max_candidates: in
         rid = _request_id_of(value)
         if any(e.get("type") == "json_invalid" for e in errors):
             return rid, _error_result(rid, "malformed_json", f"value is not valid JSON: {errors[0].get('msg', '')}")
-        err = validation_error(errors, prefix=())  # type: ignore[arg-type]
+        err = validation_error(errors, prefix=())
         return rid, orjson.dumps({"request_id": rid, "response": None, "error": err.model_dump()})
     problem = check_request(req, max_candidates)
     if problem is not None:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Annotated
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -116,7 +117,9 @@ def check_request(req: ScoreRequest, max_candidates: int) -> ErrorResponse | Non
     return None
 
 
-def validation_error(exc_errors: list[dict], prefix: tuple[str | int, ...] = ("body",)) -> ErrorResponse:
+def validation_error(
+    exc_errors: Sequence[Mapping[str, Any]], prefix: tuple[str | int, ...] = ("body",)
+) -> ErrorResponse:
     """A pydantic error list → our error body (inputs are not echoed: they may be megabytes)."""
     detail = [
         ErrorDetail(

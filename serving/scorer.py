@@ -19,7 +19,7 @@ with ``λ`` the error memory's weight the trainer learned and published with the
 (``models/fusion.MemoryLambda``; ``memory.lambda`` before any is learned or when
 ``memory.learn_lambda`` is off), ``ê`` the memory's shrunk error estimate (see
 ``models/error_memory.py``), ``ĉ`` the session memory's estimate from this user's recent served
-errors in category(i) and ``μ`` its learned weight (``models/session_memory.py``; ``memory.session_lambda``
+errors in category(i) and ``μ`` its learned weight (``models/error_memory.py``; ``memory.session_lambda``
 before any is learned), ``w`` the TPP weight, learned likewise (``serving.tpp_weight`` before
 any is learned or when ``serving.learn_tpp_weight`` is off), ``τ = serving.tpp_tau_s``,
 ``c = serving.tpp_clip``, ``K`` the TPP's number of event types.
@@ -262,8 +262,8 @@ class Scorer:
 
         use_model = snap is not None and (s.dsl.enabled or s.memory.enabled)
         hidden = None
-        if use_model:
-            probs, hidden = snap.model.score_candidates(user_id, items, cats)  # type: ignore[union-attr]
+        if snap is not None and use_model:
+            probs, hidden = snap.model.score_candidates(user_id, items, cats)
         base = probs if (use_model and s.dsl.enabled) else np.full(n, s.serving.cold_start_base, dtype=np.float64)
 
         # one pipelined round trip: memory buckets + the user's TPP propensity
@@ -293,18 +293,18 @@ class Scorer:
         compensation = np.zeros(n)
         tpp = np.zeros(n)
         if replies:
-            if plan is not None:
+            if plan is not None and snap is not None:  # a plan is only made from a snapshot's hidden vectors
                 m = s.memory
                 e_hat, _ = estimates_from_values(
                     replies[0], plan, base, gamma=m.gamma, prior=m.prior, half_life_s=m.half_life_s, now=now
                 )
-                lam = snap.memory_lambda if snap.memory_lambda is not None else m.lambda_  # type: ignore[union-attr]
+                lam = snap.memory_lambda if snap.memory_lambda is not None else m.lambda_
                 correction = lam * e_hat
                 if session_plan is not None:
                     c_hat, _ = estimates_from_values(
                         replies[1], session_plan, base, gamma=m.session_gamma, prior=m.prior
                     )
-                    mu = snap.session_lambda if snap.session_lambda is not None else m.session_lambda  # type: ignore[union-attr]
+                    mu = snap.session_lambda if snap.session_lambda is not None else m.session_lambda
                     correction = correction + mu * c_hat
                 compensation = compensation_delta(base, correction, 1.0, eps)
             if s.tpp.enabled:

@@ -62,7 +62,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 from redis.asyncio import Redis
@@ -234,7 +234,7 @@ async def write_errors(
 
 def _entry(x: Interaction, served: float) -> tuple[str, str, str, str]:
     """One entry's script arguments: ``(event_id, ts, y, ŷ)`` as exact decimal text."""
-    return event_key(x), repr(float(x.ts)), repr(float(x.label)), repr(served)  # type: ignore[arg-type]
+    return event_key(x), repr(float(x.ts)), repr(float(x.label or 0)), repr(served)  # callers pass labelled only
 
 
 def _script_calls(
@@ -414,7 +414,7 @@ def estimates_from_values(
     )
     if not counts.any():
         return np.zeros(n), np.zeros(n)
-    blob = b"".join(v for v, c in zip(values, counts) if c)
+    blob = b"".join(v for v, c in zip(values, counts) if c and v is not None)
     entries = np.frombuffer(blob, dtype=_ENTRY).reshape(-1, 3)  # columns: ts, y, ŷ_served
     owner = np.repeat(np.arange(len(values)), counts)
     if half_life_s > 0 and now is not None:
@@ -464,7 +464,7 @@ async def read_estimates(
     if not plan.names:
         return np.zeros(0), np.zeros(0)
     mget = getattr(redis, "mget_nonatomic", None)  # RedisCluster: split per slot, one pipeline
-    raw = await (mget(plan.names) if mget is not None else redis.mget(plan.names))
+    raw = cast(list[bytes | None], await (mget(plan.names) if mget is not None else redis.mget(plan.names)))
     return estimates_from_values(raw, plan, base_probs, gamma=gamma, prior=prior, half_life_s=half_life_s, now=now)
 
 
@@ -556,7 +556,11 @@ class ErrorMemoryWriter:
             # samples of one batch are estimated before any of them is written, as serving sees them
             plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
             c_hat, _ = estimates_from_values(
-                await self.redis.mget(plan.names), plan, probs, gamma=c.session_gamma, prior=c.prior
+                cast(list[bytes | None], await self.redis.mget(plan.names)),
+                plan,
+                probs,
+                gamma=c.session_gamma,
+                prior=c.prior,
             )
         await write_errors(
             self.redis, self.keys, lsh, labelled, probs, keyed, capacity=c.bucket_capacity, ttl_s=c.ttl_s

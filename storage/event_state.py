@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 from redis.asyncio import Redis
@@ -164,7 +165,9 @@ class EventState:
 
     async def user_sequence(self, user_id: str) -> list[tuple[float, str, str]]:
         """The user's recent events as ``(ts, category, kind)``, oldest first."""
-        rows = await self.redis.zrange(self.keys.user_seq(user_id), 0, -1, withscores=True)
+        rows = cast(
+            list[tuple[bytes, float]], await self.redis.zrange(self.keys.user_seq(user_id), 0, -1, withscores=True)
+        )
         out = []
         for member, ts in rows:
             category, kind, _event_id = orjson.loads(member)

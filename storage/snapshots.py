@@ -9,6 +9,7 @@ race still finds the version it was told about. All keys share the ``{snap:<name
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -39,7 +40,7 @@ async def publish_snapshot(redis: Redis, keys: SnapshotKeys, parts: dict[str, by
     """Store ``parts`` as the next version and make it the latest; return its version."""
     version = int(await redis.incr(keys.counter))
     async with redis.pipeline(transaction=True) as tx:
-        tx.hset(keys.blob(version), mapping=parts)
+        tx.hset(keys.blob(version), mapping=parts)  # type: ignore[arg-type]  # redis-py's Mapping key type is invariant
         tx.set(keys.latest, version)
         if version > keep:
             tx.delete(keys.blob(version - keep))
@@ -59,5 +60,5 @@ async def load_snapshot(
     version = await latest_version(redis, keys)
     if version is None or (newer_than is not None and version <= newer_than):
         return None
-    parts = await redis.hgetall(keys.blob(version))
+    parts = cast(dict[bytes, bytes], await redis.hgetall(keys.blob(version)))  # the client returns bytes
     return (version, {k.decode(): v for k, v in parts.items()}) if parts else None

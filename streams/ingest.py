@@ -18,7 +18,7 @@ from driftrec.contract.events import DeadLetter, Event, InvalidEvent, parse_even
 class RawMessage:
     """What a handler needs of a Kafka message, independent of Faust's types."""
 
-    value: bytes
+    value: bytes | None  # None: a tombstone (dead-lettered)
     key: bytes | None
     topic: str
     partition: int | None

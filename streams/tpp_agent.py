@@ -108,7 +108,7 @@ class TPPLearner:
             top_n=c.top_n,
             prompt_len=c.prompt_len,
             key_weight=c.key_weight,
-            freeze=c.freeze,  # type: ignore[arg-type]
+            freeze=c.freeze,
             lr=c.lr,
             batch_size=c.batch_size,
             seed=c.seed,

@@ -101,7 +101,7 @@ async def test_redis_store_answers_like_the_in_process_reference(redis: Redis, p
     np.testing.assert_array_equal(w_redis, w_ref)
     assert (w_ref > 0).sum() >= 40
     delta = await read_compensation(redis, keys, lsh, q_hidden, q_probs, lam=0.5, prior=1.0)
-    np.testing.assert_allclose(q_probs + delta, ref.predict_many(q_hidden, q_probs), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(q_probs + delta, ref.compensate_many(q_hidden, q_probs), rtol=0, atol=1e-12)
     assert ((q_probs + delta > 0) & (q_probs + delta < 1)).all()
     # the recency-weighted estimate agrees too, and so does every gamma
     e_r, _ = await read_estimates(redis, keys, lsh, q_hidden, q_probs, prior=1.0, half_life_s=20.0, now=1_100.0)

@@ -1,4 +1,4 @@
-"""The session error memory (``models/session_memory.py``): hand-worked estimate, Redis parity,
+"""The session error memory (``models/error_memory.py``): hand-worked estimate, Redis parity,
 redelivery, capacity, and its term in the served score (real Redis, DB 4, uuid prefix)."""
 
 from __future__ import annotations
