@@ -7,7 +7,7 @@ What it does, in one run, on the default real dataset (ML-100K, time order, rati
    model *and* by base + error-memory compensation (read from Redis), then its errors are written
    to Redis, then the base model learns it. AUC / log-loss of both, side by side, same run.
 2. The same replay on a copy of the stream whose most frequent genre has its labels flipped from
-   60 % of the stream on (``streams.shift``); log-loss / AUC on the flipped genre in the first
+   60 % of the stream on (``driftrec.shift``); log-loss / AUC on the flipped genre in the first
    ``--shift-horizon`` events after the flip and over the whole post-flip segment.
 3. Lookup latency of ``read_compensation`` for 1 and 100 candidates (one round trip each), on the
    filled memory; write rate (labelled samples/s through ``write_errors``); Redis bytes per stored

@@ -156,6 +156,8 @@ class Settings(BaseSettings):
     events_partitions: int = 4
     # how long "this event id was applied" markers live: a redelivery later than this is new again
     dedup_ttl_s: int = 7 * 24 * 3600
+    # newest events kept per user by ingest (the TPP reads its window, tpp.max_seq_len, from them)
+    user_seq_len: int = 256
     home: Path = Field(default_factory=_default_home)
     shared_data: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -187,6 +189,15 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)} (see README, Configuration)")
         return data
+
+    @model_validator(mode="after")
+    def _sequence_holds_the_tpp_window(self) -> Settings:
+        if self.user_seq_len < self.tpp.max_seq_len:
+            raise ValueError(
+                f"user_seq_len ({self.user_seq_len}) must hold the TPP's window "
+                f"(tpp.max_seq_len = {self.tpp.max_seq_len})"
+            )
+        return self
 
     # topic names (the prefix namespaces them, e.g. for parallel test runs)
     def topic(self, name: str) -> str:

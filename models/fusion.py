@@ -23,7 +23,7 @@ while after an injected label flip the memory is what reacts. So λ follows the 
 gradient scale) so that it can rise again when a shift makes the memory worth trusting; it stays
 in [0, 1], the paper's range. Offline replica of the pipeline (``models/dsl.py`` settings): on
 events 25,000-50,000 AUC 0.7141 (base) / 0.7003 (λ = 0.5) / 0.7137 (learned); on the flipped
-genre after a flip (``streams/shift.py``) log-loss 0.786 / 0.736 / 0.754 -- learned λ gives up
+genre after a flip (``driftrec/shift.py``) log-loss 0.786 / 0.736 / 0.754 -- learned λ gives up
 part of the fixed λ's gain under shift to stop its loss on a stationary stream.
 
 Starting values. Every learned weight (``w``, ``λ``, ``μ``) starts at 0 by default: a fresh

@@ -23,8 +23,6 @@ from redis.asyncio import Redis
 from driftrec.contract.events import Event
 from driftrec.contract.interaction import stable_hash
 
-DEDUP_TTL_S = 7 * 24 * 3600
-
 # One call per user (per item) and micro-batch: KEYS = [seq, counts, seen_1..seen_n] (user) or
 # [counts, seen_1..seen_n] (item); ARGV[3] is a JSON array of that entity's events in the batch.
 _USER_SCRIPT = """
@@ -120,7 +118,7 @@ def sequence_member(event: Event) -> bytes:
 class EventState:
     """Applies events to Redis state; one pipelined round trip per micro-batch."""
 
-    def __init__(self, redis: Redis, prefix: str, max_seq_len: int = 256, dedup_ttl_s: int = DEDUP_TTL_S):
+    def __init__(self, redis: Redis, prefix: str, max_seq_len: int, dedup_ttl_s: int):
         self.redis = redis
         self.keys = StateKeys(prefix)
         self.max_seq_len = max_seq_len

@@ -88,7 +88,7 @@ def build_app(settings: Settings, learners: dict[str, Callable[[Redis], BatchHan
     )
     dlq_topic = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=1)
     redis = connect(settings)
-    state = EventState(redis, settings.key_prefix, max_seq_len=settings.tpp.max_seq_len * 4)
+    state = EventState(redis, settings.key_prefix, max_seq_len=settings.user_seq_len, dedup_ttl_s=settings.dedup_ttl_s)
     take, within = settings.worker_batch_size, settings.worker_batch_within_s
 
     @app.agent(events_topic, name="ingest")

@@ -55,7 +55,7 @@ async def test_redelivered_batch_changes_nothing(isolated: Settings, taobao: lis
     try:
         # The ingest agent's sequence already holds these events (it may run ahead of the learner):
         # the learner must unite it with the batch by event id, not append the batch twice.
-        await EventState(client, settings.key_prefix, max_seq_len=256).apply(batch)
+        await EventState(client, settings.key_prefix, settings.user_seq_len, settings.dedup_ttl_s).apply(batch)
         learner = TPPLearner(client, settings)
         assert await learner.handle(batch) == len(batch)
         steps, vocab = learner.steps, learner.vocab.to_bytes()

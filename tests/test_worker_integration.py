@@ -65,7 +65,7 @@ def state_reaches(settings: Settings, expected: dict) -> bool:
 
 def test_replay_builds_exact_state_and_dead_letters_bad_input(isolated: Settings, tmp_path) -> None:
     events = real_slice()
-    expected = expected_state(events, isolated.key_prefix, isolated.tpp.max_seq_len * 4)
+    expected = expected_state(events, isolated.key_prefix, isolated.user_seq_len)
     worker = WorkerProcess(isolated, tmp_path / "worker.log").start()
     try:
         publish(isolated, events[:3000], progress=False)
@@ -113,7 +113,7 @@ def test_replay_builds_exact_state_and_dead_letters_bad_input(isolated: Settings
 
 def test_worker_killed_mid_stream_converges_to_the_same_state(isolated: Settings, tmp_path) -> None:
     events = real_slice()
-    expected = expected_state(events, isolated.key_prefix, isolated.tpp.max_seq_len * 4)
+    expected = expected_state(events, isolated.key_prefix, isolated.user_seq_len)
     log = tmp_path / "worker.log"
     half = len(events) // 2
     worker = WorkerProcess(isolated, log).start()
