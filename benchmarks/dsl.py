@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -176,7 +177,7 @@ def build_model(
     """``SparseMF`` from a config's keywords (``batch_size`` default 2048; the cosine schedule
     spans ``epochs`` passes over ``train``'s pairs)."""
     kw = dict(kw)
-    batch = int(kw.pop("batch_size", 2048))  # type: ignore[call-overload]
+    batch = int(cast(int, kw.pop("batch_size", 2048)))
     n_pairs = sum(len(a) for a in train)
     return SparseMF(
         n_users,
@@ -186,8 +187,8 @@ def build_model(
         batch_size=batch,
         total_steps=epochs * ((n_pairs + batch - 1) // batch),
         seed=seed,
-        **kw,
-    )  # type: ignore[arg-type]
+        **cast(dict[str, Any], kw),
+    )
 
 
 def run_gowalla(
@@ -202,7 +203,7 @@ def run_gowalla(
         f"gowalla: {n_users} users, {n_items} items, {len(items)} train pairs, "
         f"{sum(len(t) for t in test)} test pairs; epochs={epochs} dim={dim}"
     )
-    result: dict[str, float] = {}
+    result: dict[str, Any] = {}
     dense_model: tuple[np.ndarray, np.ndarray] | None = None
     # s50: the density the authors' published run commands use (--density 0.5 in the README of
     # github.com/shuyao-wang/DSL, for MultVAE, NeuMF and LightGCN); s80 / s90 / s95: the issue's
@@ -330,11 +331,12 @@ def sparse_kwargs(
             items,
             n_users,
             n_items,
-            int(kw.pop("co_clusters")),
-            seed,  # type: ignore[call-overload]
-            ranks=int(kw.pop("ranks", 1)),
-        )  # type: ignore[call-overload]
-        sizes = np.bincount(np.concatenate([g[:, 0] for g in kw["row_groups"]]))  # type: ignore[attr-defined]
+            int(cast(int, kw.pop("co_clusters"))),
+            seed,
+            ranks=int(cast(int, kw.pop("ranks", 1))),
+        )
+        groups = cast(tuple[np.ndarray, np.ndarray], kw["row_groups"])
+        sizes = np.bincount(np.concatenate([g[:, 0] for g in groups]))
         log(f"co-clustering: {len(sizes)} groups, sizes {sizes.min()}-{sizes.max()} ({time.perf_counter() - t0:.0f}s)")
     return kw
 
@@ -386,12 +388,14 @@ def prequential_ml100k(limit: int | None, seed: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for tag, density in (("dense", 1.0), ("s90", 0.1)):
         model = DSLRecommender(density=density, head_density=1.0 if density == 1.0 else 0.5, seed=seed)
-        preds, labels, t0 = [], [], time.perf_counter()
+        preds: list[np.ndarray] = []
+        labels: list[int] = []
+        t0 = time.perf_counter()
         for start in range(0, len(stream), 256):
             batch = stream[start : start + 256]
             labelled = [x for x in batch if x.label is not None]
             preds.append(model.predict_many(labelled))
-            labels.extend(x.label for x in labelled)
+            labels.extend(int(x.label or 0) for x in labelled)
             model.learn_many(batch)
         auc = roc_auc_score(labels, np.concatenate(preds))
         log(
@@ -443,8 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     sparse_kw = {k: v for k, v in config.items() if k != "epochs"}
     if args.prune_every is not None:
         sparse_kw["prune_every"] = args.prune_every
-    epochs = args.epochs or int(config.get("epochs", DEFAULT_EPOCHS))  # type: ignore[call-overload]
-    result: dict[str, object] = {
+    epochs = args.epochs or int(cast(int, config.get("epochs", DEFAULT_EPOCHS)))
+    result: dict[str, Any] = {
         "benchmark": "dsl",
         "data": str(args.data),
         "epochs": epochs,
@@ -460,8 +464,8 @@ def main(argv: list[str] | None = None) -> None:
             result.update(prequential_ml100k(args.ml100k_limit, args.seed))
         except (ImportError, FileNotFoundError, OSError) as exc:
             result["ml100k"] = f"skipped: {exc}"
-    result["target_recall_within_5pct_s90"] = bool(result["recall20_s90_rel_gap"] <= 0.05)  # type: ignore[operator]
-    result["target_infer_1000_sparse_faster"] = bool(result["infer_ms_1000_s90"] < result["infer_ms_1000_dense"])  # type: ignore[operator]
+    result["target_recall_within_5pct_s90"] = bool(result["recall20_s90_rel_gap"] <= 0.05)
+    result["target_infer_1000_sparse_faster"] = bool(result["infer_ms_1000_s90"] < result["infer_ms_1000_dense"])
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     emit("dsl", result)
 

@@ -58,6 +58,7 @@ from driftrec.contract.settings import get_settings
 from driftrec.models.error_memory import RandomProjectionLSH
 from driftrec.shift import (
     PrequentialTrace,
+    ServedLearner,
     auc,
     inject_genre_flip,
     log_loss,
@@ -81,7 +82,7 @@ def load_stream(data: str | None, limit: int | None) -> list[Interaction]:
     return xs[:limit] if limit is not None else xs
 
 
-def make_model(kind: str, seed: int) -> object:
+def make_model(kind: str, seed: int) -> ServedLearner:
     torch.manual_seed(seed)
     if kind == "dsl":
         from driftrec.models.dsl import DSLRecommender
@@ -92,9 +93,9 @@ def make_model(kind: str, seed: int) -> object:
     return StandinCTR(seed=seed)
 
 
-def hidden_dim(model: object) -> int:
+def hidden_dim(model: ServedLearner) -> int:
     probe = Interaction("probe-user", "probe-item", 0.0)
-    return int(model.predict_with_hidden([probe])[1].shape[1])  # type: ignore[attr-defined]
+    return int(model.predict_with_hidden([probe])[1].shape[1])
 
 
 def progress_logger(total: int, label: str):
@@ -242,7 +243,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             memory_bytes=total_bytes,
             info_used_memory_delta_bytes=used_after - used_before,
         )
-        _, hidden = model.predict_with_hidden(stream[-2000:])  # type: ignore[attr-defined]
+        _, hidden = model.predict_with_hidden(stream[-2000:])
         rng = np.random.default_rng(0)
         await lookup_latency(redis, keys, lsh, hidden, 10, 20, rng)  # warm the connection
         for n in (1, 100):

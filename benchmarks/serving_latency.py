@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -283,7 +284,8 @@ def main() -> None:
         bodies_dir.mkdir(parents=True, exist_ok=True)
         for n in counts:
             path = bodies_dir / f"bodies-{n}.jsonl"
-            path.write_text("\n".join(make_bodies(info["users"], info["items"], n, 300 if n <= 100 else 60, rng)))
+            users, items = cast(list[str], info["users"]), cast(list[str], info["items"])
+            path.write_text("\n".join(make_bodies(users, items, n, 300 if n <= 100 else 60, rng)))
             done = subprocess.run(
                 [
                     sys.executable,

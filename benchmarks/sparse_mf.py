@@ -217,7 +217,7 @@ class _SampledScores(torch.autograd.Function):
         ctx: Any,
         query: torch.Tensor,
         table: torch.Tensor,
-        rows: torch.Tensor,  # type: ignore[override]
+        rows: torch.Tensor,
         weights: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         flat = rows.reshape(-1)
@@ -246,7 +246,7 @@ class _SampledScores(torch.autograd.Function):
     def backward(
         ctx: Any,
         g_scores: torch.Tensor,
-        g_sq: torch.Tensor,  # type: ignore[override]
+        g_sq: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         query, emb, inverse, touched, row_weight, touched_rows = ctx.saved_tensors
         g_query = torch.bmm(g_scores.unsqueeze(1), emb).squeeze(1)

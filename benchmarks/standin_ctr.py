@@ -76,7 +76,7 @@ class StandinCTR(nn.Module):
         if not batch:
             return 0.0
         logit, _ = self._forward(batch)
-        y = torch.tensor([float(x.label) for x in batch])  # type: ignore[arg-type]
+        y = torch.tensor([float(x.label or 0) for x in batch])  # the batch holds labelled samples
         loss = nn.functional.binary_cross_entropy_with_logits(logit, y)
         self.opt.zero_grad()
         loss.backward()

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -75,12 +76,12 @@ BaseOpts = Mapping[str, object]
 def make_factory(
     n_types: int, seed: int, base_opts: BaseOpts | None = None, prompt_opts: Mapping[str, object] | None = None
 ) -> dict[str, Callable[[], NeuralTPP]]:
-    opts = dict(prompt_opts or {})
-    base = dict(base_opts or {})
+    opts: dict[str, Any] = dict(prompt_opts or {})  # JSON options from the command line
+    base: dict[str, Any] = dict(base_opts or {})
     return {
-        "retrain": lambda: NeuralTPP(n_types, seed=seed, **base),  # type: ignore[arg-type]
-        "finetune": lambda: NeuralTPP(n_types, seed=seed, **base),  # type: ignore[arg-type]
-        "prompt": lambda: PromptTPP(n_types, seed=seed, **base, **opts),  # type: ignore[arg-type]
+        "retrain": lambda: NeuralTPP(n_types, seed=seed, **base),
+        "finetune": lambda: NeuralTPP(n_types, seed=seed, **base),
+        "prompt": lambda: PromptTPP(n_types, seed=seed, **base, **opts),
     }
 
 
@@ -104,14 +105,14 @@ def run_stream(
     prompt_opts: Mapping[str, object] | None = None,
     n_types: int | None = None,
     base_opts: BaseOpts | None = None,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     seqs, starts, file_types = load_split(data, split)
     n_types = n_types or file_types
     order = np.argsort(starts, kind="stable")
     chunks = [[seqs[i] for i in part] for part in np.array_split(order, periods)]
     log(f"stream ({split}): {len(seqs)} sequences, {n_types} types, {periods} periods of ~{len(chunks[0])}")
     factory = make_factory(n_types, seed, base_opts, prompt_opts)
-    persistent = {m: factory[m]() for m in ("finetune", "prompt") if m in methods}
+    persistent: dict[str, NeuralTPP] = {m: factory[m]() for m in ("finetune", "prompt") if m in methods}
     hist: dict[str, dict[str, list[float]]] = {m: {"ll": [], "type_err": [], "rmse": []} for m in methods}
     poisson_ll: list[float] = []
     for t in range(periods - 1):
@@ -133,10 +134,10 @@ def run_stream(
     return {"hist": hist, "poisson_ll": poisson_ll, "n_types": n_types, "chunk_size": len(chunks[0])}
 
 
-def choose(dev: list[dict[str, object]], ref: dict[str, float]) -> int:
+def choose(dev: list[dict[str, Any]], ref: dict[str, float]) -> int:
     """Index of the chosen grid entry by the pre-declared rule (module docstring)."""
-    errs = np.array([float(r["type_err"]) for r in dev])  # type: ignore[arg-type]
-    lls = np.array([float(r["ll"]) for r in dev])  # type: ignore[arg-type]
+    errs = np.array([float(r["type_err"]) for r in dev])
+    lls = np.array([float(r["ll"]) for r in dev])
     rank_err = errs.argsort(kind="stable").argsort()
     rank_ll = (-lls).argsort(kind="stable").argsort()
     score = (rank_err + rank_ll) / 2.0
@@ -159,10 +160,7 @@ def dev_means(
         run_stream(data, periods, epochs, seed, "dev", (method,), prompt_opts, n_types=n_types, base_opts=base_opts)
         for seed in SELECT_SEEDS
     ]
-    return {
-        k: float(np.mean([r["hist"][method][k] for r in runs]))  # type: ignore[index]
-        for k in ("ll", "type_err", "rmse")
-    }
+    return {k: float(np.mean([r["hist"][method][k] for r in runs])) for k in ("ll", "type_err", "rmse")}
 
 
 def run_select(args: argparse.Namespace, base_opts: BaseOpts) -> dict[str, object]:
@@ -330,9 +328,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     selection: dict[str, object] = {}
+    stream: dict[str, Any]
     if args.select:
         sel = run_select(args, base_opts)
-        stream = sel["stream"]  # type: ignore[assignment]
+        stream = cast(dict[str, Any], sel["stream"])
         selection = {
             "selection_grid": list(SELECT_GRID),
             "selection_dev": sel["dev"],
@@ -355,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     plot(hist, shift, args.out)
 
-    result: dict[str, object] = {
+    result: dict[str, Any] = {
         "data": args.data.name,
         "periods": args.periods,
         "eval_periods": args.periods - 1,

@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -93,26 +94,29 @@ def main() -> None:
         log.info("raw aiokafka: %d messages in %.2f s (%.0f msg/s)", n, raw_s, n / raw_s)
 
         worker = WorkerProcess(settings, home / "worker.log").start()
-        first = wait_for(
-            lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] > 0 and time.perf_counter(),
-            120,
-            "first processed event",
-            worker,
-            interval=0.05,
+        first = cast(
+            float,
+            wait_for(
+                lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] > 0 and time.perf_counter(),
+                120,
+                "first processed event",
+                worker,
+                interval=0.05,
+            ),
         )
         last_log = time.perf_counter()
 
         def done() -> float | None:
             nonlocal last_log
             m = worker.metrics() or {}
-            processed = m.get("driftrec_events_processed_total", 0)
+            processed = float(m.get("driftrec_events_processed_total", 0))
             if time.perf_counter() - last_log > 5:
                 last_log = time.perf_counter()
                 log.info("worker: %d/%d processed (%.0f ev/s)", processed, n, processed / (last_log - first))
             return time.perf_counter() if processed >= n else None
 
         end = wait_for(done, 1800, "all events processed", worker, interval=0.05)
-        worker_s = float(end) - float(first)
+        worker_s = float(cast(float, end)) - float(first)
     finally:
         if worker:
             worker.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import cast
 
 import redis
 
@@ -35,9 +36,10 @@ def expected_state(events: Iterable[Event], prefix: str, max_seq_len: int) -> di
         user = counts[keys.user_counts(e.user_id)]
         user["last_ts"] = max(user.get("last_ts", float("-inf")), e.ts)
         seqs[keys.user_seq(e.user_id)].append((e.ts, sequence_member(e)))
-    state: dict[str, object] = {k: {f: float(v) for f, v in c.items()} for k, c in counts.items()}
+    hashes: dict[str, dict[str, float | str]] = {k: {f: float(v) for f, v in c.items()} for k, c in counts.items()}
     for key, category in categories.items():
-        state[key]["category"] = category  # type: ignore[index]
+        hashes[key]["category"] = category
+    state: dict[str, object] = dict(hashes)
     for key, entries in seqs.items():
         state[key] = sorted(entries)[-max_seq_len:]
     return state
@@ -52,9 +54,9 @@ def redis_state(settings: Settings) -> dict[str, object]:
         if ":seen:" in key:
             continue
         if key.endswith(":counts"):
-            state[key] = {
-                f.decode(): v.decode() if f == b"category" else float(v) for f, v in client.hgetall(key).items()
-            }
+            counts = cast(dict[bytes, bytes], client.hgetall(key))
+            state[key] = {f.decode(): v.decode() if f == b"category" else float(v) for f, v in counts.items()}
         elif key.endswith(":seq"):
-            state[key] = [(ts, m) for m, ts in client.zrange(key, 0, -1, withscores=True)]
+            rows = cast(list[tuple[bytes, float]], client.zrange(key, 0, -1, withscores=True))
+            state[key] = [(ts, m) for m, ts in rows]
     return state

@@ -243,7 +243,8 @@ def test_learns_real_taobao_stream_better_than_popularity() -> None:
     print(f"taobao AUC model={np.mean(auc_model):.3f} popularity={np.mean(auc_pop):.3f}")
     # Most later Taobao events are items never seen before, so popularity can even fall below
     # chance here; the model must beat both.
-    assert np.mean(auc_model) > max(np.mean(auc_pop), 0.5) + 0.03, (np.mean(auc_model), np.mean(auc_pop))
+    model_auc, pop_auc = float(np.mean(auc_model)), float(np.mean(auc_pop))
+    assert model_auc > max(pop_auc, 0.5) + 0.03, (model_auc, pop_auc)
 
 
 def test_first_order_terms_are_budgeted_and_older_snapshots_still_load() -> None:

@@ -141,10 +141,10 @@ async def test_capacity_bounds_every_bucket(redis: Redis, prefix: str) -> None:
         card = await redis.zcard(z)
         assert 1 <= card <= 7
         snap = await redis.get(z[:-2] + b":s")
-        assert len(snap) == ENTRY_BYTES * card  # packed (ts, y, ŷ) float64 triples
+        assert snap is not None and len(snap) == ENTRY_BYTES * card  # packed (ts, y, ŷ) float64 triples
         # the kept entries are the newest event times of the bucket
         newest = await redis.zrange(z, -1, -1, withscores=True)
-        assert newest[0][1] >= 1_000.0
+        assert float(newest[0][1]) >= 1_000.0
     assert sum([await redis.zcard(z) for z in zsets]) <= 7 * len(zsets)
     assert any([await redis.zcard(z) == 7 for z in zsets])
 

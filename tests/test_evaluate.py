@@ -121,11 +121,12 @@ def test_baselines_learn_ml100k(name: str) -> None:
 
     peer = make_peer(name)
     events = ml100k_events(get_settings().data_cache, limit=6000)
-    ys, ps = [], []
+    ys: list[int] = []
+    ps: list[float] = []
     for e in events:
         x = e.to_interaction()
         ps.append(peer.predict_one(x))
-        ys.append(e.label)
+        ys.append(int(e.label or 0))
         peer.learn_one(x)
     assert all(0.0 <= p <= 1.0 for p in ps)
     later_auc = metrics.auc(ys[3000:], ps[3000:])

@@ -80,7 +80,7 @@ def test_ml100k_conversion_follows_the_shared_convention(tmp_path) -> None:
     assert len(events) == 100_000
     assert all(a.ts <= b.ts for a, b in zip(events, events[1:]))
     assert {e.label for e in events} == {0, 1}
-    assert sum(e.label for e in events) == 55_375  # ratings >= 4 in ML-100K
+    assert sum(e.label or 0 for e in events) == 55_375  # ratings >= 4 in ML-100K
     assert len({e.event_id for e in events}) == 100_000
     assert all(e.category for e in events[:1000]) and "rating" not in events[0].features
 

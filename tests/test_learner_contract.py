@@ -154,8 +154,8 @@ def test_same_seed_same_stream_same_predictions(case: Case) -> None:
 def test_snapshots_predict_like_the_learner(name: str) -> None:
     case = CASES[name]
     learner = case.make()
-    assert isinstance(learner, Snapshottable)
+    assert isinstance(learner, Snapshottable) and isinstance(learner, OnlineLearner)
     learner.learn_many(case.samples(0))
-    clone = type(learner).from_bytes(learner.to_bytes())
+    clone = type(learner).from_bytes(learner.to_bytes())  # type: ignore[attr-defined]  # each class's own constructor
     query = case.samples(1)[:8]
     np.testing.assert_allclose(_predict(clone, query), _predict(learner, query), rtol=1e-6, atol=1e-7)

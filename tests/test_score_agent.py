@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -13,7 +14,7 @@ from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from tests.infra import WorkerProcess
 from tests.test_serving import TS, snapshot_parts
 
-GOOD = [
+GOOD: list[dict[str, Any]] = [
     {"request_id": f"r{k}", "user_id": f"u{k}", "candidates": [f"i{j}" for j in range(k, k + 5)], "ts": TS}
     for k in range(3)
 ]

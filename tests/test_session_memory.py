@@ -3,6 +3,8 @@ redelivery, capacity, and its term in the served score (real Redis, DB 4, uuid p
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import orjson
 from redis.asyncio import Redis
@@ -70,7 +72,7 @@ async def test_redis_buckets_answer_like_the_reference(redis: Redis, prefix: str
     cats = ["c0", "c1", None, "never"]
     for user in ("a", "b", "c", "nobody"):
         plan = plan_session_buckets(keys, [(user, c) for c in cats])
-        values = await redis.mget(plan.names)
+        values = cast(list[bytes | None], await redis.mget(plan.names))
         got, _ = estimates_from_values(values, plan, query, gamma=0.0, prior=1.0)
         np.testing.assert_allclose(got, ref.estimate_many(user, cats, query), atol=1e-12)
     # every bucket is FIFO-bounded, both keys of a bucket share a slot, and cleanup finds them

@@ -18,6 +18,7 @@ job is the region that shifted. Both figures are printed so a regression shows i
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import numpy as np
 from redis.asyncio import Redis
@@ -95,7 +96,7 @@ def test_error_memory_cuts_logloss_after_a_shift(isolated: Settings, tmp_path) -
             in_genre += [e.category == genre for e in window]
             publish(settings, window, progress=False)
             n = lo + len(window)
-            wait_for(lambda n=n: learned(worker, n), 120, "the window to be learned", worker)
+            wait_for(functools.partial(learned, worker, n), 120, "the window to be learned", worker)
     finally:
         worker.stop()
     y, pb, pm = (np.asarray(a, dtype=float) for a in (labels, base, memory))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 import pytest
 import torch
@@ -121,8 +123,8 @@ def test_loss_options_learn_block_structure(kw: dict[str, object]) -> None:
             total_steps=10 * 24,
             prune_every=50,
             seed=1,
-            **kw,
-        )  # type: ignore[arg-type]
+            **cast(dict[str, Any], kw),
+        )
         losses = [model.fit_epoch(users, items, keys) for _ in range(10)]
         assert losses[-1] < losses[0]
         top = model.recommend_topk(np.arange(n_users), 10)
@@ -141,13 +143,14 @@ def test_fused_sampled_scores_match_the_row_lookups_in_value_and_gradient() -> N
     i = torch.from_numpy(rng.integers(0, 40, 32))
     j = rng.integers(0, 40, (32, 6))
     coef = torch.from_numpy(rng.normal(size=(32, 6))).float()
-    out = []
+    out: list[tuple[float, np.ndarray, torch.Tensor, torch.Tensor]] = []
     for fused in (True, False):
         model.user.grad = model.item.grad = None
         eu = torch.nn.functional.embedding(u, model.user, sparse=True)
         pos, neg, reg_sq = model._scores(i, eu, j, fused=fused)
         total = 0.3 * pos.sum() + (coef * neg).sum() + 0.7 * reg_sq
         total.backward()
+        assert model.item.grad is not None and model.user.grad is not None
         item_grad = model.item.grad.coalesce()
         out.append(
             (

@@ -75,6 +75,7 @@ def test_intensities_positive_and_finite() -> None:
     model = PromptTPP(5, seed=1)
     seqs = random_sequences(6, 5, seed=3)
     model.learn_many(seqs)
+    assert model.time_scale is not None
     batch = collate(seqs, model.time_scale)
     pre = model._prefixes(batch)
     h = model.net.encode(batch, pre)
@@ -155,6 +156,7 @@ def test_copy_history_starts_as_the_plain_net_and_learns_to_repeat_types() -> No
         seqs.append((100.0 + np.cumsum(rng.exponential(1.0, size=m)), types))
     model = NeuralTPP(6, seed=0, copy_history=True)
     model._fit_scales(seqs)
+    assert model.time_scale is not None
     batch = collate(seqs[:4], model.time_scale)
     h = model.net.encode(batch)
     gaps = torch.full(h.shape[:2] + (2,), 0.3)
@@ -230,7 +232,7 @@ def test_learns_real_taobao_better_than_poisson() -> None:
     dev = load_easytpp(TAOBAO / "dev.json", 60)
     poisson = HomogeneousPoisson(17)
     poisson.learn_many(train)
-    poisson = poisson.log_likelihood_many(dev)
+    poisson_ll = poisson.log_likelihood_many(dev)
     model = PromptTPP(17, seed=0)
     model.learn_many(train, epochs=4)
-    assert model.log_likelihood_many(dev) > poisson
+    assert model.log_likelihood_many(dev) > poisson_ll

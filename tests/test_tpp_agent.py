@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import cast
 
 import numpy as np
 import orjson
@@ -143,7 +144,9 @@ async def test_period_boundaries_end_periods_and_snapshots_resume(isolated: Sett
         assert torch.equal(model.query_emb.weight, query_after_p1)
 
         # Each boundary published a snapshot; a new learner (a restarted worker) resumes from it.
-        version, parts = await load_snapshot(client, SnapshotKeys(settings.key_prefix, "tpp"))
+        found = await load_snapshot(client, SnapshotKeys(settings.key_prefix, "tpp"))
+        assert found is not None
+        version, parts = found
         assert version == 2 and {"model", "vocab", "meta"} <= set(parts)
         assert orjson.loads(parts["meta"])["period"] == 2
         resumed = TPPLearner(client, settings)
@@ -169,7 +172,7 @@ def test_freeze_none_keeps_a_live_query_after_the_first_period() -> None:
     seqs = [(np.cumsum(rng.exponential(1.0, 12)), rng.integers(0, 4, 12)) for _ in range(8)]
     queries = {}
     for mode in ("query", "none"):
-        model = PromptTPP(4, freeze=mode, seed=0)  # type: ignore[arg-type]
+        model = PromptTPP(4, freeze=mode, seed=0)
         model.learn_many(seqs)
         model.end_period()
         model.learn_many(seqs)
@@ -210,9 +213,9 @@ def test_worker_writes_propensities_and_publishes_tpp_snapshot(
         )
         snap = SnapshotKeys(settings.key_prefix, "tpp")
         wait_for(lambda: client.get(snap.latest) is not None, 30, "a tpp snapshot", worker)
-        version = int(client.get(snap.latest))
+        version = int(cast(bytes, client.get(snap.latest)))
         assert set(client.hkeys(snap.blob(version))) >= {b"model", b"vocab", b"meta"}
-        rec = orjson.loads(client.get(keys.user_tpp(taobao[-1].user_id)))
+        rec = orjson.loads(cast(bytes, client.get(keys.user_tpp(taobao[-1].user_id))))
         assert rec["n_types"] == settings.tpp.n_types and rec["version"] > 0
         assert 0.0 < sum(rec["probs"].values()) <= 1.0 + 1e-9 and all(math.isfinite(p) for p in rec["probs"].values())
     finally:

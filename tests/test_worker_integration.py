@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import orjson
 from aiokafka import AIOKafkaConsumer
@@ -89,11 +90,14 @@ def test_replay_builds_exact_state_and_dead_letters_bad_input(isolated: Settings
             assert reason in letter["reason"]
             assert letter["key"] == key.decode() and letter["topic"] == isolated.events_topic
 
-        metrics = wait_for(
-            lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] == len(events) and m,
-            10,
-            "metrics",
-            worker,
+        metrics = cast(
+            dict[str, float],
+            wait_for(
+                lambda: (m := worker.metrics()) and m["driftrec_events_processed_total"] == len(events) and m,
+                10,
+                "metrics",
+                worker,
+            ),
         )
         assert metrics["driftrec_events_dead_lettered_total"] == len(BAD_MESSAGES)
 
