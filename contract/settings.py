@@ -151,6 +151,7 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False  # redis_url names one node of a Redis Cluster (DB 0 only)
     key_prefix: str = "driftrec"
     topic_prefix: str = ""
     events_partitions: int = 4

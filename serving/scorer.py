@@ -57,13 +57,12 @@ from typing import Any
 import numpy as np
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
 from driftrec.models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms
-from driftrec.storage.client import connect
+from driftrec.storage.client import REDIS_ERRORS, MultiGet, connect, is_cluster
 from driftrec.storage.error_memory import (
     BucketNames,
     MemoryKeys,
@@ -146,6 +145,7 @@ class Scorer:
         self.settings = settings
         self.redis = redis if redis is not None else connect(settings)
         self._owns_redis = redis is None
+        self.cluster = is_cluster(self.redis)
         self.snapshot_keys = SnapshotKeys(settings.key_prefix, "dsl")
         self.state_keys = StateKeys(settings.key_prefix)
         self.memory_keys = MemoryKeys.from_settings(
@@ -170,7 +170,7 @@ class Scorer:
         """Load what is there now and keep polling for newer snapshots in the background."""
         try:
             await self.refresh()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("initial snapshot load failed (will retry): %s", exc)
         if self.settings.serving.reload_every_s > 0 and self._task is None:
             self._task = asyncio.create_task(self._reload_loop(), name="driftrec-snapshot-reload")
@@ -266,29 +266,37 @@ class Scorer:
             probs, hidden = snap.model.score_candidates(user_id, items, cats)
         base = probs if (use_model and s.dsl.enabled) else np.full(n, s.serving.cold_start_base, dtype=np.float64)
 
-        # one pipelined round trip: memory buckets + the user's TPP propensity
+        # one pipelined round trip: memory buckets + the user's TPP propensity (on a Redis Cluster
+        # one MGET per slot, sent to each node in parallel by the cluster pipeline)
         plan = None
-        pipe = self.redis.pipeline(transaction=False)
+        reads: list[MultiGet] = []
         if s.memory.enabled and snap is not None and snap.names is not None and hidden is not None and n:
             keyed = snap.standardizer.transform(hidden) if snap.standardizer is not None else hidden
             plan = plan_buckets(snap.names, keyed)
-            pipe.mget(plan.names)
+            reads.append(MultiGet(plan.names, self.cluster))
         session_plan = None
         if plan is not None and s.memory.session_capacity > 0:
             session_plan = plan_session_buckets(self.memory_keys, [(user_id, c) for c in cats])
-            pipe.mget(session_plan.names)
+            reads.append(MultiGet(session_plan.names, self.cluster))
         if s.tpp.enabled:
-            pipe.get(self.state_keys.user_tpp(user_id))
-        replies: list[Any] = []
+            reads.append(MultiGet([self.state_keys.user_tpp(user_id)], self.cluster))
+        replies: list[list[bytes | None]] = []
         redis_ok = True
-        if len(pipe):
+        if reads:
+            pipe = self.redis.pipeline(transaction=False)
+            for read in reads:
+                read.queue(pipe)
             try:
-                replies = await pipe.execute()
-            except (RedisError, OSError) as exc:
+                raw = await pipe.execute()
+            except REDIS_ERRORS as exc:
                 redis_ok = False
                 self.stats.redis_errors += 1
                 log.warning("redis read failed, scoring without memory/tpp: %s", exc)
-                replies = []
+            else:
+                at = 0
+                for read in reads:
+                    replies.append(read.values(raw[at : at + len(read)]))
+                    at += len(read)
 
         compensation = np.zeros(n)
         tpp = np.zeros(n)
@@ -313,7 +321,7 @@ class Scorer:
                         snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight
                     )
                     tpp = tpp_terms(
-                        replies[-1], cats, now, weight=weight, tau_s=s.serving.tpp_tau_s, clip=s.serving.tpp_clip
+                        replies[-1][0], cats, now, weight=weight, tau_s=s.serving.tpp_tau_s, clip=s.serving.tpp_clip
                     )
                 except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
                     self.stats.tpp_parse_errors += 1

@@ -57,16 +57,14 @@ Writes are idempotent per event id (see the write side above).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from driftrec.contract.interaction import Interaction, stable_hash
 from driftrec.contract.settings import Settings
@@ -83,6 +81,7 @@ from driftrec.models.error_memory import (
     recency_weights,
     session_code,
 )
+from driftrec.storage.client import Scripts, mget
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,8 @@ for k = 1, #KEYS, 2 do
 end
 return added
 """
-WRITE_BUCKETS_SHA = hashlib.sha1(WRITE_BUCKETS_LUA.encode()).hexdigest()
+_SCRIPTS = Scripts(WRITE_BUCKETS_LUA)
+WRITE_BUCKETS_SHA = _SCRIPTS.sha[WRITE_BUCKETS_LUA]
 
 
 @dataclass(frozen=True)
@@ -275,21 +275,14 @@ async def write_session_errors(
 async def _run_scripts(
     redis: Redis, calls: list[tuple[list[str], list[str | int]]], capacity: int, ttl_s: int
 ) -> list[int]:
-    """One pipelined round trip; if the server lost the script, load it and redo the whole batch —
-    safe because the script is idempotent per event_id."""
-    for attempt in range(2):
-        pipe = redis.pipeline(transaction=False)
+    """One pipelined round trip of bucket writes (``Scripts`` reloads a lost script and redoes the
+    batch, safe because the script is idempotent per event_id)."""
+
+    def build(pipe: Any) -> None:
         for keys_, args in calls:
-            pipe.evalsha(WRITE_BUCKETS_SHA, len(keys_), *keys_, capacity, ttl_s, *args)
-        results = await pipe.execute(raise_on_error=False)
-        if not any(isinstance(r, NoScriptError) for r in results):
-            for r in results:
-                if isinstance(r, Exception):
-                    raise r
-            return [int(r) for r in results]
-        if attempt == 0:
-            await redis.script_load(WRITE_BUCKETS_LUA)
-    raise RuntimeError("the Redis server keeps dropping the error-memory script")
+            pipe.execute_command("EVALSHA", WRITE_BUCKETS_SHA, len(keys_), *keys_, capacity, ttl_s, *args)
+
+    return [int(r) for r in await _SCRIPTS.execute(redis, build)]
 
 
 async def learn_and_write(
@@ -463,8 +456,7 @@ async def read_estimates(
     plan = plan_buckets(names, hidden)
     if not plan.names:
         return np.zeros(0), np.zeros(0)
-    mget = getattr(redis, "mget_nonatomic", None)  # RedisCluster: split per slot, one pipeline
-    raw = cast(list[bytes | None], await (mget(plan.names) if mget is not None else redis.mget(plan.names)))
+    raw = await mget(redis, plan.names)  # per slot on a Redis Cluster, one round trip
     return estimates_from_values(raw, plan, base_probs, gamma=gamma, prior=prior, half_life_s=half_life_s, now=now)
 
 
@@ -556,7 +548,7 @@ class ErrorMemoryWriter:
             # samples of one batch are estimated before any of them is written, as serving sees them
             plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
             c_hat, _ = estimates_from_values(
-                cast(list[bytes | None], await self.redis.mget(plan.names)),
+                await mget(self.redis, plan.names),
                 plan,
                 probs,
                 gamma=c.session_gamma,

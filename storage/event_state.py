@@ -15,13 +15,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
 
 from driftrec.contract.events import Event
 from driftrec.contract.interaction import stable_hash
+from driftrec.storage.client import Scripts
 
 # One call per user (per item) and micro-batch: KEYS = [seq, counts, seen_1..seen_n] (user) or
 # [counts, seen_1..seen_n] (item); ARGV[3] is a JSON array of that entity's events in the batch.
@@ -123,8 +124,7 @@ class EventState:
         self.keys = StateKeys(prefix)
         self.max_seq_len = max_seq_len
         self.dedup_ttl_s = dedup_ttl_s
-        self._user = redis.register_script(_USER_SCRIPT)
-        self._item = redis.register_script(_ITEM_SCRIPT)
+        self._scripts = Scripts(_USER_SCRIPT, _ITEM_SCRIPT)
 
     async def apply(self, events: Sequence[Event]) -> int:
         """Apply a batch; return how many events were new (the rest were redeliveries)."""
@@ -136,29 +136,28 @@ class EventState:
             by_user[e.user_id].append(e)
             by_shard[self.keys.item_shard(e.item_id)].append(e)
         k = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        for user_id, user_events in by_user.items():
-            payload = orjson.dumps([[repr(e.ts), sequence_member(e).decode(), e.kind, _label(e)] for e in user_events])
-            await self._user(
-                keys=[
+        user_sha, item_sha = self._scripts.sha[_USER_SCRIPT], self._scripts.sha[_ITEM_SCRIPT]
+
+        def build(pipe: Any) -> None:
+            for user_id, user_events in by_user.items():
+                payload = orjson.dumps(
+                    [[repr(e.ts), sequence_member(e).decode(), e.kind, _label(e)] for e in user_events]
+                )
+                keys = [
                     k.user_seq(user_id),
                     k.user_counts(user_id),
                     *(k.user_seen(user_id, e.event_id) for e in user_events),
-                ],
-                args=[self.dedup_ttl_s, self.max_seq_len, payload],
-                client=pipe,
-            )
-        for shard_events in by_shard.values():
-            payload = orjson.dumps([[e.kind, _label(e), e.category or ""] for e in shard_events])
-            await self._item(
-                keys=[
+                ]
+                pipe.execute_command("EVALSHA", user_sha, len(keys), *keys, self.dedup_ttl_s, self.max_seq_len, payload)
+            for shard_events in by_shard.values():
+                payload = orjson.dumps([[e.kind, _label(e), e.category or ""] for e in shard_events])
+                keys = [
                     *(k.item_seen(e.item_id, e.event_id) for e in shard_events),
                     *(k.item_counts(e.item_id) for e in shard_events),
-                ],
-                args=[self.dedup_ttl_s, payload],
-                client=pipe,
-            )
-        results = await pipe.execute()
+                ]
+                pipe.execute_command("EVALSHA", item_sha, len(keys), *keys, self.dedup_ttl_s, payload)
+
+        results = await self._scripts.execute(self.redis, build)
         return sum(int(r) for r in results[: len(by_user)])
 
     async def user_sequence(self, user_id: str) -> list[tuple[float, str, str]]:

@@ -55,6 +55,15 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         yield settings
 
 
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local 3-master Redis Cluster for the session (DB 0 only: tests isolate by prefix)."""
+    from tests.cluster import local_cluster
+
+    with local_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
+        yield url
+
+
 @pytest.fixture
 def isolated(infra: Settings) -> Iterator[Settings]:
     """Settings private to one test: own topics, consumer group, key prefix and ports."""

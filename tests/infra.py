@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import redis
 
 from driftrec.contract.settings import Settings
 from driftrec.procs import settings_env
+from driftrec.storage.client import connect_sync
 
 TEST_REDIS_DB = int(os.environ.get("DRIFTREC_TEST_REDIS_DB", "2"))
 REPO = Path(__file__).resolve().parents[1]
@@ -87,15 +87,22 @@ def _settings(home: Path, run_id: str, bootstrap: str, redis_url: str) -> Settin
 
 
 def delete_prefix(settings: Settings, prefix: str | None = None) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect_sync(settings)
     chunk: list[bytes] = []
+
+    def unlink() -> None:  # key by key in one pipeline: a cluster refuses a cross-slot UNLINK
+        pipe = client.pipeline(transaction=False)
+        for key in chunk:
+            pipe.unlink(key)
+        pipe.execute()
+        chunk.clear()
+
     for key in client.scan_iter(match=f"{prefix or settings.key_prefix}:*", count=5000):
         chunk.append(key)
         if len(chunk) >= 5000:
-            client.unlink(*chunk)
-            chunk.clear()
+            unlink()
     if chunk:
-        client.unlink(*chunk)
+        unlink()
 
 
 class WorkerProcess:

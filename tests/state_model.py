@@ -10,10 +10,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import cast
 
-import redis
-
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.storage.client import connect_sync
 from driftrec.storage.event_state import StateKeys, sequence_member
 
 
@@ -47,7 +46,7 @@ def expected_state(events: Iterable[Event], prefix: str, max_seq_len: int) -> di
 
 def redis_state(settings: Settings) -> dict[str, object]:
     """Everything the ingest path keeps (dedup markers excluded: they carry wall-clock TTLs)."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect_sync(settings)
     state: dict[str, object] = {}
     for raw_key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
         key = raw_key.decode()
