@@ -7,6 +7,7 @@ create``, in a temporary folder the caller owns; stopped (SHUTDOWN NOSAVE) on ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import socket
 import subprocess
@@ -54,7 +55,7 @@ def local_cluster(folder: Path, masters: int = 3) -> Iterator[str]:
                 )
             )
         for port in ports:
-            _wait(lambda p=port: redis.Redis(host="127.0.0.1", port=p).ping(), f"node {port} to answer")
+            _wait(functools.partial(_ping, port), f"node {port} to answer")
         subprocess.run(
             [
                 "redis-cli",
@@ -103,6 +104,10 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _ping(port: int) -> bool:
+    return bool(redis.Redis(host="127.0.0.1", port=port).ping())
 
 
 def _state(port: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -41,7 +42,7 @@ def on_cluster(isolated: Settings, cluster: str) -> Iterator[Settings]:
 
 
 async def test_storage_answers_like_the_reference_across_slots(on_cluster: Settings) -> None:
-    client = connect(on_cluster)
+    client: Any = connect(on_cluster)  # the storage functions take either client
     assert is_cluster(client) and isinstance(client, RedisCluster)
     try:
         rng = np.random.default_rng(0)
