@@ -70,11 +70,17 @@ class StandinCTR(nn.Module):
     def predict_many(self, interactions: Sequence[Interaction]) -> np.ndarray:
         return self.predict_with_hidden(interactions)[0]
 
-    def learn_many(self, interactions: Sequence[Interaction]) -> float:
-        """One SGD step on the labelled part of the batch; returns its mean log-loss."""
+    def predict_one(self, interaction: Interaction) -> float:
+        return float(self.predict_many([interaction])[0])
+
+    def learn_one(self, interaction: Interaction) -> None:
+        self.learn_many([interaction])
+
+    def learn_many(self, interactions: Sequence[Interaction]) -> None:
+        """One SGD step on the labelled part of the batch (its mean log-loss in ``last_loss``)."""
         batch = [x for x in interactions if x.label is not None]
         if not batch:
-            return 0.0
+            return
         logit, _ = self._forward(batch)
         y = torch.tensor([float(x.label or 0) for x in batch])  # the batch holds labelled samples
         loss = nn.functional.binary_cross_entropy_with_logits(logit, y)
@@ -82,4 +88,4 @@ class StandinCTR(nn.Module):
         loss.backward()
         self.opt.step()
         self.step += 1
-        return float(loss.detach())
+        self.last_loss = float(loss.detach())

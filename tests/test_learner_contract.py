@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.standin_ctr import StandinCTR
 from driftrec.contract.interaction import Interaction
 from driftrec.models.base import OnlineLearner, Snapshottable
 from driftrec.models.baselines import make_peer
@@ -85,6 +86,11 @@ def _sequences(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.cumsum(rng.exponential(1.0, 10)), rng.integers(0, 4, 10)) for _ in range(12)]
 
 
+def _seeded(cls: Callable[..., Any], **kwargs: Any) -> Any:
+    torch.manual_seed(0)  # the stand-in draws its initial weights from torch's global generator
+    return cls(**kwargs)
+
+
 CASES: dict[str, Case] = {
     "dsl": Case(lambda: DSLRecommender(n_rows=256, dim=8, hidden=8, seed=0), _interactions),
     "error-memory": Case(lambda: ErrorMemory(RandomProjectionLSH(8, 4, 4, seed=0), capacity=8), _served),
@@ -98,6 +104,7 @@ CASES: dict[str, Case] = {
     "neural-tpp": Case(lambda: NeuralTPP(4, hidden=8, seed=0), _sequences),
     "prompt-tpp": Case(lambda: PromptTPP(4, hidden=8, pool_size=4, top_n=2, prompt_len=2, seed=0), _sequences),
     "poisson": Case(lambda: HomogeneousPoisson(4), _sequences),
+    "standin-ctr": Case(lambda: _seeded(StandinCTR, n_rows=256, dim=8, hidden=8), _interactions),
     "river-lr": Case(lambda: make_peer("river-lr"), _interactions),
     "vw": Case(lambda: make_peer("vw"), _interactions),
 }
