@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     redis_cluster: bool = False  # redis_url names one node of a Redis Cluster (DB 0 only)
     key_prefix: str = "driftrec"
     topic_prefix: str = ""
-    events_partitions: int = 4
+    events_partitions: int = 12  # the most ingest workers a consumer group can keep busy (README: Scaling)
     # how long "this event id was applied" markers live: a redelivery later than this is new again
     dedup_ttl_s: int = 7 * 24 * 3600
     # newest events kept per user by ingest (the TPP reads its window, tpp.max_seq_len, from them)

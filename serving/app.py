@@ -206,8 +206,10 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
     @app.get("/healthz", summary="Liveness, loaded snapshot and enabled fusion terms")
     async def healthz() -> Response:
         snap = the_scorer.current
+        degraded = the_scorer.stats.degraded(time.time())
         body = {
-            "status": "ok",
+            "status": "degraded" if degraded else "ok",  # 200 either way: liveness, not readiness
+            "degraded": degraded,
             "model_version": the_scorer.version,
             "snapshot_loaded_at": the_scorer.stats.loaded_at,
             "catalog_items": len(snap.catalog) if snap else 0,

@@ -126,6 +126,17 @@ class ScorerStats:
     redis_errors: int = 0
     tpp_parse_errors: int = 0
     loaded_at: float | None = None
+    last_redis_error_at: float | None = None  # a score request's or a snapshot poll's Redis failure
+    last_bad_snapshot_at: float | None = None
+
+    def degraded(self, now: float, window_s: float = 60.0) -> list[str]:
+        """Why scoring is degraded now (empty: it is not), from failures within ``window_s``."""
+        reasons = []
+        if self.last_redis_error_at is not None and now - self.last_redis_error_at < window_s:
+            reasons.append("redis unreachable: scores carry no memory or tpp correction, snapshots do not reload")
+        if self.last_bad_snapshot_at is not None and now - self.last_bad_snapshot_at < window_s:
+            reasons.append("the newest snapshot is unusable: an older one is served")
+        return reasons
 
 
 def fuse(base: np.ndarray, compensation: np.ndarray, tpp: np.ndarray, eps: float) -> np.ndarray:
@@ -191,6 +202,9 @@ class Scorer:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
+            except REDIS_ERRORS as exc:
+                self.stats.last_redis_error_at = time.time()
+                log.warning("snapshot reload failed: %s", exc)
             except Exception as exc:
                 log.warning("snapshot reload failed: %s", exc)
 
@@ -205,6 +219,7 @@ class Scorer:
                 loaded = await asyncio.to_thread(self._build, version, parts)
             except Exception as exc:
                 self._bad_version = version
+                self.stats.last_bad_snapshot_at = time.time()
                 self.stats.reload_failures += 1
                 log.error("snapshot %s is unusable, keeping %s: %s", version, self.version, exc)
                 return False
@@ -291,6 +306,7 @@ class Scorer:
             except REDIS_ERRORS as exc:
                 redis_ok = False
                 self.stats.redis_errors += 1
+                self.stats.last_redis_error_at = time.time()
                 log.warning("redis read failed, scoring without memory/tpp: %s", exc)
             else:
                 at = 0
