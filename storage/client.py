@@ -25,8 +25,6 @@ from driftrec.contract.settings import Settings
 # What a failing Redis raises: callers that degrade gracefully catch all of these
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
-AsyncClient = Redis | RedisCluster
-
 
 def connect(settings: Settings) -> Any:
     """An asyncio client for ``settings.redis_url`` (bind it to the loop that uses it)."""

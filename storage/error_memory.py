@@ -81,7 +81,7 @@ from driftrec.models.error_memory import (
     recency_weights,
     session_code,
 )
-from driftrec.storage.client import Scripts, mget
+from driftrec.storage.client import MultiGet, Scripts, is_cluster, mget
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +215,26 @@ async def write_errors(
     interactions are skipped. Returns the number of new bucket entries that survived the FIFO trim
     (0 for a re-written batch).
     """
+    calls = _lsh_calls(keys, lsh, interactions, probs, hidden, capacity)
+    return int(sum(await _run_scripts(redis, calls, ttl_s))) if calls else 0
+
+
+# One write-script call: its keys (one slot), the capacity of its buckets, its entry arguments
+ScriptCall = tuple[list[str], int, list[str | int]]
+
+
+def _lsh_calls(
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    interactions: Sequence[Interaction],
+    probs: np.ndarray,
+    hidden: np.ndarray,
+    capacity: int,
+) -> list[ScriptCall]:
     _check(keys, lsh)
     labelled = [i for i, x in enumerate(interactions) if x.label is not None]
     if not labelled:
-        return 0
+        return []
     idx = np.asarray(labelled)
     codes = lsh.codes(np.asarray(hidden)[idx])
     served = np.asarray(probs, dtype=np.float64)[idx]
@@ -228,8 +244,7 @@ async def write_errors(
         for t in range(lsh.n_tables):
             per_bucket[(t, int(codes[row, t]))].extend(entry)
     # one script call per (table, shard): its buckets share a slot
-    calls = _script_calls(per_bucket, lambda b: (b[0], b[1] % keys.n_shards), lambda b: keys.bucket(*b))
-    return int(sum(await _run_scripts(redis, calls, capacity, ttl_s)))
+    return _script_calls(per_bucket, lambda b: (b[0], b[1] % keys.n_shards), lambda b: keys.bucket(*b), capacity)
 
 
 def _entry(x: Interaction, served: float) -> tuple[str, str, str, str]:
@@ -238,8 +253,11 @@ def _entry(x: Interaction, served: float) -> tuple[str, str, str, str]:
 
 
 def _script_calls(
-    per_bucket: dict[B, list[str]], slot: Callable[[B], Hashable], bucket_keys: Callable[[B], tuple[str, str]]
-) -> list[tuple[list[str], list[str | int]]]:
+    per_bucket: dict[B, list[str]],
+    slot: Callable[[B], Hashable],
+    bucket_keys: Callable[[B], tuple[str, str]],
+    capacity: int,
+) -> list[ScriptCall]:
     """One script call per hash-tag slot (a call's keys must share one), each bucket's entries
     preceded by their count, as ``WRITE_BUCKETS_LUA`` reads its arguments."""
     groups: dict[Hashable, tuple[list[str], list[str | int]]] = {}
@@ -248,7 +266,7 @@ def _script_calls(
         keys_.extend(bucket_keys(bucket))
         args.append(len(entries) // 4)
         args.extend(entries)
-    return list(groups.values())
+    return [(keys_, capacity, args) for keys_, args in groups.values()]
 
 
 async def write_session_errors(
@@ -262,24 +280,26 @@ async def write_session_errors(
 ) -> int:
     """Store ``(event_id, ts, y, ŷ)`` of every labelled interaction in its ``(user, category)``
     bucket (``models.error_memory.SessionMemory``); idempotent per event id like :func:`write_errors`."""
+    calls = _session_calls(keys, interactions, probs, capacity)
+    return int(sum(await _run_scripts(redis, calls, ttl_s))) if calls else 0
+
+
+def _session_calls(
+    keys: MemoryKeys, interactions: Sequence[Interaction], probs: np.ndarray, capacity: int
+) -> list[ScriptCall]:
     per_bucket: dict[int, list[str]] = defaultdict(list)
     for x, p in zip(interactions, np.asarray(probs, dtype=np.float64)):
         if x.label is not None:
             per_bucket[session_code(x.user_id, x.category)].extend(_entry(x, float(p)))
-    if not per_bucket:
-        return 0
-    calls = _script_calls(per_bucket, lambda code: code % keys.n_shards, keys.session_bucket)
-    return int(sum(await _run_scripts(redis, calls, capacity, ttl_s)))
+    return _script_calls(per_bucket, lambda code: code % keys.n_shards, keys.session_bucket, capacity)
 
 
-async def _run_scripts(
-    redis: Redis, calls: list[tuple[list[str], list[str | int]]], capacity: int, ttl_s: int
-) -> list[int]:
+async def _run_scripts(redis: Redis, calls: list[ScriptCall], ttl_s: int) -> list[int]:
     """One pipelined round trip of bucket writes (``Scripts`` reloads a lost script and redoes the
     batch, safe because the script is idempotent per event_id)."""
 
     def build(pipe: Any) -> None:
-        for keys_, args in calls:
+        for keys_, capacity, args in calls:
             pipe.execute_command("EVALSHA", WRITE_BUCKETS_SHA, len(keys_), *keys_, capacity, ttl_s, *args)
 
     return [int(r) for r in await _SCRIPTS.execute(redis, build)]
@@ -523,42 +543,50 @@ class ErrorMemoryWriter:
         probs: np.ndarray,
         hidden: np.ndarray,
         standardizer: HiddenStandardizer | None,
+        estimate: bool = True,
     ) -> MemoryEstimates:
-        """Estimate, then write, the served ``probs``/``hidden`` of labelled interactions."""
+        """Estimate (unless ``estimate`` is off: nothing will use it), then write, the served
+        ``probs``/``hidden`` of labelled interactions: one round trip for the reads of both
+        memories, one for their writes."""
         n = len(labelled)
         if n == 0:
             return MemoryEstimates(np.zeros(0), np.zeros(0))
         c = self.cfg
         lsh, names = self._lsh(hidden.shape[1])
         keyed = standardizer.transform(hidden) if standardizer is not None else hidden
-        e_hat, _ = await read_estimates(
-            self.redis,
-            self.keys,
-            lsh,
-            keyed,
-            probs,
-            gamma=c.gamma,
-            prior=c.prior,
-            half_life_s=c.half_life_s,
-            now=labelled[-1].ts,
-            names=names,
-        )
-        c_hat = np.zeros(n)
-        if c.session_capacity > 0:
+        e_hat, c_hat = np.zeros(n), np.zeros(n)
+        session = c.session_capacity > 0
+        if estimate:
             # samples of one batch are estimated before any of them is written, as serving sees them
-            plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
-            c_hat, _ = estimates_from_values(
-                await mget(self.redis, plan.names),
+            plan = plan_buckets(names, keyed)
+            reads = [MultiGet(plan.names, is_cluster(self.redis))]
+            if session:
+                session_plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
+                reads.append(MultiGet(session_plan.names, is_cluster(self.redis)))
+            pipe = self.redis.pipeline(transaction=False)
+            for read in reads:
+                read.queue(pipe)
+            replies = await pipe.execute()
+            e_hat, _ = estimates_from_values(
+                reads[0].values(replies[: len(reads[0])]),
                 plan,
                 probs,
-                gamma=c.session_gamma,
+                gamma=c.gamma,
                 prior=c.prior,
+                half_life_s=c.half_life_s,
+                now=labelled[-1].ts,
             )
-        await write_errors(
-            self.redis, self.keys, lsh, labelled, probs, keyed, capacity=c.bucket_capacity, ttl_s=c.ttl_s
-        )
-        if c.session_capacity > 0:
-            await write_session_errors(
-                self.redis, self.keys, labelled, probs, capacity=c.session_capacity, ttl_s=c.ttl_s
-            )
+            if session:
+                c_hat, _ = estimates_from_values(
+                    reads[1].values(replies[len(reads[0]) :]),
+                    session_plan,
+                    probs,
+                    gamma=c.session_gamma,
+                    prior=c.prior,
+                )
+        calls = _lsh_calls(self.keys, lsh, labelled, probs, keyed, c.bucket_capacity)
+        if session:
+            calls += _session_calls(self.keys, labelled, probs, c.session_capacity)
+        if calls:
+            await _run_scripts(self.redis, calls, c.ttl_s)
         return MemoryEstimates(e_hat, c_hat)

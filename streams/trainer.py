@@ -142,7 +142,9 @@ class DSLTrainer:
             probs, hidden = self.served.predict_with_hidden(interactions)
             estimates: MemoryEstimates | None = None
             if self.memory is not None:
-                estimates = await self.memory.record(interactions, probs, hidden, self.standardizer)
+                estimates = await self.memory.record(
+                    interactions, probs, hidden, self.standardizer, estimate=self.fusion.enabled
+                )
             await self.fusion.learn(labelled, probs, estimates)
         c = self.cfg
         examples = training_examples(fresh, self.rng, list(self.item_pool), c.negatives, c.positive_kinds)
