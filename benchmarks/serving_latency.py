@@ -138,10 +138,10 @@ def load_main(args: argparse.Namespace) -> None:
 # ---- setup: state in Redis -----------------------------------------------------------------
 async def prepare_state(settings, data: Path | None, train_events: int, memory_events: int) -> dict[str, object]:
     import orjson
-    from redis.asyncio import Redis
 
     from driftrec.models.dsl import DSLRecommender, SparseScorer
     from driftrec.models.error_memory import RandomProjectionLSH
+    from driftrec.storage.client import connect
     from driftrec.storage.error_memory import MemoryKeys, write_errors
     from driftrec.storage.event_state import StateKeys
     from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
@@ -163,7 +163,7 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
         file=sys.stderr,
         flush=True,
     )
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings)  # a single Redis or, with DRIFTREC_REDIS_CLUSTER, a cluster client
     version = await publish_snapshot(
         redis, SnapshotKeys(settings.key_prefix, "dsl"), {"model": blob, "catalog": orjson.dumps(catalog)}
     )
@@ -203,17 +203,9 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
 
 
 def cleanup(settings) -> None:
-    import redis
+    from tests.infra import delete_prefix
 
-    client = redis.Redis.from_url(settings.redis_url)
-    batch = []
-    for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            client.unlink(*batch)
-            batch = []
-    if batch:
-        client.unlink(*batch)
+    delete_prefix(settings)
 
 
 def make_bodies(users: list[str], items: list[str], n: int, count: int, rng: np.random.Generator) -> list[str]:
@@ -236,6 +228,7 @@ def main() -> None:
     parser.add_argument("--counts", default="1,100,1000")
     parser.add_argument("--train-events", type=int, default=5_000)
     parser.add_argument("--memory-events", type=int, default=20_000)
+    parser.add_argument("--no-record", action="store_true", help="print the figures without logging them")
     # internal: the load-generator process
     parser.add_argument("--_load", dest="load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -262,6 +255,7 @@ def main() -> None:
             os.environ,
             DRIFTREC_KEY_PREFIX=settings.key_prefix,
             DRIFTREC_REDIS_URL=settings.redis_url,
+            DRIFTREC_REDIS_CLUSTER=str(settings.redis_cluster).lower(),
             DRIFTREC_SERVING__PORT=str(settings.serving.port),
             DRIFTREC_SERVING__MAX_CANDIDATES="2000",
         )
@@ -328,7 +322,7 @@ def main() -> None:
         results["cpu_cores"] = os.cpu_count() or 0
         results["load_avg_1m"] = round(os.getloadavg()[0], 2)
         results["errors"] = sum(int(s["errors"]) for s in per_count.values())
-        emit("serving_latency", results)
+        emit("serving_latency", results, record=not args.no_record)
     finally:
         if server is not None and server.poll() is None:
             server.terminate()

@@ -142,6 +142,18 @@ class ServingSettings(Section):
     kafka_agent: bool = True  # the worker also answers score-requests (serving/kafka_agent.py)
 
 
+class LineageSettings(Section):
+    """How the one trainer of each model is chosen and when it publishes (``streams.lineage``)."""
+
+    lease_ttl_s: float = Field(10.0, gt=0)  # a trainer silent this long loses its model to a standby
+    standby_poll_s: float = Field(1.0, gt=0)  # how often a standby asks for the lease
+    idle_publish_s: float = Field(1.0, ge=0)  # publish unpublished learning after this long without events
+    poll_timeout_s: float = Field(0.5, gt=0)  # longest wait for one fetch of events
+
+
+Role = Literal["ingest", "trainer"]
+
+
 class Settings(BaseSettings):
     """Where everything lives; defaults point at the embedded default on loopback."""
 
@@ -170,11 +182,15 @@ class Settings(BaseSettings):
     broker_rebalance_timeout_s: float = 3.0
     broker_session_timeout_s: float = 10.0
     broker_heartbeat_s: float = 1.0
+    # what a `driftrec worker` runs: ingest (consumer group; scales out) and/or trainer (one active
+    # trainer per model, the others standby); `driftrec trainer` runs the trainer role alone
+    worker_roles: frozenset[Role] = frozenset({"ingest", "trainer"})
 
     memory: MemorySettings = Field(default_factory=MemorySettings)
     dsl: DSLSettings = Field(default_factory=DSLSettings)
     tpp: TPPSettings = Field(default_factory=TPPSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    lineage: LineageSettings = Field(default_factory=LineageSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -41,11 +41,34 @@ def down() -> None:
 
 
 @app.command()
-def worker(loglevel: Annotated[str, typer.Option(help="crit, error, warn, info, debug")] = "info") -> None:
-    """Run a Faust worker (joins the consumer group; start more to scale out)."""
+def worker(
+    loglevel: Annotated[str, typer.Option(help="crit, error, warn, info, debug")] = "info",
+    roles: Annotated[
+        str | None, typer.Option(help="comma-separated: ingest, trainer (default: DRIFTREC_WORKER_ROLES, both)")
+    ] = None,
+) -> None:
+    """Run a worker: ingest joins the consumer group (start more to scale out); the trainer role
+    trains each model while it holds the model's lease and stands by otherwise."""
     from driftrec.worker import main
 
-    main(get_settings(), loglevel)
+    settings = get_settings()
+    if roles is not None:
+        chosen = {r.strip() for r in roles.split(",") if r.strip()}
+        unknown = chosen - {"ingest", "trainer"}
+        if unknown or not chosen:
+            raise typer.BadParameter(
+                f"unknown role(s) {sorted(unknown)}: choose from ingest, trainer", param_hint="--roles"
+            )
+        settings = settings.model_copy(update={"worker_roles": frozenset(chosen)})
+    main(settings, loglevel)
+
+
+@app.command()
+def trainer(loglevel: Annotated[str, typer.Option(help="crit, error, warn, info, debug")] = "info") -> None:
+    """Run the trainer role alone: one active trainer per model (lease), the others standby."""
+    from driftrec.worker import main
+
+    main(get_settings().model_copy(update={"worker_roles": frozenset({"trainer"})}), loglevel)
 
 
 @app.command()

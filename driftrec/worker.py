@@ -18,7 +18,7 @@ from driftrec.streams.worker import build_app, run_worker
 
 def build_worker(settings: Settings) -> faust.App:
     app = build_app(settings, default_learners(settings))
-    if settings.serving.kafka_agent:
+    if settings.serving.kafka_agent and "ingest" in settings.worker_roles:  # one group answers requests
         register_scoring_agent(app, settings, lambda: Scorer(settings))
     return app
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from driftrec.contract.events import DeadLetter, Event, InvalidEvent, parse_event
@@ -57,7 +57,3 @@ def dead_letter(msg: RawMessage, reason: str) -> DeadLetter:
         offset=msg.offset,
         ts=time.time(),
     )
-
-
-# A learner agent's work on one micro-batch of valid events; returns how many it learned.
-BatchHandler = Callable[[list[Event]], Awaitable[int]]

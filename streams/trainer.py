@@ -1,10 +1,10 @@
-"""The DSL trainer: learns from the stream in micro-batches and publishes versioned snapshots.
+"""The DSL trainer: learns from the stream in micro-batches; its snapshots are the ``dsl`` lineage.
 
-Why resume from the newest snapshot: a restarted worker continues the model it served instead
-of starting over, so a crash costs at most the steps since the last snapshot (every
-``snapshot_every_steps`` steps or ``snapshot_every_s`` seconds, whichever comes first).
-Redelivered events are not learned twice: each event id is marked once (SET NX) before its
-gradient step.
+It is driven by ``streams.lineage.LineageRunner``, which holds the model's lease, hands it every
+event exactly once (by offsets recorded in each snapshot) and publishes what ``snapshot_parts``
+returns when ``due`` says so (every ``snapshot_every_steps`` steps or ``snapshot_every_s``
+seconds, whichever comes first) or when the stream goes idle. A trainer that takes over
+``restore``s the newest snapshot, so a crash costs only re-learning the unpublished steps.
 
 Test-then-train around each fresh batch: the *served* snapshot (the one last published) scores
 the labelled events first; the error memories record those errors (``storage.error_memory``,
@@ -36,7 +36,6 @@ from driftrec.models.dsl import DSLRecommender, SparseScorer, sample_negatives
 from driftrec.models.error_memory import HiddenStandardizer
 from driftrec.models.fusion import read_fusion
 from driftrec.storage.error_memory import ErrorMemoryWriter, MemoryEstimates
-from driftrec.storage.snapshots import SnapshotKeys, load_snapshot, publish_snapshot
 from driftrec.streams.fusion import FusionLearner
 
 log = logging.getLogger(__name__)
@@ -80,14 +79,13 @@ def new_model(settings: Settings) -> DSLRecommender:
 
 
 class DSLTrainer:
-    """Stateful batch handler for the ``trainer`` agent."""
+    """The ``dsl`` lineage's learner (``streams.lineage.LineageLearner``): model, fusion weights and
+    the served snapshot's error-memory writes."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
         self.cfg = settings.dsl
-        self.keys = SnapshotKeys(settings.key_prefix, "dsl")
-        self.seen_prefix = f"{settings.key_prefix}:dsl:g{self.cfg.generation}:seen:"
         self.rng = np.random.default_rng(self.cfg.seed)
         self.model: DSLRecommender | None = None
         self.served: SparseScorer | None = None  # what the scoring service has loaded: the last publish
@@ -100,37 +98,34 @@ class DSLTrainer:
         self.version: int | None = None
         self.steps_since_publish = 0
         self.last_publish = time.monotonic()
+        self._next_served: SparseScorer | None = None
+        self._next_standardizer: HiddenStandardizer | None = None
 
-    async def _ensure_model(self) -> DSLRecommender:
+    def restore(self, parts: dict[str, bytes] | None) -> None:
+        """Continue the lineage from a snapshot's parts, or start a fresh model (``None``)."""
+        torch.set_num_threads(1)
+        if parts is not None and "model" in parts:
+            self.model = DSLRecommender.from_bytes(parts["model"])
+            self.served = SparseScorer.from_bytes(parts["model"])
+            if "hidden_stats" in parts:
+                self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"])
+            self.fusion.weights.resume(read_fusion(parts.get("fusion")))
+            self.catalog = orjson.loads(parts.get("catalog", b"{}"))
+            log.info("trainer resumed (step %d)", self.model.step)
+        else:
+            self.model = new_model(self.settings)
+
+    def _ensure_model(self) -> DSLRecommender:
         if self.model is None:
-            torch.set_num_threads(1)
-            snapshot = await load_snapshot(self.redis, self.keys)
-            if snapshot is not None and "model" in snapshot[1]:
-                self.version, parts = snapshot
-                self.model = DSLRecommender.from_bytes(parts["model"])
-                self.served = SparseScorer.from_bytes(parts["model"])
-                if "hidden_stats" in parts:
-                    self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"])
-                self.fusion.weights.resume(read_fusion(parts.get("fusion")))
-                self.catalog = orjson.loads(parts.get("catalog", b"{}"))
-                log.info("trainer resumed from snapshot v%s (step %d)", self.version, self.model.step)
-            else:
-                self.model = new_model(self.settings)
+            self.restore(None)
+        assert self.model is not None
         return self.model
-
-    async def _new_events(self, events: Sequence[Event]) -> list[Event]:
-        """Mark each event id once; only first deliveries are learned."""
-        pipe = self.redis.pipeline(transaction=False)
-        for event in events:
-            pipe.set(self.seen_prefix + event.event_id, 1, nx=True, ex=self.settings.dedup_ttl_s)
-        marked = await pipe.execute()
-        return [e for e, fresh in zip(events, marked) if fresh]
 
     async def handle(self, events: list[Event]) -> int:
         if not events:
             return 0
-        model = await self._ensure_model()
-        fresh = await self._new_events(events)
+        model = self._ensure_model()
+        fresh = events  # the lineage runner delivers each message once
         for e in fresh:
             if e.category:
                 self.catalog[e.item_id] = e.category
@@ -153,29 +148,34 @@ class DSLTrainer:
         for start in range(0, len(examples), c.batch_size):
             model.learn_many(examples[start : start + c.batch_size])
             self.steps_since_publish += 1
-        if self.steps_since_publish and (
-            self.steps_since_publish >= c.snapshot_every_steps
-            or time.monotonic() - self.last_publish >= c.snapshot_every_s
-        ):
-            await self.publish()
         return len(fresh)
 
-    async def publish(self) -> int:
-        model = await self._ensure_model()
+    def due(self) -> bool:
+        c = self.cfg
+        return self.steps_since_publish >= c.snapshot_every_steps or (
+            time.monotonic() - self.last_publish >= c.snapshot_every_s
+        )
+
+    async def snapshot_parts(self) -> dict[str, bytes]:
+        model = self._ensure_model()
         blob = model.to_bytes()
-        served = SparseScorer.from_bytes(blob)
+        self._next_served = SparseScorer.from_bytes(blob)
         parts = {"model": blob, "catalog": orjson.dumps(self.catalog)}
         if self.fusion.enabled:
             parts["fusion"] = self.fusion.weights.to_bytes()
+        self._next_standardizer = None
         if self.recent:
-            standardizer = HiddenStandardizer.fit(served.predict_with_hidden(list(self.recent))[1])
-            parts["hidden_stats"] = standardizer.to_bytes()
-        self.version = await publish_snapshot(self.redis, self.keys, parts)
-        self.served = served
-        self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"]) if "hidden_stats" in parts else None
+            self._next_standardizer = HiddenStandardizer.fit(
+                self._next_served.predict_with_hidden(list(self.recent))[1]
+            )
+            parts["hidden_stats"] = self._next_standardizer.to_bytes()
+        return parts
+
+    def published(self, version: int) -> None:
+        """From now on the batch errors are those of the snapshot just published: the one serving loads."""
+        self.version = version
+        self.served, self.standardizer = self._next_served, self._next_standardizer
         self.steps_since_publish = 0
         self.last_publish = time.monotonic()
-        log.info(
-            "published DSL snapshot v%d (step %d, %d active params)", self.version, model.step, model.n_active_params
-        )
-        return self.version
+        model = self._ensure_model()
+        log.info("published DSL snapshot v%d (step %d, %d active params)", version, model.step, model.n_active_params)

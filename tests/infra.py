@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 
@@ -106,17 +107,26 @@ def delete_prefix(settings: Settings, prefix: str | None = None) -> None:
 
 
 class WorkerProcess:
-    """A real `driftrec worker` subprocess; ``kill()`` sends SIGKILL like a crashed host."""
+    """A real `driftrec worker` (or ``command``, e.g. ``("trainer",)``) subprocess; ``kill()`` sends
+    SIGKILL like a crashed host, ``pause()`` SIGSTOP like a host that froze."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, command: tuple[str, ...] = ("worker",)) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.command = command
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "driftrec.cli", "worker", "--loglevel", "warn"],
+            [
+                sys.executable,
+                "-m",
+                "driftrec.cli",
+                *self.command,
+                "--loglevel",
+                os.environ.get("DRIFTREC_TEST_LOGLEVEL", "warn"),
+            ],
             env=settings_env(self.settings),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -137,6 +147,24 @@ class WorkerProcess:
                 name, _, value = line.rpartition(" ")
                 out[name] = float(value)
         return out
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            return cast(dict[str, Any], httpx.get(f"{self.url}/healthz", timeout=1.0).json())
+        except httpx.HTTPError:
+            return None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.worker_web_port}"
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

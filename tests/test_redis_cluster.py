@@ -23,9 +23,10 @@ from driftrec.models.error_memory import ErrorMemory, RandomProjectionLSH, Serve
 from driftrec.serving.app import create_app
 from driftrec.storage.client import connect, is_cluster
 from driftrec.storage.error_memory import MemoryKeys, read_estimates, write_errors, write_session_errors
-from driftrec.storage.event_state import StateKeys
+from driftrec.storage.event_state import EventState, StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, StaleEpoch, acquire_lease, load_snapshot, publish_snapshot
 from driftrec.streams.datasets import taobao_sample_events
+from driftrec.streams.propensity import PropensityWriter
 from driftrec.streams.replay import publish
 from driftrec.streams.tpp_agent import TPPLearner
 from tests.conftest import SHARED_DATA
@@ -79,13 +80,17 @@ async def test_storage_answers_like_the_reference_across_slots(on_cluster: Setti
         settings = on_cluster.model_copy(deep=True)
         settings.tpp.period_events = 150
         events = taobao_sample_events(SHARED_DATA)[:300]
+        await EventState(client, settings.key_prefix, settings.user_seq_len, settings.dedup_ttl_s).apply(events)
         learner = TPPLearner(client, settings)
         assert await learner.handle(events) == len(events)
-        assert await learner.handle(events) == 0  # a redelivered batch is not learned again
+        assert learner.due()  # a period boundary asks for a snapshot
+        tpp_keys = SnapshotKeys(settings.key_prefix, "tpp")
+        learner.published(await publish_snapshot(client, tpp_keys, await learner.snapshot_parts()))
+        settings.serving.reload_every_s = 0.0
+        assert await PropensityWriter(client, settings).write(events) > 0  # the ingest role's TPP side
         state = StateKeys(settings.key_prefix)
         stored = await client.get(state.user_tpp(events[-1].user_id))
         assert stored is not None and orjson.loads(stored)["probs"]
-        assert learner.snapshot_version is not None  # a period boundary published the TPP snapshot
     finally:
         await client.aclose()
 
