@@ -193,8 +193,8 @@ def run_failover(settings: Settings, tmp_path: Path, stopper: list[WorkerProcess
             # every valid event learned exactly once: the offsets account for each message once
             assert (final.messages, final.events, final.learned) == (n, n, n), final
             watch.assert_one_lineage()
-            if model in victim_led:  # the lineage really changed hands
-                assert len({watch.seen[v].epoch for v in watch.order}) >= 2
+            if model in victim_led:  # the lineage really changed hands (the victim may not have published it yet)
+                assert final.epoch >= 2 and final.owner != ""
         health = survivor.health()
         assert health is not None and health["lineages"]["dsl"]["active"]
 
