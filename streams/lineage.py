@@ -135,7 +135,6 @@ class LineageStats:
         self.version: int | None = None
         self.lease_lost = 0
         self.last_lease_lost: float | None = None
-        self.publishes = 0
         self.lag: dict[int, int] = {}
 
 
@@ -275,28 +274,34 @@ class LineageRunner:
             fetched = await consumer.getmany(
                 timeout_ms=int(self.cfg.poll_timeout_s * 1000), max_records=self.settings.worker_batch_size
             )
-            if fetched:
-                started = time.perf_counter()
-                messages = [m for tp in sorted(fetched, key=lambda t: t.partition) for m in fetched[tp]]
-                raw = [
-                    RawMessage(value=m.value, key=m.key, topic=m.topic, partition=m.partition, offset=m.offset)
-                    for m in messages
-                ]
-                valid, _ = split_valid(raw)  # ingest dead-letters the rest; the trainer only skips them
-                learned = await learner.handle(valid)
-                for m in messages:
-                    position.next_offsets[m.partition] = m.offset + 1
-                position.messages += len(messages)
-                position.events += len(valid)
-                position.learned += learned
-                self._unpublished += len(messages)
+            started = time.perf_counter()
+            batch = await self._learn_batch(learner, position, fetched) if fetched else None
+            if batch is not None:
                 last_event = time.monotonic()
             idle = time.monotonic() - last_event >= self.cfg.idle_publish_s
             if self._unpublished and (learner.due() or idle):
                 await self._publish(consumer, learner, position, epoch)
                 last_renew = time.monotonic()  # a publish under the epoch proves the lease
-            if fetched and self.on_batch is not None:  # after the publish: a batch counts once served
-                self.on_batch(len(valid), learned, time.perf_counter() - started)
+            if batch is not None and self.on_batch is not None:  # after the publish: a batch counts once served
+                self.on_batch(*batch, time.perf_counter() - started)
+
+    async def _learn_batch(self, learner: LineageLearner, position: LineagePosition, fetched: dict) -> tuple[int, int]:
+        """Hand one fetch's valid events to the learner and move the position past every message;
+        returns (valid events, learned)."""
+        messages = [m for tp in sorted(fetched, key=lambda t: t.partition) for m in fetched[tp]]
+        raw = [
+            RawMessage(value=m.value, key=m.key, topic=m.topic, partition=m.partition, offset=m.offset)
+            for m in messages
+        ]
+        valid, _ = split_valid(raw)  # ingest dead-letters the rest; the trainer only skips them
+        learned = await learner.handle(valid)
+        for m in messages:
+            position.next_offsets[m.partition] = m.offset + 1
+        position.messages += len(messages)
+        position.events += len(valid)
+        position.learned += learned
+        self._unpublished += len(messages)
+        return len(valid), learned
 
     async def _publish(
         self, consumer: AIOKafkaConsumer, learner: LineageLearner, position: LineagePosition, epoch: int
@@ -311,7 +316,6 @@ class LineageRunner:
         learner.published(version)
         self._unpublished = 0
         self.stats.version = version
-        self.stats.publishes += 1
         log.info("%s v%d published at epoch %d (%d messages learned)", self.model, version, epoch, position.messages)
         commit = {
             TopicPartition(position.topic, p): OffsetAndMetadata(o, f"v{version}")

@@ -59,7 +59,8 @@ async def user_sequences(
     pipe = redis.pipeline(transaction=False)
     users = sorted(by_user)
     for user in users:
-        pipe.zrange(keys.user_seq(user), 0, -1, withscores=True)
+        # only the stored newest max_len can survive the cut below (same order as the ZSET's)
+        pipe.zrange(keys.user_seq(user), -max_len, -1, withscores=True)
     rows = await pipe.execute()
     out: dict[str, UserSequence] = {}
     for user, stored in zip(users, rows):

@@ -6,7 +6,7 @@ returns when ``due`` says so (every ``snapshot_every_steps`` steps or ``snapshot
 seconds, whichever comes first) or when the stream goes idle. A trainer that takes over
 ``restore``s the newest snapshot, so a crash costs only re-learning the unpublished steps.
 
-Test-then-train around each fresh batch: the *served* snapshot (the one last published) scores
+Test-then-train around each batch: the *served* snapshot (the one last published) scores
 the labelled events first; the error memories record those errors (``storage.error_memory``,
 which says why this happens here) and the fusion weights learn from the same predictions
 (``streams.fusion``); only then does the model take its gradient steps.
@@ -125,11 +125,10 @@ class DSLTrainer:
         if not events:
             return 0
         model = self._ensure_model()
-        fresh = events  # the lineage runner delivers each message once
-        for e in fresh:
+        for e in events:  # the lineage runner delivers each message once
             if e.category:
                 self.catalog[e.item_id] = e.category
-        labelled = [e for e in fresh if e.label is not None]
+        labelled = [e for e in events if e.label is not None]
         if self.served is not None and labelled and (self.memory is not None or self.fusion.enabled):
             # test-then-train: what the served snapshot predicted, before the model learns the batch
             # (one forward pass feeds both the error memories and the fusion weights)
@@ -142,13 +141,13 @@ class DSLTrainer:
                 )
             await self.fusion.learn(labelled, probs, estimates)
         c = self.cfg
-        examples = training_examples(fresh, self.rng, list(self.item_pool), c.negatives, c.positive_kinds)
-        self.item_pool.extend(e.item_id for e in fresh)
+        examples = training_examples(events, self.rng, list(self.item_pool), c.negatives, c.positive_kinds)
+        self.item_pool.extend(e.item_id for e in events)
         self.recent.extend(x for x in examples if x.label is not None)
         for start in range(0, len(examples), c.batch_size):
             model.learn_many(examples[start : start + c.batch_size])
             self.steps_since_publish += 1
-        return len(fresh)
+        return len(events)
 
     def due(self) -> bool:
         c = self.cfg
