@@ -86,11 +86,20 @@ class Event(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    """What goes to ``events.dlq``: the original bytes (lossless) and why they were refused."""
+    """What goes to ``events.dlq``: the original bytes and why they were refused.
+
+    The copy is lossless up to ``ingest.dlq_copy_bytes``; a larger original is cut there
+    (``truncated``), and its size and SHA-256 still identify it in the source topic, which
+    ``topic``/``partition``/``offset`` locate: a letter must fit the broker's message limit, or the
+    bad event would take the good ones of its batch down with it.
+    """
 
     reason: str
-    original: str  # the raw value, decoded as UTF-8 with replacement, for people
-    original_b64: str  # the exact raw bytes, for replaying after a fix
+    original: str  # the raw value (or its first bytes), decoded as UTF-8 with replacement, for people
+    original_b64: str  # the exact raw bytes (or their first ones), for replaying after a fix
+    original_bytes: int = 0  # the size of the whole original value
+    original_sha256: str = ""  # of the whole original value
+    truncated: bool = False  # the copies above hold only the first bytes of the original
     key: str | None = None
     topic: str
     partition: int | None = None

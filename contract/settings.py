@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DRIFTREC_"
@@ -87,6 +87,9 @@ class DSLSettings(Section):
     positive_kinds: frozenset[str] = frozenset({"click", "purchase", "cart", "fav", "buy"})
     negatives: int = 4
     negative_pool: int = 5000
+    # items whose category the snapshot carries for serving (the most recently seen ones): bounds
+    # the snapshot as the catalog grows; an item beyond it is scored without its category
+    catalog_size: int = Field(50_000, gt=0)
     hidden_stats_sample: int = 2000  # recent labelled samples the published hidden statistics are fitted on
     snapshot_every_steps: int = 50
     snapshot_every_s: float = 5.0
@@ -139,6 +142,15 @@ class ServingSettings(Section):
     eps: float = 1e-4  # base + compensation is kept in [eps, 1 - eps] so the logit is finite
     reload_every_s: float = 1.0  # <= 0: no background reload (call Scorer.refresh yourself)
     max_body_bytes: int = 1 << 20  # requests larger than this are refused with 413 before parsing
+    # a request body not read within this long is answered 408 (a client trickling bytes holds a slot)
+    body_timeout_s: float = Field(5.0, gt=0)
+    # requests served at once; beyond it uvicorn answers 503 at once instead of queueing without bound
+    max_concurrency: int = Field(512, gt=0)
+    # a request's Redis reads taking longer than this are abandoned: it is answered from the model
+    # alone, flagged degraded (a hung Redis must not hold every request for the socket timeout)
+    redis_deadline_s: float = Field(0.5, gt=0)
+    # when set, /v1/score needs ``Authorization: Bearer <key>`` (health and metrics stay open)
+    api_key: SecretStr | None = None
     kafka_agent: bool = True  # the worker also answers score-requests (serving/kafka_agent.py)
 
 
@@ -149,6 +161,43 @@ class LineageSettings(Section):
     standby_poll_s: float = Field(1.0, gt=0)  # how often a standby asks for the lease
     idle_publish_s: float = Field(1.0, ge=0)  # publish unpublished learning after this long without events
     poll_timeout_s: float = Field(0.5, gt=0)  # longest wait for one fetch of events
+
+
+class IngestSettings(Section):
+    """What ingest accepts, how it dead-letters and how it rides out a failing Redis or broker
+    (``streams.ingest``)."""
+
+    # a message value larger than this is dead-lettered unparsed (the contract's largest event,
+    # 256 features of 1 KiB, is ~300 KiB)
+    max_event_bytes: int = Field(512 * 1024, gt=0)
+    # the copy of the original a dead letter carries is cut to this many bytes (the letter says so
+    # and keeps the size and SHA-256 of the whole); a letter must fit the broker's message limit
+    dlq_copy_bytes: int = Field(64 * 1024, ge=0)
+    # the message key must equal user_id (it decides the partition, so one user's events stay in
+    # order); false accepts keyless messages
+    require_key: bool = True
+    # a failing Redis or broker: the batch is retried from this delay, doubling up to the cap,
+    # and its offsets are not committed until it is applied
+    retry_backoff_s: float = Field(0.1, gt=0)
+    retry_backoff_max_s: float = Field(5.0, gt=0)
+
+
+class KafkaSecurity(Section):
+    """How every Kafka client of driftrec authenticates (Faust, aiokafka, kafka-python alike)."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None  # CA bundle that signed the brokers' certificates (default: system's)
+    ssl_certfile: Path | None = None  # client certificate, for brokers that require mutual TLS
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> KafkaSecurity:
+        if self.protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"kafka_security.protocol {self.protocol} needs sasl_username and sasl_password")
+        return self
 
 
 Role = Literal["ingest", "trainer"]
@@ -171,11 +220,17 @@ class Settings(BaseSettings):
     dedup_ttl_s: int = 7 * 24 * 3600
     # newest events kept per user by ingest (the TPP reads its window, tpp.max_seq_len, from them)
     user_seq_len: int = 256
+    # per-user and per-item state (sequence, counts, propensities) expires this long after its
+    # last event, so users and items that went away stop holding memory; 0 keeps it for ever
+    state_ttl_s: int = Field(30 * 24 * 3600, ge=0)
+    # a hung Redis fails a call after this long instead of holding a request or a batch
+    redis_socket_timeout_s: float = Field(2.0, gt=0)
+    redis_connect_timeout_s: float = Field(1.0, gt=0)
     home: Path = Field(default_factory=_default_home)
     shared_data: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
     worker_id: str = "driftrec-worker"
-    worker_web_host: str = "127.0.0.1"
+    worker_web_host: str = "127.0.0.1"  # the worker's /metrics and /healthz (loopback unless asked)
     worker_web_port: int = 6066
     worker_batch_size: int = 500
     worker_batch_within_s: float = 0.5
@@ -191,6 +246,8 @@ class Settings(BaseSettings):
     tpp: TPPSettings = Field(default_factory=TPPSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     lineage: LineageSettings = Field(default_factory=LineageSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    kafka_security: KafkaSecurity = Field(default_factory=KafkaSecurity)
 
     @model_validator(mode="before")
     @classmethod

@@ -132,7 +132,10 @@ def start_broker(settings: Settings) -> str:
         ],
     )
     _wait(lambda: kafka_answers(settings), f"Tansu at {url}", 30)
-    return f"started Tansu (pid {pid}) at {endpoint.host}:{endpoint.port}"
+    return (
+        f"started Tansu (pid {pid}) at {endpoint.host}:{endpoint.port} with MEMORY storage: when it stops, "
+        "its topics, dead letters and offsets are gone (README: the embedded broker)"
+    )
 
 
 def start_redis(settings: Settings) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from pydantic import BaseModel, SecretStr
 
 from driftrec.contract.settings import Settings
 
@@ -32,6 +33,16 @@ def _env_value(value: object) -> str:
     return str(value)
 
 
+def _reveal_secrets(model: BaseModel, dumped: dict[str, object]) -> None:
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = field.alias or name
+        if isinstance(value, SecretStr):
+            dumped[key] = value.get_secret_value()
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(key), dict):
+            _reveal_secrets(value, dumped[key])  # type: ignore[arg-type]  # a section's dump is a dict
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a `driftrec` subprocess see exactly these settings.
 
@@ -40,6 +51,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTREC_")}
     dumped = settings.model_dump(mode="json", by_alias=True)
+    _reveal_secrets(settings, dumped)  # JSON dumps mask them; a child needs the real ones
     for name, value in dumped.items():
         if isinstance(value, dict):
             for field, inner in value.items():
@@ -158,3 +170,62 @@ def start_worker(settings: Settings, log_path: Path) -> ChildProcess:
 
 def start_server(settings: Settings, log_path: Path) -> ChildProcess:
     return ChildProcess("scoring service", ["serve"], settings, log_path).start(lambda: serving_healthy(settings))
+
+
+class RedisServer:
+    """A private ``redis-server`` on loopback that can be killed, restarted and frozen, for the
+    fault tests and ``benchmarks/faults.py``. It keeps an append-only file fsynced on every write,
+    so a SIGKILL and restart loses no acknowledged write: what such a test measures is driftrec's
+    loss, not Redis's."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder = folder
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 20.0) -> RedisServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)]
+        argv += ["--logfile", str(self.folder / "redis.log")]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ping():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout_s:.0f} s")
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()

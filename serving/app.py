@@ -23,11 +23,13 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
@@ -38,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from driftrec.contract.settings import Settings
 from driftrec.serving.schemas import (
@@ -47,16 +50,22 @@ from driftrec.serving.schemas import (
     check_request,
     validation_error,
 )
-from driftrec.serving.scorer import Scorer
+from driftrec.serving.scorer import REDIS_DOWN, Scorer
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
-def _error(status: int, error: str, message: str, detail: list[dict[str, Any]] | None = None) -> Response:
+def _error(
+    status: int,
+    error: str,
+    message: str,
+    detail: list[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     body = {"error": error, "message": message, "detail": detail or []}
-    return Response(orjson.dumps(body), status_code=status, media_type=JSON)
+    return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
 
 
 def _error_model(status: int, err: ErrorResponse) -> Response:
@@ -157,6 +166,14 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
     app.state.metrics = metrics
     max_candidates = settings.serving.max_candidates
     max_body = settings.serving.max_body_bytes
+    body_timeout = settings.serving.body_timeout_s
+    api_key = settings.serving.api_key.get_secret_value().encode() if settings.serving.api_key else None
+
+    def authorized(request: Request) -> bool:
+        if api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key)
 
     request_schema = ScoreRequest.model_json_schema()
     request_schema["properties"]["candidates"]["maxItems"] = max_candidates
@@ -168,6 +185,8 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
         responses={
             200: {"model": ScoreResponse, "description": "ranked candidates"},
             400: error_doc,
+            401: error_doc,
+            408: error_doc,
             413: error_doc,
             415: error_doc,
             422: error_doc,
@@ -177,16 +196,25 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
     )
     async def score(request: Request) -> Response:
         started = time.perf_counter()
-        response = await _score(request)
+        try:
+            response = await _score(request)
+        except ClientDisconnect:  # the client left mid-body: nobody reads an answer, nothing to log
+            response = Response(status_code=499)
         metrics.requests.labels(str(response.status_code)).inc()
         metrics.latency.observe(time.perf_counter() - started)
         return response
 
     async def _score(request: Request) -> Response:
+        if not authorized(request):
+            headers = {"WWW-Authenticate": "Bearer"}
+            return _error(401, "unauthorized", "a valid 'Authorization: Bearer <key>' is required", headers=headers)
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype != JSON:
             return _error(415, "unsupported_media_type", f"Content-Type must be {JSON}, got {ctype or 'none'!r}")
-        body = await _read_capped(request, max_body)
+        try:
+            body = await asyncio.wait_for(_read_capped(request, max_body), body_timeout)
+        except TimeoutError:
+            return _error(408, "request_timeout", f"request body not received within {body_timeout:g} s")
         if body is None:
             return _error(413, "payload_too_large", f"request body exceeds {max_body} bytes")
         try:
@@ -207,6 +235,8 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
     async def healthz() -> Response:
         snap = the_scorer.current
         degraded = the_scorer.stats.degraded(time.time())
+        if not await the_scorer.redis_answers() and not any(r.startswith("redis unreachable") for r in degraded):
+            degraded.append(REDIS_DOWN)
         body = {
             "status": "degraded" if degraded else "ok",  # 200 either way: liveness, not readiness
             "degraded": degraded,
@@ -225,7 +255,7 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, kind, str(exc.detail))
+        return _error(exc.status_code, kind, str(exc.detail), headers=exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(_: Request, exc: RequestValidationError) -> Response:
@@ -255,4 +285,5 @@ def run_server(settings: Settings) -> None:
         loop="auto",
         http="auto",
         timeout_keep_alive=int(math.ceil(settings.serving.keep_alive_s)),
+        limit_concurrency=settings.serving.max_concurrency,  # beyond it: 503 at once, not an unbounded queue
     )

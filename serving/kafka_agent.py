@@ -66,9 +66,12 @@ async def handle_request(scorer: Scorer, value: bytes | None, max_candidates: in
         )
     try:
         result = await scorer.score(req.user_id, req.candidates, req.ts)
-    except Exception as exc:
+    except Exception:
         log.exception("scoring request %s failed", req.request_id)
-        return req.request_id, _error_result(req.request_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        # the caller learns that it failed, not how: exception text can name hosts, keys or paths
+        return req.request_id, _error_result(
+            req.request_id, "internal_error", "internal error while scoring; the service keeps running"
+        )
     return req.request_id, orjson.dumps({"request_id": req.request_id, "response": result.to_dict(), "error": None})
 
 

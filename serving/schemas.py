@@ -38,7 +38,11 @@ class ScoreRequest(BaseModel):
 
     user_id: Id
     candidates: list[Id] = Field(min_length=1, max_length=HARD_MAX_CANDIDATES)
-    ts: float | None = Field(None, description="request time, Unix seconds; default: now")
+    ts: float | None = Field(
+        None,
+        description=f"request time, Unix seconds, in [{MIN_TS:.0f} (1990-01-01), now + 1 day]; default: now",
+        json_schema_extra={"minimum": MIN_TS},
+    )
 
     @field_validator("ts", mode="before")
     @classmethod
@@ -78,6 +82,10 @@ class ScoreResponse(BaseModel):
     model_version: int | None = Field(description="DSL snapshot version used; null before the first snapshot")
     items: list[ScoredItem] = Field(description="sorted by score, descending")
     took_ms: float
+    degraded: bool = Field(
+        False, description="true when the answer lacks a term it should have (e.g. Redis was unreachable)"
+    )
+    degraded_reasons: list[str] = Field(default_factory=list, description="why the answer is degraded")
 
 
 class ErrorDetail(BaseModel):

@@ -111,10 +111,26 @@ class ScoreResult:
                 self.item_ids, self.score.tolist(), self.base.tolist(), self.compensation.tolist(), self.tpp.tolist()
             )
         ]
-        return {"user_id": self.user_id, "model_version": self.model_version, "items": items, "took_ms": self.took_ms}
+        return {
+            "user_id": self.user_id,
+            "model_version": self.model_version,
+            "items": items,
+            "took_ms": self.took_ms,
+            "degraded": bool(self.degraded_reasons),
+            "degraded_reasons": self.degraded_reasons,
+        }
+
+    @property
+    def degraded_reasons(self) -> list[str]:
+        """What this answer lacks (empty: nothing); a caller may prefer its own fallback then."""
+        return [] if self.redis_ok else [REDIS_DOWN]
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
+
+
+REDIS_DOWN = "redis unreachable: no error-memory or TPP correction"
+READ_FAILURES: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TimeoutError)  # a failed or too slow read
 
 
 @dataclass
@@ -263,6 +279,13 @@ class Scorer:
             session_lambda=mu.lam if mu else None,
         )
 
+    async def redis_answers(self, timeout_s: float = 1.0) -> bool:
+        """Whether Redis answers a PING now (the health check's truthful part)."""
+        try:
+            return bool(await asyncio.wait_for(self.redis.ping(), timeout_s))
+        except Exception:  # any failure to answer is "no"
+            return False
+
     # ---- scoring -------------------------------------------------------------------------------
     async def score(self, user_id: str, candidates: Sequence[str], ts: float | None = None) -> ScoreResult:
         """Fused scores of the distinct candidates, best first (see the module doc for the rule)."""
@@ -302,8 +325,8 @@ class Scorer:
             for read in reads:
                 read.queue(pipe)
             try:
-                raw = await pipe.execute()
-            except REDIS_ERRORS as exc:
+                raw = await asyncio.wait_for(pipe.execute(), s.serving.redis_deadline_s)
+            except READ_FAILURES as exc:
                 redis_ok = False
                 self.stats.redis_errors += 1
                 self.stats.last_redis_error_at = time.time()

@@ -18,7 +18,7 @@ import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from driftrec.contract.settings import Settings
 
@@ -26,18 +26,40 @@ from driftrec.contract.settings import Settings
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 
+# Replies of a Redis that is up but cannot serve right now (loading, out of memory, failing over)
+_TRANSIENT_REPLIES = ("LOADING", "OOM", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "READONLY")
+
+
+def _timeouts(settings: Settings) -> dict[str, Any]:
+    """A hung Redis (SIGSTOP, a dead host) fails a call after the socket timeout instead of holding
+    a request or a batch for the kernel's minutes; callers decide whether to retry."""
+    return {
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "health_check_interval": 15,
+    }
+
+
 def connect(settings: Settings) -> Any:
     """An asyncio client for ``settings.redis_url`` (bind it to the loop that uses it)."""
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url)
-    return Redis.from_url(settings.redis_url)
+        return RedisCluster.from_url(settings.redis_url, **_timeouts(settings))
+    return Redis.from_url(settings.redis_url, **_timeouts(settings))
 
 
 def connect_sync(settings: Settings) -> Any:
     """A blocking client, for command-line tools and the harness outside an event loop."""
     if settings.redis_cluster:
-        return redis.cluster.RedisCluster.from_url(settings.redis_url)
-    return redis.Redis.from_url(settings.redis_url)
+        return redis.cluster.RedisCluster.from_url(settings.redis_url, **_timeouts(settings))
+    return redis.Redis.from_url(settings.redis_url, **_timeouts(settings))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a Redis failure may pass by itself (connection, timeout, loading, failover), so the
+    work is worth retrying as it is; a script or type error is not."""
+    if isinstance(exc, ResponseError | NoScriptError):
+        return str(exc).startswith(_TRANSIENT_REPLIES)
+    return isinstance(exc, REDIS_ERRORS)
 
 
 def is_cluster(client: Any) -> bool:

@@ -294,13 +294,14 @@ def _session_calls(
     return _script_calls(per_bucket, lambda code: code % keys.n_shards, keys.session_bucket, capacity)
 
 
-async def _run_scripts(redis: Redis, calls: list[ScriptCall], ttl_s: int) -> list[int]:
+async def _run_scripts(redis: Redis, calls: list[ScriptCall], ttl_s: int | Sequence[int]) -> list[int]:
     """One pipelined round trip of bucket writes (``Scripts`` reloads a lost script and redoes the
-    batch, safe because the script is idempotent per event_id)."""
+    batch, safe because the script is idempotent per event_id); ``ttl_s`` for all, or per call."""
+    ttls = [ttl_s] * len(calls) if isinstance(ttl_s, int) else list(ttl_s)
 
     def build(pipe: Any) -> None:
-        for keys_, capacity, args in calls:
-            pipe.execute_command("EVALSHA", WRITE_BUCKETS_SHA, len(keys_), *keys_, capacity, ttl_s, *args)
+        for (keys_, capacity, args), ttl in zip(calls, ttls):
+            pipe.execute_command("EVALSHA", WRITE_BUCKETS_SHA, len(keys_), *keys_, capacity, ttl, *args)
 
     return [int(r) for r in await _SCRIPTS.execute(redis, build)]
 
@@ -522,6 +523,7 @@ class ErrorMemoryWriter:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.cfg = settings.memory
+        self.session_ttl_s = settings.state_ttl_s
         self.generation = settings.dsl.generation
         self.keys = MemoryKeys.from_settings(settings.key_prefix, self.generation, self.cfg.n_shards)
         self.lsh: RandomProjectionLSH | None = None
@@ -585,8 +587,13 @@ class ErrorMemoryWriter:
                     prior=c.prior,
                 )
         calls = _lsh_calls(self.keys, lsh, labelled, probs, keyed, c.bucket_capacity)
+        ttls = [c.ttl_s] * len(calls)
         if session:
-            calls += _session_calls(self.keys, labelled, probs, c.session_capacity)
+            # one bucket per (user, category): unbounded in number, so they expire with the user
+            # (``state_ttl_s``) even where the LSH buckets, bounded by their codes, keep for ever
+            session_calls = _session_calls(self.keys, labelled, probs, c.session_capacity)
+            calls += session_calls
+            ttls += [self.session_ttl_s or c.ttl_s] * len(session_calls)
         if calls:
-            await _run_scripts(self.redis, calls, c.ttl_s)
+            await _run_scripts(self.redis, calls, ttls)
         return MemoryEstimates(e_hat, c_hat)

@@ -25,7 +25,8 @@ from driftrec.contract.interaction import stable_hash
 from driftrec.storage.client import Scripts
 
 # One call per user (per item) and micro-batch: KEYS = [seq, counts, seen_1..seen_n] (user) or
-# [counts, seen_1..seen_n] (item); ARGV[3] is a JSON array of that entity's events in the batch.
+# [counts, seen_1..seen_n] (item); ARGV[3] is a JSON array of that entity's events in the batch,
+# ARGV[4] the state TTL (0: none), refreshed by every new event so only idle users expire.
 _USER_SCRIPT = """
 local ttl, keep = ARGV[1], tonumber(ARGV[2])
 local events = cjson.decode(ARGV[3])
@@ -44,16 +45,22 @@ for i, e in ipairs(events) do
 end
 if new == 0 then return 0 end
 redis.call('ZADD', KEYS[1], unpack(zargs))
+local state_ttl = tonumber(ARGV[4])
 for field, by in pairs(incr) do redis.call('HINCRBY', KEYS[2], field, by) end
 local stored = redis.call('HGET', KEYS[2], 'last_ts')
 if (not stored) or tonumber(stored) < tonumber(last) then redis.call('HSET', KEYS[2], 'last_ts', last) end
 local n = redis.call('ZCARD', KEYS[1])
 if n > keep then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - keep - 1) end
+if state_ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], state_ttl)
+  redis.call('EXPIRE', KEYS[2], state_ttl)
+end
 return new
 """
 
 # Items are grouped into ITEM_SHARDS hash tags so one call updates every item of a shard that a
-# batch touches: KEYS = [seen_1..seen_n, counts_1..counts_n], ARGV[2] = [[kind, label, category], ...].
+# batch touches: KEYS = [seen_1..seen_n, counts_1..counts_n], ARGV[2] = [[kind, label, category], ...],
+# ARGV[3] the state TTL (0: none).
 # The item hash also remembers the item's category, so serving can look it up with the counts.
 _ITEM_SCRIPT = """
 local ttl = ARGV[1]
@@ -74,8 +81,10 @@ for i, e in ipairs(events) do
     end
   end
 end
+local state_ttl = tonumber(ARGV[3])
 for key, c in pairs(incr) do
   for field, by in pairs(c) do redis.call('HINCRBY', key, field, by) end
+  if state_ttl > 0 then redis.call('EXPIRE', key, state_ttl) end
 end
 return 0
 """
@@ -119,20 +128,25 @@ def sequence_member(event: Event) -> bytes:
 class EventState:
     """Applies events to Redis state; one pipelined round trip per micro-batch."""
 
-    def __init__(self, redis: Redis, prefix: str, max_seq_len: int, dedup_ttl_s: int):
+    def __init__(self, redis: Redis, prefix: str, max_seq_len: int, dedup_ttl_s: int, state_ttl_s: int = 0):
         self.redis = redis
         self.keys = StateKeys(prefix)
         self.max_seq_len = max_seq_len
         self.dedup_ttl_s = dedup_ttl_s
+        self.state_ttl_s = state_ttl_s
         self._scripts = Scripts(_USER_SCRIPT, _ITEM_SCRIPT)
 
     async def apply(self, events: Sequence[Event]) -> int:
-        """Apply a batch; return how many events were new (the rest were redeliveries)."""
+        """Apply a batch; return how many events were new (the rest were redeliveries). Copies of
+        one id should be judged before (``storage.claims``); here the first copy wins."""
         if not events:
             return 0
         by_user: dict[str, list[Event]] = defaultdict(list)
         by_shard: dict[int, list[Event]] = defaultdict(list)
-        for e in {e.event_id: e for e in events}.values():
+        first: dict[str, Event] = {}
+        for e in events:
+            first.setdefault(e.event_id, e)
+        for e in first.values():
             by_user[e.user_id].append(e)
             by_shard[self.keys.item_shard(e.item_id)].append(e)
         k = self.keys
@@ -148,14 +162,16 @@ class EventState:
                     k.user_counts(user_id),
                     *(k.user_seen(user_id, e.event_id) for e in user_events),
                 ]
-                pipe.execute_command("EVALSHA", user_sha, len(keys), *keys, self.dedup_ttl_s, self.max_seq_len, payload)
+                pipe.execute_command(
+                    "EVALSHA", user_sha, len(keys), *keys, self.dedup_ttl_s, self.max_seq_len, payload, self.state_ttl_s
+                )
             for shard_events in by_shard.values():
                 payload = orjson.dumps([[e.kind, _label(e), e.category or ""] for e in shard_events])
                 keys = [
                     *(k.item_seen(e.item_id, e.event_id) for e in shard_events),
                     *(k.item_counts(e.item_id) for e in shard_events),
                 ]
-                pipe.execute_command("EVALSHA", item_sha, len(keys), *keys, self.dedup_ttl_s, payload)
+                pipe.execute_command("EVALSHA", item_sha, len(keys), *keys, self.dedup_ttl_s, payload, self.state_ttl_s)
 
         results = await self._scripts.execute(self.redis, build)
         return sum(int(r) for r in results[: len(by_user)])

@@ -47,6 +47,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.storage.claims import EventClaims
 from driftrec.storage.snapshots import (
     SnapshotKeys,
     StaleEpoch,
@@ -55,7 +56,8 @@ from driftrec.storage.snapshots import (
     publish_snapshot,
     release_lease,
 )
-from driftrec.streams.ingest import RawMessage, split_valid
+from driftrec.streams.ingest import RawMessage, parse_batch
+from driftrec.streams.kafka_client import aiokafka_options
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,7 @@ class LineageRunner:
         self.redis = redis
         self.model = model
         self.keys = SnapshotKeys(settings.key_prefix, model)
+        self.claims = EventClaims(redis, settings.key_prefix, settings.dedup_ttl_s)
         self.learner_factory = learner_factory
         self.on_batch = on_batch  # (valid events, learned, seconds) per batch, for the worker's metrics
         self.owner = owner or owner_id()
@@ -222,6 +225,7 @@ class LineageRunner:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.settings.worker_batch_size,
+            **aiokafka_options(self.settings),
         )
         await consumer.start()
         try:
@@ -293,7 +297,12 @@ class LineageRunner:
             RawMessage(value=m.value, key=m.key, topic=m.topic, partition=m.partition, offset=m.offset)
             for m in messages
         ]
-        valid, _ = split_valid(raw)  # ingest dead-letters the rest; the trainer only skips them
+        cfg = self.settings.ingest
+        accepted, _ = parse_batch(raw, cfg.max_event_bytes, cfg.require_key)  # ingest dead-letters the rest
+        # the same claims as ingest's: a producer's retry, or another event under a taken id, is
+        # not learned, so every learner and the state agree on what the events were
+        claimed = await self.claims.claim([(a.event, a.msg.partition, a.msg.offset) for a in accepted])
+        valid = [a.event for a, c in zip(accepted, claimed) if c.verdict == "canonical"]
         learned = await learner.handle(valid)
         for m in messages:
             position.next_offsets[m.partition] = m.offset + 1

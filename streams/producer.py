@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from kafka import KafkaProducer
 
-from driftrec.contract.events import DeadLetter, Event
+from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.streams.ingest import RawMessage, dead_letter
+from driftrec.streams.kafka_client import kafka_python_options
 
 
 class EventProducer:
@@ -20,7 +20,9 @@ class EventProducer:
         self.settings = settings
         options = {"linger_ms": 5, "acks": "all", "batch_size": 64 * 1024} | kafka_options
         self._producer = KafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap, client_id="driftrec-producer", **options
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id="driftrec-producer",
+            **(kafka_python_options(settings) | options),
         )
 
     def send(self, event: Event | Mapping[str, Any]) -> None:
@@ -35,13 +37,8 @@ class EventProducer:
 
     def dead_letter(self, value: bytes, reason: str, source: str) -> None:
         """Refused input still reaches the DLQ, so nothing a user fed us is silently dropped."""
-        letter = DeadLetter(
-            reason=reason,
-            original=value.decode("utf-8", errors="replace"),
-            original_b64=base64.b64encode(value).decode(),
-            topic=source,
-            ts=time.time(),
-        )
+        raw = RawMessage(value=value, key=None, topic=source, partition=None, offset=None)
+        letter = dead_letter(raw, reason, self.settings.ingest.dlq_copy_bytes)
         self._producer.send(self.settings.dlq_topic, value=letter.model_dump_json().encode())
 
     def flush(self, timeout_s: float | None = 60.0) -> None:

@@ -98,6 +98,7 @@ class PropensityWriter:
     def __init__(self, redis: Any, settings: Settings) -> None:
         self.redis = redis
         self.cfg = settings.tpp
+        self.state_ttl_s = settings.state_ttl_s
         self.state_keys = StateKeys(settings.key_prefix)
         self.snap_keys = SnapshotKeys(settings.key_prefix, "tpp")
         self.reload_every_s = max(settings.serving.reload_every_s, 0.0)
@@ -144,6 +145,7 @@ class PropensityWriter:
         pipe = self.redis.pipeline(transaction=False)
         for user, row in zip(users, lam):
             record = propensity_record(seqs[user], row, vocab, self.steps, self.version)
-            pipe.set(self.state_keys.user_tpp(user), orjson.dumps(record))
+            # expires with the user's sequence
+            pipe.set(self.state_keys.user_tpp(user), orjson.dumps(record), ex=self.state_ttl_s or None)
         await pipe.execute()
         return len(users)

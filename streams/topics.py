@@ -6,6 +6,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from driftrec.contract.settings import Settings
+from driftrec.streams.kafka_client import kafka_python_options
 
 
 def topic_partitions(settings: Settings) -> dict[str, int]:
@@ -24,6 +25,7 @@ def _admin(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:
         bootstrap_servers=settings.kafka_bootstrap,
         client_id="driftrec-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **kafka_python_options(settings),
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 
@@ -93,7 +93,7 @@ class DSLTrainer:
         self.recent: deque[Interaction] = deque(maxlen=self.cfg.hidden_stats_sample)  # fits those at publish
         self.memory = ErrorMemoryWriter(redis, settings) if settings.memory.enabled else None
         self.fusion = FusionLearner(redis, settings)
-        self.catalog: dict[str, str] = {}
+        self.catalog: OrderedDict[str, str] = OrderedDict()  # least recently seen first
         self.item_pool: deque[str] = deque(maxlen=self.cfg.negative_pool)
         self.version: int | None = None
         self.steps_since_publish = 0
@@ -110,7 +110,7 @@ class DSLTrainer:
             if "hidden_stats" in parts:
                 self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"])
             self.fusion.weights.resume(read_fusion(parts.get("fusion")))
-            self.catalog = orjson.loads(parts.get("catalog", b"{}"))
+            self.catalog = OrderedDict(orjson.loads(parts.get("catalog", b"{}")))
             log.info("trainer resumed (step %d)", self.model.step)
         else:
             self.model = new_model(self.settings)
@@ -128,6 +128,9 @@ class DSLTrainer:
         for e in events:  # the lineage runner delivers each message once
             if e.category:
                 self.catalog[e.item_id] = e.category
+                self.catalog.move_to_end(e.item_id)
+        while len(self.catalog) > self.cfg.catalog_size:
+            self.catalog.popitem(last=False)
         labelled = [e for e in events if e.label is not None]
         if self.served is not None and labelled and (self.memory is not None or self.fusion.enabled):
             # test-then-train: what the served snapshot predicted, before the model learns the batch

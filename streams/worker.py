@@ -32,9 +32,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from driftrec.contract.settings import Settings
+from driftrec.storage.claims import EventClaims
 from driftrec.storage.client import connect
+from driftrec.storage.client import is_transient as redis_transient
 from driftrec.storage.event_state import EventState
-from driftrec.streams.ingest import RawMessage, dead_letter, split_valid
+from driftrec.streams.ingest import IngestBatch, RawMessage
+from driftrec.streams.kafka_client import faust_credentials
+from driftrec.streams.kafka_client import is_transient as kafka_transient
 from driftrec.streams.learners import Lineage
 from driftrec.streams.lineage import LineageLearner, LineageRunner
 
@@ -67,14 +71,25 @@ class WorkerMetrics:
             ["learner"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "driftrec_transient_failures_total",
+            "Redis or broker failures ridden out by retrying (the batch waits; nothing is skipped)",
+            ["agent"],
+            registry=self.registry,
+        )
         self.agent_failures = Counter(
             "driftrec_agent_failures_total",
-            "Micro-batches an agent failed on (the agent is restarted and the batch redelivered)",
+            "Unexpected failures of an agent (it is restarted; ingest holds the batch's offsets uncommitted)",
             ["agent"],
             registry=self.registry,
         )
         self.last_failure: dict[str, float] = {}  # agent -> wall time of its last failure (health)
         self.runners: dict[str, LineageRunner] = {}  # learner name -> its lineage runner (trainer role)
+
+    def transient_failure(self, agent: str) -> None:
+        """A Redis or broker failure the agent waits out: counted, and health says so meanwhile."""
+        self.retries.labels(agent).inc()
+        self.last_failure[agent] = time.time()
 
     @contextlib.contextmanager
     def guard(self, agent: str) -> Iterator[None]:
@@ -179,6 +194,8 @@ def build_app(settings: Settings, learners: dict[str, Lineage] | None = None) ->
         store="memory://",
         web_port=settings.worker_web_port,
         web_host=settings.worker_web_host,
+        web_bind=settings.worker_web_host,
+        broker_credentials=faust_credentials(settings),
         topic_partitions=settings.events_partitions,
         topic_replication_factor=1,
         topic_allow_declare=False,
@@ -223,30 +240,70 @@ def _register_ingest(
     events_topic: faust.TopicT,
     dlq_topic: faust.TopicT,
 ) -> None:
-    state = EventState(redis, settings.key_prefix, max_seq_len=settings.user_seq_len, dedup_ttl_s=settings.dedup_ttl_s)
+    state = EventState(
+        redis,
+        settings.key_prefix,
+        max_seq_len=settings.user_seq_len,
+        dedup_ttl_s=settings.dedup_ttl_s,
+        state_ttl_s=settings.state_ttl_s,
+    )
     propensities = None
     if settings.tpp.enabled:
         from driftrec.streams.propensity import PropensityWriter
 
         propensities = PropensityWriter(redis, settings)
+
+    async def send_letters(letters: list[tuple[bytes | None, bytes]]) -> list[BaseException | None]:
+        """Send every letter, then wait until the broker has each (or refused it)."""
+        sent: list[Any] = []
+        for key, value in letters:
+            try:
+                sent.append(await dlq_topic.send(key=key, value=value))
+            except Exception as exc:  # refused before sending (too large for the producer, say)
+                sent.append(exc)
+        results = await asyncio.gather(
+            *(_delivered(f) for f in sent if not isinstance(f, BaseException)), return_exceptions=True
+        )
+        it = iter(results)
+        return [f if isinstance(f, BaseException) else _error_of(next(it)) for f in sent]
+
+    batch = IngestBatch(
+        settings.ingest,
+        state,
+        EventClaims(redis, settings.key_prefix, settings.dedup_ttl_s),
+        send_letters,
+        is_transient=lambda exc: redis_transient(exc) or kafka_transient(exc),
+        propensities=propensities,
+        on_retry=lambda what, exc: metrics.transient_failure("ingest"),
+    )
     take, within = settings.worker_batch_size, settings.worker_batch_within_s
 
     @app.agent(events_topic, name="ingest")
     async def ingest(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(take, within=within):  # type: ignore[attr-defined]  # not in faust's StreamT stub
+        async for events in stream.take_events(take, within=within):  # type: ignore[attr-defined]  # not in faust's StreamT stub
+            # Faust acks a batch's events when its body ends, even by an exception or a
+            # cancellation: one more reference per message, dropped only once the batch is
+            # handled, keeps its offsets uncommitted until then (a stop or a crash mid-retry
+            # redelivers it, never skips it)
+            for event in events:
+                event.message.incref()
+            started = time.perf_counter()
             with metrics.guard("ingest"):
-                started = time.perf_counter()
-                valid, rejected = split_valid([_raw(e) for e in batch])
-                for msg, reason in rejected:
-                    await dlq_topic.send(key=msg.key, value=dead_letter(msg, reason).model_dump_json().encode())
-                    log.warning("dead-lettered offset %s/%s: %s", msg.partition, msg.offset, reason)
-                new = await state.apply(valid)
-                if propensities is not None:
-                    await propensities.write(valid)
-                metrics.processed.inc(new)
-                metrics.duplicates.inc(len(valid) - new)
-                metrics.dead_lettered.inc(len(rejected))
-                metrics.batch_seconds.labels("ingest").observe(time.perf_counter() - started)
+                outcome = await batch.handle([_raw(e) for e in events])
+            for event in events:
+                event.ack()
+            metrics.processed.inc(outcome.applied)
+            metrics.duplicates.inc(outcome.redelivered + outcome.duplicates)
+            metrics.dead_lettered.inc(outcome.dead_lettered)
+            metrics.batch_seconds.labels("ingest").observe(time.perf_counter() - started)
+
+
+async def _delivered(future: Any) -> Any:
+    return await future
+
+
+def _error_of(result: Any) -> BaseException | None:
+    return result if isinstance(result, BaseException) else None
 
 
 def _bind(lineage: Lineage, redis: Any) -> Callable[[], LineageLearner]:

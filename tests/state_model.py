@@ -1,7 +1,7 @@
 """A pure-Python statement of what the worker's Redis state must be after a set of events.
 
 The worker's state must depend only on the *set* of distinct events it saw, so this model
-ignores order and duplicates on purpose.
+ignores order and duplicates on purpose (of copies under one id, the first is the event).
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from driftrec.storage.event_state import StateKeys, sequence_member
 
 
 def expected_state(events: Iterable[Event], prefix: str, max_seq_len: int) -> dict[str, object]:
-    unique = {e.event_id: e for e in events}.values()
+    first: dict[str, Event] = {}
+    for e in events:  # the first copy of an id is the event (storage.claims); the others are not
+        first.setdefault(e.event_id, e)
+    unique = first.values()
     keys = StateKeys(prefix)
     counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(int))
     seqs: dict[str, list[tuple[float, bytes]]] = defaultdict(list)

@@ -9,7 +9,7 @@ import pytest
 
 from driftrec.contract.events import Event, InvalidEvent, parse_event
 from driftrec.streams.datasets import ml100k_events, read_jsonl, taobao_sample_events, write_jsonl
-from driftrec.streams.worker import RawMessage, dead_letter, split_valid
+from driftrec.streams.ingest import RawMessage, dead_letter, split_valid
 from tests.conftest import SHARED_DATA
 
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "ts": 880_000_000.0, "kind": "rating"}

@@ -60,9 +60,9 @@ def test_a_failing_agent_shows_in_health_and_metrics(isolated: Settings, tmp_pat
     try:
         publish(settings, taobao_sample_events(SHARED_DATA)[:20], progress=False)  # ingest cannot reach Redis
         wait_for(
-            lambda: (m := worker.metrics()) and m.get('driftrec_agent_failures_total{agent="ingest"}', 0) >= 1,
+            lambda: (m := worker.metrics()) and m.get('driftrec_transient_failures_total{agent="ingest"}', 0) >= 1,
             120,
-            "the ingest agent's failure to be counted",
+            "the ingest agent's failures to be counted while it retries",
             worker,
         )
         health = httpx.get(f"http://127.0.0.1:{settings.worker_web_port}/healthz", timeout=2).json()
@@ -87,9 +87,28 @@ def test_scoring_without_redis_answers_and_says_it_is_degraded() -> None:
             resp = await http.post("/v1/score", json={"user_id": "u1", "candidates": ["i1", "i2"]})
             assert resp.status_code == 200  # scoring does not go down with the cache
             assert all(x["compensation"] == 0 and x["tpp"] == 0 for x in resp.json()["items"])
+            assert resp.json()["degraded"] is True and "redis unreachable" in resp.json()["degraded_reasons"][0]
             health = (await http.get("/healthz")).json()
             assert health["status"] == "degraded" and any("redis" in r for r in health["degraded"])
             metrics = (await http.get("/metrics")).text
             assert "driftrec_serving_redis_errors_total 1.0" in metrics
+
+    asyncio.run(run())
+
+
+@pytest.mark.integration  # a real (refused) connection
+def test_health_pings_redis_before_any_request() -> None:
+    """No request has failed yet, but Redis is gone: health must not say ok."""
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="driftrec-health-test")
+    settings.serving.reload_every_s = 0
+
+    async def run() -> None:
+        app = create_app(settings)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as http,
+        ):
+            health = (await http.get("/healthz")).json()
+            assert health["status"] == "degraded" and health["degraded"][0].startswith("redis unreachable")
 
     asyncio.run(run())
