@@ -118,3 +118,35 @@ def test_redis_killed_frozen_and_a_worker_killed_mid_retry_lose_nothing(isolated
     finally:
         worker.stop()
         own.stop()
+
+
+def test_a_broker_restart_loses_only_what_it_held_and_the_producer_recovers(isolated: Settings, tmp_path) -> None:
+    """The embedded broker keeps nothing when it stops (README); the same producer and worker must
+    carry on on the new one, and every event published after it is up must be applied."""
+    from driftrec import embedded
+
+    own = isolated.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}", "home": tmp_path}, deep=True)
+    own.tpp.enabled = own.dsl.enabled = False
+    own.worker_roles = frozenset({"ingest"})
+    own.serving.kafka_agent = False
+    events = _good(600)
+    embedded.up(own)
+    worker = None
+    try:
+        worker = WorkerProcess(own, tmp_path / "worker.log").start()
+        with EventProducer(own) as producer:
+            for e in events[:300]:
+                producer.send(e)
+            producer.flush()
+            wait_for(lambda: _applied(own, events[:300]), 120, "the first half applied", worker)
+            embedded.down(own)
+            embedded.up(own)  # empty: topics declared again
+            for e in events[300:]:
+                producer.send(e)
+            producer.flush()
+            assert producer.rebuilds >= 1  # the old client had gone fatal; a new one took over
+        wait_for(lambda: _applied(own, events), 120, "the second half applied on the new broker", worker)
+    finally:
+        if worker is not None:
+            worker.stop()
+        embedded.down(own)
