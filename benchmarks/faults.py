@@ -167,7 +167,12 @@ def scenario(base: Settings, home: Path, tag: str, events: list[Event]) -> dict[
             producer.flush()
         n = settle(s, len(good))
         out |= {"applied": n, "lost": len(good) - n, "seconds": round(time.monotonic() - started, 2)}
-        m = worker.metrics() or {}
+        bad = {"flood": 2 * len(good), "large": out.get("large_sent", 0)}.get(tag, 0)
+        deadline = time.monotonic() + 60.0  # the refused messages may still be on their way to the DLQ
+        while (m := worker.metrics() or {}).get("driftrec_events_dead_lettered_total", 0.0) < bad:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         out["dead_lettered"] = m.get("driftrec_events_dead_lettered_total", 0.0)
         out["transient_failures"] = m.get('driftrec_transient_failures_total{agent="ingest"}', 0.0)
         out["worker_alive"] = float(worker.proc is not None and worker.proc.poll() is None)

@@ -4,7 +4,7 @@
    group each run, fresh topic) over the same events, beside raw aiokafka consumption of that
    topic (the ceiling the broker and client allow here).
 2. **Trainer events/s**: the DSL lineage's learner alone (``DSLTrainer.handle`` with its
-   error-memory writes, no broker), micro-batches of ``worker_batch_size``.
+   as-of memory reads for its fusion weights, no broker), micro-batches of ``worker_batch_size``.
 3. **Failover**: two `driftrec trainer` processes; the active one is SIGKILLed mid-stream; the
    time from the kill to the standby's first publish, with no new events arriving.
 4. **Scoring p99 at 100 candidates on a single Redis and on a local 3-master Redis Cluster**
@@ -124,7 +124,7 @@ def ingest_rate(settings: Settings, events: list[Event], workers: int, home: Pat
 
 
 async def trainer_rate(settings: Settings, events: list[Event]) -> float:
-    """DSL micro-batch learning alone (the trainer's handler with its memory writes), events/s."""
+    """DSL micro-batch learning alone (the trainer's handler with its as-of memory reads), events/s."""
     from driftrec.streams.trainer import DSLTrainer
 
     s = _fresh(settings, "t")

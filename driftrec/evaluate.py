@@ -11,12 +11,12 @@ The stream is cut into windows of ``window`` events, in event-time order. For ea
    (Recall@20 / NDCG@20 of the positive among the candidates) — all of them, or a fixed-seed
    fraction ``rank_fraction`` to keep long runs fast; the others are scored on their own item.
 2. **train** — then the window is published to the ``events`` topic; the real worker process
-   (ingest, DSL trainer, error-memory writer, TPP when present) learns it and publishes snapshots
+   (ingest with the error-memory writes, DSL trainer, TPP when present) learns it and publishes snapshots
    and memory/TPP state to Redis, which the scoring service reloads.
 
 So the state that scored an event never includes the event itself. **Synchronous** (the
 default): after publishing a window the run waits until the worker has taken in every published
-event (ingest, DSL trainer with its error-memory writes, TPP) and the scoring service serves the
+event (ingest with its error-memory writes, DSL trainer, TPP) and the scoring service serves the
 snapshot the trainer published after its last batch (the run sets ``dsl.snapshot_every_s = 0``
 and polls reloads every 50 ms; no model setting changes). Every window is then scored by a state
 that has learned exactly the events before the window. Without ``synchronous`` the run only

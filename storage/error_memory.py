@@ -1,8 +1,9 @@
 """The ReLoop2 error memory and the session memory in Redis: key layout, write script, read path.
 
-The math is ``driftrec.models.error_memory``; this module is its Redis home, written by the trainer
-(``ErrorMemoryWriter``) and read by the scoring service (``plan_buckets`` /
-``estimates_from_values``, inside its one pipelined round trip).
+The math is ``driftrec.models.error_memory``; this module is its Redis home, written at ingest
+(``ServedErrorMemories.write``, from ``streams.served_errors``), read by the scoring service
+(``plan_buckets`` / ``estimates_from_values``, inside its one pipelined round trip) and read as of
+each event's time by the trainer's fusion weights (``ServedErrorMemories.estimates_before``).
 
 Write side
 ----------
@@ -45,14 +46,18 @@ the same pipeline as its other reads (one round trip per request in total).
 
 Who writes
 ----------
-Why this runs inside the trainer agent, before the gradient step, rather than as a separate
-agent: the memory must hold the errors users actually saw, i.e. those of the snapshot serving
-had loaded *before* the model learned these events. A separate agent racing the trainer would
-sometimes score with a snapshot that already learned the batch and store errors that were never
-made (we measured compensation turning harmful that way). The trainer knows exactly which
-snapshot is being served — the one it last published — so it scores the batch with it and hands
-those predictions here first.
-Writes are idempotent per event id (see the write side above).
+The ingest worker that owns the user's partition, in the batch that applies the event: the
+memories are ReLoop2's fast loop and must not wait for the trainer's micro-batches
+(``streams.served_errors`` says how it follows the served snapshot). The errors must be those of
+the snapshot serving had loaded *before* the model learned the events — an error taken from a
+snapshot that already learned its event was never made (we measured compensation turning harmful
+that way) — so ingest scores with the newest *published* snapshot, which the trainer publishes
+only after learning what it holds. Writes are idempotent per event id (see the write side above).
+
+Reads as of a time: each bucket's entries are in event-time order, so "what the memory held when
+the event at ``t`` was served" is the prefix of entries with ``ts < t``
+(``estimates_from_values(before=...)``). The trainer learns its fusion weights from that, so an
+event's own error, which ingest may already have written, never leaks into its estimate.
 """
 
 from __future__ import annotations
@@ -411,12 +416,16 @@ def estimates_from_values(
     prior: float = DEFAULT_PRIOR,
     half_life_s: float = 0.0,
     now: float | None = None,
+    before: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(ê, neighbour weight)`` per candidate (served ``base_probs``) from the MGET reply of
     ``plan.names``.
 
-    A value whose length is not a whole number of entries (e.g. a bucket written in an older
-    format) is read as empty rather than misparsed.
+    ``before`` (one event time per candidate): count only the entries of strictly earlier events,
+    i.e. what the memory held when that event was served, whoever has written since (the trainer
+    learns its fusion weights this way from buckets ingest may already have written the batch
+    into). A value whose length is not a whole number of entries (e.g. a bucket written in an
+    older format) is read as empty rather than misparsed.
     """
     n = plan.rows.shape[0]
     if n == 0:
@@ -433,24 +442,46 @@ def estimates_from_values(
     owner = np.repeat(np.arange(len(values)), counts)
     if half_life_s > 0 and now is not None:
         w = recency_weights(entries[:, 0], now, half_life_s)
-        bucket_w = np.bincount(owner, weights=w, minlength=len(values))
     else:
         w = np.ones(entries.shape[0])
-        bucket_w = counts.astype(np.float64)
-    bucket_wy = np.bincount(owner, weights=w * entries[:, 1], minlength=len(values))
-    bucket_wp = np.bincount(owner, weights=w * entries[:, 2], minlength=len(values))
-    # a candidate's sums are the sums of its buckets' sums: the same quantities ErrorMemory
-    # computes entry by entry (an entry found in k of its buckets counts k times)
-    support = bucket_w[plan.rows].sum(axis=1)
-    e_hat = estimate_from_sums(
-        support,
-        bucket_wy[plan.rows].sum(axis=1),
-        bucket_wp[plan.rows].sum(axis=1),
-        base_probs,
-        gamma=gamma,
-        prior=prior,
-    )
+    if before is None:
+        bucket_w = np.bincount(owner, weights=w, minlength=len(values))
+        bucket_wy = np.bincount(owner, weights=w * entries[:, 1], minlength=len(values))
+        bucket_wp = np.bincount(owner, weights=w * entries[:, 2], minlength=len(values))
+        # a candidate's sums are the sums of its buckets' sums: the same quantities ErrorMemory
+        # computes entry by entry (an entry found in k of its buckets counts k times)
+        support = bucket_w[plan.rows].sum(axis=1)
+        sum_y = bucket_wy[plan.rows].sum(axis=1)
+        sum_p = bucket_wp[plan.rows].sum(axis=1)
+    else:
+        support, sum_y, sum_p = _sums_before(entries, owner, counts, w, plan.rows, np.asarray(before, dtype=np.float64))
+    e_hat = estimate_from_sums(support, sum_y, sum_p, base_probs, gamma=gamma, prior=prior)
     return e_hat, support
+
+
+def _sums_before(
+    entries: np.ndarray, owner: np.ndarray, counts: np.ndarray, w: np.ndarray, rows: np.ndarray, before: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per candidate, ``Σw``, ``Σw·y``, ``Σw·ŷ`` over its buckets' entries with ``ts < before``.
+
+    A bucket's entries are stored in event-time order (its ZSET's), so "earlier than t" is a
+    prefix of each bucket: one ``searchsorted`` over (bucket, ts) keys finds every prefix, and
+    prefix sums give the totals.
+    """
+    ts = entries[:, 0]
+    t0 = float(min(ts.min(), before.min()))
+    span = float(max(ts.max(), before.max())) - t0 + 2.0  # keys of one bucket stay below the next's
+    keys = owner * span + (ts - t0)
+    order = np.argsort(keys, kind="stable")  # already sorted unless a bucket was written out of order
+    keys = keys[order]
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    prefix = [np.concatenate(([0.0], np.cumsum(col[order]))) for col in (w, w * entries[:, 1], w * entries[:, 2])]
+    query = rows * span + (before[:, None] - t0)  # (n, buckets per candidate)
+    ends = np.searchsorted(keys, query, side="left")
+    lo = starts[rows]
+    ends = np.clip(ends, lo, starts[rows + 1])
+    support, sum_y, sum_p = ((p[ends] - p[lo]).sum(axis=1) for p in prefix)
+    return support, sum_y, sum_p
 
 
 async def read_estimates(
@@ -503,22 +534,18 @@ async def read_compensation(
     return compensation_delta(base_probs, e_hat, lam, eps)
 
 
-# ---- the trainer's writer ----------------------------------------------------------------------
+# ---- the writer (ingest) and the as-of reader (the trainer's fusion weights) ------------------
 @dataclass(frozen=True)
 class MemoryEstimates:
-    """What both memories said of a batch *before* it was written: the fusion weights learn from it."""
+    """What both memories said of each sample when it was served: the fusion weights learn from it."""
 
     lsh: np.ndarray  # ê per sample (0 where the memory knew nothing)
     session: np.ndarray  # ĉ per sample (0 where off or empty)
 
 
-class ErrorMemoryWriter:
-    """Records the served snapshot's errors on labelled interactions in both memories.
-
-    ``record`` reads what the scoring service would have read for each sample (one ``MGET`` per
-    memory), then writes the samples: test-then-train, so the estimates it returns are the ones
-    serving used, and the fusion weights can learn from them.
-    """
+class ServedErrorMemories:
+    """Both memories of one model generation: ``write`` the served errors of labelled
+    interactions, ``estimates_before`` what the memories held just before each was served."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -539,61 +566,75 @@ class ErrorMemoryWriter:
             self.names = BucketNames(self.keys, self.lsh)
         return self.lsh, self.names
 
-    async def record(
+    async def write(
         self,
         labelled: Sequence[Interaction],
         probs: np.ndarray,
         hidden: np.ndarray,
         standardizer: HiddenStandardizer | None,
-        estimate: bool = True,
-    ) -> MemoryEstimates:
-        """Estimate (unless ``estimate`` is off: nothing will use it), then write, the served
-        ``probs``/``hidden`` of labelled interactions: one round trip for the reads of both
-        memories, one for their writes."""
-        n = len(labelled)
-        if n == 0:
-            return MemoryEstimates(np.zeros(0), np.zeros(0))
+    ) -> int:
+        """Write the served ``probs``/``hidden`` of labelled interactions into both memories, in
+        one round trip; idempotent per event id. Returns the new LSH and session entries."""
+        if not labelled:
+            return 0
         c = self.cfg
-        lsh, names = self._lsh(hidden.shape[1])
+        lsh, _ = self._lsh(hidden.shape[1])
         keyed = standardizer.transform(hidden) if standardizer is not None else hidden
-        e_hat, c_hat = np.zeros(n), np.zeros(n)
-        session = c.session_capacity > 0
-        if estimate:
-            # samples of one batch are estimated before any of them is written, as serving sees them
-            plan = plan_buckets(names, keyed)
-            reads = [MultiGet(plan.names, is_cluster(self.redis))]
-            if session:
-                session_plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
-                reads.append(MultiGet(session_plan.names, is_cluster(self.redis)))
-            pipe = self.redis.pipeline(transaction=False)
-            for read in reads:
-                read.queue(pipe)
-            replies = await pipe.execute()
-            e_hat, _ = estimates_from_values(
-                reads[0].values(replies[: len(reads[0])]),
-                plan,
-                probs,
-                gamma=c.gamma,
-                prior=c.prior,
-                half_life_s=c.half_life_s,
-                now=labelled[-1].ts,
-            )
-            if session:
-                c_hat, _ = estimates_from_values(
-                    reads[1].values(replies[len(reads[0]) :]),
-                    session_plan,
-                    probs,
-                    gamma=c.session_gamma,
-                    prior=c.prior,
-                )
         calls = _lsh_calls(self.keys, lsh, labelled, probs, keyed, c.bucket_capacity)
         ttls = [c.ttl_s] * len(calls)
-        if session:
+        if c.session_capacity > 0:
             # one bucket per (user, category): unbounded in number, so they expire with the user
             # (``state_ttl_s``) even where the LSH buckets, bounded by their codes, keep for ever
             session_calls = _session_calls(self.keys, labelled, probs, c.session_capacity)
             calls += session_calls
             ttls += [self.session_ttl_s or c.ttl_s] * len(session_calls)
-        if calls:
-            await _run_scripts(self.redis, calls, ttls)
+        return int(sum(await _run_scripts(self.redis, calls, ttls))) if calls else 0
+
+    async def estimates_before(
+        self,
+        labelled: Sequence[Interaction],
+        probs: np.ndarray,
+        hidden: np.ndarray,
+        standardizer: HiddenStandardizer | None,
+    ) -> MemoryEstimates:
+        """ê and ĉ per labelled interaction from the entries of strictly earlier events: what
+        serving read for it, whether or not ingest has written it (or later events) since. One
+        round trip for both memories."""
+        n = len(labelled)
+        if n == 0:
+            return MemoryEstimates(np.zeros(0), np.zeros(0))
+        c = self.cfg
+        _, names = self._lsh(hidden.shape[1])
+        keyed = standardizer.transform(hidden) if standardizer is not None else hidden
+        before = np.fromiter((x.ts for x in labelled), dtype=np.float64, count=n)
+        plan = plan_buckets(names, keyed)
+        reads = [MultiGet(plan.names, is_cluster(self.redis))]
+        session = c.session_capacity > 0
+        if session:
+            session_plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
+            reads.append(MultiGet(session_plan.names, is_cluster(self.redis)))
+        pipe = self.redis.pipeline(transaction=False)
+        for read in reads:
+            read.queue(pipe)
+        replies = await pipe.execute()
+        e_hat, _ = estimates_from_values(
+            reads[0].values(replies[: len(reads[0])]),
+            plan,
+            probs,
+            gamma=c.gamma,
+            prior=c.prior,
+            half_life_s=c.half_life_s,
+            now=labelled[-1].ts,
+            before=before,
+        )
+        c_hat = np.zeros(n)
+        if session:
+            c_hat, _ = estimates_from_values(
+                reads[1].values(replies[len(reads[0]) :]),
+                session_plan,
+                probs,
+                gamma=c.session_gamma,
+                prior=c.prior,
+                before=before,
+            )
         return MemoryEstimates(e_hat, c_hat)

@@ -122,7 +122,9 @@ class Claims(Protocol):
     async def claim(self, copies: Sequence[tuple[Event, int | None, int | None]]) -> list[Claimed]: ...
 
 
-class PropensityRefresh(Protocol):
+class AppliedEventsWriter(Protocol):
+    """State derived from applied events (served errors, TPP propensities): ``write`` them."""
+
     async def write(self, events: Sequence[Event]) -> int: ...
 
 
@@ -141,7 +143,8 @@ class BatchOutcome:
 
 
 class IngestBatch:
-    """Handles one micro-batch: parse, claim ids, dead-letter, apply state, refresh propensities.
+    """Handles one micro-batch: parse, claim ids, dead-letter, apply state, then the writers of
+    derived state (``derived``: the served errors into the memories, the TPP propensities).
 
     ``is_transient`` says which failures are retried (Redis and broker errors that pass by
     themselves); any other failure is the event's, and the event alone is dead-lettered.
@@ -154,7 +157,7 @@ class IngestBatch:
         claims: Claims,
         send_letters: SendLetters,
         is_transient: Callable[[BaseException], bool],
-        propensities: PropensityRefresh | None = None,
+        derived: Sequence[AppliedEventsWriter] = (),
         on_retry: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -162,7 +165,7 @@ class IngestBatch:
         self.claims = claims
         self.send_letters = send_letters
         self.is_transient = is_transient
-        self.propensities = propensities
+        self.derived = list(derived)
         self.on_retry = on_retry  # (step, error) per transient failure: the worker's health sees a stall
         self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
 
@@ -187,8 +190,9 @@ class IngestBatch:
                 )
         applied = await self._apply(canonical, rejected, out)
         await self._dead_letter(rejected, out)
-        if self.propensities is not None and applied:
-            await self._refresh(applied, out)
+        if applied:
+            for writer in self.derived:
+                await self._write_derived(writer, applied, out)
         return out
 
     async def _apply(
@@ -261,15 +265,13 @@ class IngestBatch:
                 raise error
         return errors
 
-    async def _refresh(self, events: list[Event], out: BatchOutcome) -> None:
-        """Propensities are derived (the next event of the user writes them again): a failure that
-        is not transient is logged, not retried."""
-        assert self.propensities is not None
-        propensities = self.propensities
+    async def _write_derived(self, writer: AppliedEventsWriter, events: list[Event], out: BatchOutcome) -> None:
+        """Derived state is retried while the failure is transient; any other failure is logged,
+        not retried (the user's next event writes it again), and the batch goes on."""
         try:
-            await self._retry(lambda: propensities.write(events), "refresh propensities", out)
+            await self._retry(lambda: writer.write(events), f"write {type(writer).__name__}", out)
         except Exception:
-            log.exception("refreshing the TPP propensities of %d events failed", len(events))
+            log.exception("%s failed on %d events", type(writer).__name__, len(events))
 
     async def _retry(self, step: Callable[[], Awaitable[T]], what: str, out: BatchOutcome) -> T:
         """``step()`` until it does not fail transiently, with capped exponential backoff."""

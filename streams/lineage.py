@@ -4,7 +4,7 @@ Why not a Faust agent in the ingest consumer group: a group splits the partition
 workers would each train a model on half of the users and publish to the same pointer (two
 hidden spaces, two sets of fusion weights, serving flipping between them). A model needs one
 writer that sees every partition. So each model (``dsl``: the DSL scorer with its fusion
-weights and error-memory writes; ``tpp``: PromptTPP) is trained by whichever process holds its
+weights; ``tpp``: PromptTPP) is trained by whichever process holds its
 *lease* (``storage.snapshots.acquire_lease``); every other process running the trainer role is
 a standby that polls for the lease and takes over when it expires.
 
@@ -225,6 +225,7 @@ class LineageRunner:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.settings.worker_batch_size,
+            fetch_max_wait_ms=self.settings.worker_fetch_max_wait_ms,
             **aiokafka_options(self.settings),
         )
         await consumer.start()

@@ -7,9 +7,12 @@ seconds, whichever comes first) or when the stream goes idle. A trainer that tak
 ``restore``s the newest snapshot, so a crash costs only re-learning the unpublished steps.
 
 Test-then-train around each batch: the *served* snapshot (the one last published) scores
-the labelled events first; the error memories record those errors (``storage.error_memory``,
-which says why this happens here) and the fusion weights learn from the same predictions
-(``streams.fusion``); only then does the model take its gradient steps.
+the labelled events first, and the fusion weights learn from those predictions and from what the
+memories held when each event was served (``streams.fusion``); only then does the model take its
+gradient steps. The forward passes and gradient steps run in a thread (``asyncio.to_thread``):
+ingest shares the worker's event loop, and a trainer batch must not hold the fast path up. The
+memories themselves are written at ingest, per event (the fast path,
+``streams.served_errors``); the trainer reads them as of each event's time.
 
 Implicit feedback: an event with a label trains on that label; an unlabelled event whose kind is
 one of ``dsl.positive_kinds`` is a positive and gets ``dsl.negatives`` sampled items from the
@@ -18,6 +21,7 @@ recent item pool as negatives; any other unlabelled event (a bare ``impression``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
@@ -35,7 +39,7 @@ from driftrec.contract.settings import Settings
 from driftrec.models.dsl import DSLRecommender, SparseScorer, sample_negatives
 from driftrec.models.error_memory import HiddenStandardizer
 from driftrec.models.fusion import read_fusion
-from driftrec.storage.error_memory import ErrorMemoryWriter, MemoryEstimates
+from driftrec.storage.error_memory import MemoryEstimates, ServedErrorMemories
 from driftrec.streams.fusion import FusionLearner
 
 log = logging.getLogger(__name__)
@@ -79,8 +83,8 @@ def new_model(settings: Settings) -> DSLRecommender:
 
 
 class DSLTrainer:
-    """The ``dsl`` lineage's learner (``streams.lineage.LineageLearner``): model, fusion weights and
-    the served snapshot's error-memory writes."""
+    """The ``dsl`` lineage's learner (``streams.lineage.LineageLearner``): the model and the
+    fusion weights (the slow loop; the memories are the fast one, written at ingest)."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -91,7 +95,7 @@ class DSLTrainer:
         self.served: SparseScorer | None = None  # what the scoring service has loaded: the last publish
         self.standardizer: HiddenStandardizer | None = None  # the served snapshot's hidden statistics
         self.recent: deque[Interaction] = deque(maxlen=self.cfg.hidden_stats_sample)  # fits those at publish
-        self.memory = ErrorMemoryWriter(redis, settings) if settings.memory.enabled else None
+        self.memory = ServedErrorMemories(redis, settings) if settings.memory.enabled else None
         self.fusion = FusionLearner(redis, settings)
         self.catalog: OrderedDict[str, str] = OrderedDict()  # least recently seen first
         self.item_pool: deque[str] = deque(maxlen=self.cfg.negative_pool)
@@ -132,25 +136,28 @@ class DSLTrainer:
         while len(self.catalog) > self.cfg.catalog_size:
             self.catalog.popitem(last=False)
         labelled = [e for e in events if e.label is not None]
-        if self.served is not None and labelled and (self.memory is not None or self.fusion.enabled):
+        if self.served is not None and labelled and self.fusion.enabled:
             # test-then-train: what the served snapshot predicted, before the model learns the batch
-            # (one forward pass feeds both the error memories and the fusion weights)
             interactions = [e.to_interaction() for e in labelled]
-            probs, hidden = self.served.predict_with_hidden(interactions)
+            probs, hidden = await asyncio.to_thread(self.served.predict_with_hidden, interactions)
             estimates: MemoryEstimates | None = None
             if self.memory is not None:
-                estimates = await self.memory.record(
-                    interactions, probs, hidden, self.standardizer, estimate=self.fusion.enabled
-                )
+                estimates = await self.memory.estimates_before(interactions, probs, hidden, self.standardizer)
             await self.fusion.learn(labelled, probs, estimates)
         c = self.cfg
         examples = training_examples(events, self.rng, list(self.item_pool), c.negatives, c.positive_kinds)
         self.item_pool.extend(e.item_id for e in events)
         self.recent.extend(x for x in examples if x.label is not None)
-        for start in range(0, len(examples), c.batch_size):
-            model.learn_many(examples[start : start + c.batch_size])
-            self.steps_since_publish += 1
+        self.steps_since_publish += await asyncio.to_thread(self._learn, model, examples)
         return len(events)
+
+    def _learn(self, model: DSLRecommender, examples: list[Interaction]) -> int:
+        """The gradient steps (in a thread: ingest shares the event loop); returns how many."""
+        steps = 0
+        for start in range(0, len(examples), self.cfg.batch_size):
+            model.learn_many(examples[start : start + self.cfg.batch_size])
+            steps += 1
+        return steps
 
     def due(self) -> bool:
         c = self.cfg
@@ -159,17 +166,17 @@ class DSLTrainer:
         )
 
     async def snapshot_parts(self) -> dict[str, bytes]:
-        model = self._ensure_model()
+        return await asyncio.to_thread(self._snapshot_parts, self._ensure_model(), list(self.recent))
+
+    def _snapshot_parts(self, model: DSLRecommender, recent: list[Interaction]) -> dict[str, bytes]:
         blob = model.to_bytes()
         self._next_served = SparseScorer.from_bytes(blob)
         parts = {"model": blob, "catalog": orjson.dumps(self.catalog)}
         if self.fusion.enabled:
             parts["fusion"] = self.fusion.weights.to_bytes()
         self._next_standardizer = None
-        if self.recent:
-            self._next_standardizer = HiddenStandardizer.fit(
-                self._next_served.predict_with_hidden(list(self.recent))[1]
-            )
+        if recent:
+            self._next_standardizer = HiddenStandardizer.fit(self._next_served.predict_with_hidden(recent)[1])
             parts["hidden_stats"] = self._next_standardizer.to_bytes()
         return parts
 

@@ -5,7 +5,9 @@ Two roles (``worker_roles``), which one process may both run:
 * **ingest** (scales out): a Faust agent in the worker's consumer group reads ``events`` in
   micro-batches (``take_events``) and hands each batch to plain functions that can be
   unit-tested without Faust (``streams.ingest``): dead-letter what is invalid, apply per-user and
-  per-item state, refresh the touched users' TPP propensities (``streams.propensity``). Delivery
+  per-item state, write the served errors of labelled events into the error and session memories
+  (the fast path, ``streams.served_errors``), refresh the touched users' TPP propensities
+  (``streams.propensity``). Delivery
   is at-least-once (Faust commits offsets after processing), so every write is idempotent per
   ``event_id``.
 * **trainer** (one lineage per model): a ``LineageRunner`` per learner (``streams.lineage``)
@@ -28,6 +30,7 @@ from typing import Any
 
 import faust
 import mode
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -185,6 +188,28 @@ def app_id(settings: Settings) -> str:
     return settings.worker_id if "ingest" in settings.worker_roles else f"{settings.worker_id}-trainer"
 
 
+def fetch_wait_ms(app: faust.App) -> int:
+    """The ``worker_fetch_max_wait_ms`` this app's consumer is to use."""
+    return int(getattr(app, "driftrec_fetch_max_wait_ms", FAUST_FETCH_MAX_WAIT_MS))
+
+
+FAUST_FETCH_MAX_WAIT_MS = 1500  # what faust-streaming 0.15 passes to aiokafka, not a setting of its own
+
+
+def _create_worker_consumer(self: Any, transport: Any) -> Any:
+    """Faust's own consumer, with the app's fetch wait (``worker_fetch_max_wait_ms``): Faust
+    hard-codes the wait, and aiokafka reads it from this attribute when the consumer starts."""
+    consumer = _faust_create_worker_consumer(self, transport)
+    if not hasattr(consumer, "_fetch_max_wait_ms"):  # an aiokafka that stores it elsewhere: say so
+        raise RuntimeError("aiokafka's consumer has no _fetch_max_wait_ms; update streams/worker.py")
+    consumer._fetch_max_wait_ms = fetch_wait_ms(self.app)
+    return consumer
+
+
+_faust_create_worker_consumer = AIOKafkaConsumerThread._create_worker_consumer
+AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
+
+
 def build_app(settings: Settings, learners: dict[str, Lineage] | None = None) -> faust.App:
     """Build the worker app for ``settings.worker_roles``; ``learners`` (trainer role) maps a
     learner's metrics name to its lineage (``streams.learners.default_learners``)."""
@@ -205,6 +230,7 @@ def build_app(settings: Settings, learners: dict[str, Lineage] | None = None) ->
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
     )
+    app.driftrec_fetch_max_wait_ms = settings.worker_fetch_max_wait_ms  # type: ignore[attr-defined]  # read by _create_worker_consumer
     metrics = WorkerMetrics()
     app.driftrec_metrics = metrics  # type: ignore[attr-defined]  # carried on the app for its page and for tests
     events_topic = app.topic(
@@ -247,11 +273,15 @@ def _register_ingest(
         dedup_ttl_s=settings.dedup_ttl_s,
         state_ttl_s=settings.state_ttl_s,
     )
-    propensities = None
+    derived: list[Any] = []
+    if settings.memory.enabled:  # the fast path: served errors into the memories, per event
+        from driftrec.streams.served_errors import ServedErrorWriter
+
+        derived.append(ServedErrorWriter(redis, settings))
     if settings.tpp.enabled:
         from driftrec.streams.propensity import PropensityWriter
 
-        propensities = PropensityWriter(redis, settings)
+        derived.append(PropensityWriter(redis, settings))
 
     async def send_letters(letters: list[tuple[bytes | None, bytes]]) -> list[BaseException | None]:
         """Send every letter, then wait until the broker has each (or refused it)."""
@@ -273,7 +303,7 @@ def _register_ingest(
         EventClaims(redis, settings.key_prefix, settings.dedup_ttl_s),
         send_letters,
         is_transient=lambda exc: redis_transient(exc) or kafka_transient(exc),
-        propensities=propensities,
+        derived=derived,
         on_retry=lambda what, exc: metrics.transient_failure("ingest"),
     )
     take, within = settings.worker_batch_size, settings.worker_batch_within_s

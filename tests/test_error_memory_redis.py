@@ -13,11 +13,13 @@ from redis.crc import key_slot
 
 from benchmarks.standin_ctr import StandinCTR
 from driftrec.contract.interaction import Interaction
+from driftrec.contract.settings import Settings
 from driftrec.models.error_memory import ErrorMemory, RandomProjectionLSH, ServedSample, compensate
 from driftrec.shift import inject_genre_flip, pick_genre_flip, prequential_with_memory, segment_metrics, shifted_mask
 from driftrec.storage.error_memory import (
     ENTRY_BYTES,
     MemoryKeys,
+    ServedErrorMemories,
     delete_memory,
     learn_and_write,
     read_compensation,
@@ -224,3 +226,30 @@ async def test_compensation_cuts_logloss_after_an_injected_genre_flip(redis: Red
     seg = segment_metrics(y, p_base, p_mem, shifted_mask(shifted, flip, horizon_events=2_000))
     assert seg["n"] > 200
     assert seg["logloss_memory"] < seg["logloss_base"], seg
+
+
+async def test_estimates_before_count_only_earlier_events(redis: Redis, prefix: str) -> None:
+    """The trainer's as-of read: whatever was written since (the event itself, later events), an
+    event's estimate is the one its buckets gave from strictly earlier entries."""
+    s = Settings(key_prefix=prefix)
+    # capacities above the batch: what a FIFO has evicted since cannot be read as of any time
+    s.memory = s.memory.model_copy(update={"n_tables": 2, "n_bits": 2, "session_capacity": 128, "bucket_capacity": 128})
+    memories = ServedErrorMemories(redis, s)
+    rng = np.random.default_rng(3)
+    xs, probs, hidden = _batch(rng, 0, 60, n_clusters=2)
+    xs = [
+        Interaction(user_id="u", item_id=x.item_id, ts=x.ts, label=x.label, event_id=x.event_id, category="c")
+        for x in xs
+    ]
+    first, later = xs[:30], xs[30:]
+    await memories.write(first, probs[:30], hidden[:30], None)
+    expected = await memories.estimates_before(later[:1], probs[30:31], hidden[30:31], None)
+    await memories.write(later, probs[30:], hidden[30:], None)  # the event itself and later ones land
+    got = await memories.estimates_before(later[:1], probs[30:31], hidden[30:31], None)
+    assert np.abs(expected.session).sum() > 0 and np.abs(expected.lsh).sum() > 0
+    np.testing.assert_allclose(got.session, expected.session, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.lsh, expected.lsh, rtol=0, atol=1e-12)
+    # and an event after all of them sees all 60 (the as-of prefix is not stuck at the first write)
+    tail = [Interaction(user_id="u", item_id="x", ts=1e6, label=1, event_id="z", category="c")]
+    everything = await memories.estimates_before(tail, probs[:1], hidden[:1], None)
+    assert everything.session[0] != got.session[0]

@@ -1,7 +1,7 @@
 """ReLoop2 end to end: an injected shift on real data, through the real broker, worker and Redis.
 
 ML-100K, the labels of its most frequent genre flip at 60 % of a 16,000-event slice. The worker
-(ingest + DSL trainer + error-memory agent) learns from the broker; before each window of events
+(ingest, which writes the error memory, + the DSL trainer) learns from the broker; before each window of events
 is published we score it exactly as serving would — the newest DSL snapshot from Redis, its hidden
 statistics, and the error memory read from Redis — so each prediction uses only state from before
 the event. On the shifted segment -- the flipped genre's events in the 6,400 events after the
@@ -53,7 +53,11 @@ def flipped_stream() -> tuple[list[Event], str, int]:
 
 def learned(worker: WorkerProcess, n: int) -> bool:
     m = worker.metrics() or {}
-    return all(m.get(f'driftrec_learner_seen_total{{learner="{name}"}}', 0) >= n for name in ("trainer",))
+    # the memory is written at ingest, the snapshot by the trainer: both must have taken the events in
+    return (
+        m.get('driftrec_learner_seen_total{learner="trainer"}', 0) >= n
+        and m.get("driftrec_events_processed_total", 0) >= n
+    )
 
 
 async def served_predictions(settings: Settings, window: list[Event]) -> tuple[np.ndarray, np.ndarray]:
