@@ -44,3 +44,33 @@ def emit(name: str, result: dict[str, Any], record: bool = True) -> None:
             fh.write(json.dumps(stamped) + "\n")
     sys.stdout.flush()
     print(json.dumps(result), flush=True)
+
+
+def quiet_logging() -> None:
+    """INFO with timestamps for the benchmark's own lines, WARNING for the clients."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for chatty in ("kafka", "aiokafka", "httpx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def private_settings(tag: str, **overrides: Any) -> Any:
+    """Settings of a run of its own: a fresh home, a free broker port (``driftrec up`` starts the
+    embedded broker there), its own key prefix, worker id and topic prefix."""
+    import tempfile
+    import uuid
+
+    from driftrec.contract.settings import Settings
+    from tests.infra import free_port
+
+    run = uuid.uuid4().hex[:6]
+    fields: dict[str, Any] = {
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+        "home": Path(tempfile.mkdtemp(prefix=f"driftrec-{tag}-")),
+        "key_prefix": f"b{tag}{run}",
+        "worker_id": f"b{tag}-{run}",
+        "topic_prefix": f"{tag}{run}.",
+        "worker_web_port": free_port(),
+    }
+    return Settings(**(fields | overrides))

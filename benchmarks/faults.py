@@ -30,7 +30,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -42,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import orjson
 
-from benchmarks._common import RESULTS, emit
+from benchmarks._common import RESULTS, emit, private_settings, quiet_logging
 from driftrec import embedded
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
@@ -343,19 +342,9 @@ def main() -> None:
     parser.add_argument("--soak-ttl-s", type=int, default=120)
     parser.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for chatty in ("kafka", "aiokafka", "httpx"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    home = Path(tempfile.mkdtemp(prefix="driftrec-faults-"))
-    run = uuid.uuid4().hex[:6]
-    base = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        home=home,
-        key_prefix=f"bfault{run}",
-        worker_id=f"bfault-{run}",
-        topic_prefix=f"f{run}.",
-        events_partitions=4,
-    )
+    quiet_logging()
+    base = private_settings("fault", events_partitions=4)
+    home = base.home
     events = [x for x in source_items(base, args.data, 20_000) if isinstance(x, Event)]
     only = set(filter(None, args.only.split(",")))
     figures: dict[str, object] = {"data": args.data, "cpu_cores": os.cpu_count() or 0, "outage_s": OUTAGE_S}

@@ -35,7 +35,6 @@ import asyncio
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -49,7 +48,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from benchmarks._common import emit
+from benchmarks._common import emit, private_settings, quiet_logging
 from driftrec import embedded
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
@@ -68,17 +67,8 @@ FAST_POLL_S = 0.005
 MODEL_POLL_S = 0.05
 
 
-def settings_for_run(home: Path) -> Settings:
-    run = uuid.uuid4().hex[:6]
-    s = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        home=home,
-        key_prefix=f"bfresh{run}",
-        worker_id=f"bfresh-{run}",
-        topic_prefix=f"fr{run}.",
-        worker_web_port=free_port(),
-        events_partitions=4,
-    )
+def settings_for_run() -> Settings:
+    s: Settings = private_settings("fresh", events_partitions=4)
     s.tpp.enabled = False
     s.serving.kafka_agent = False
     s.serving.port = free_port()
@@ -196,11 +186,9 @@ def main() -> None:
     parser.add_argument("--probe-every-s", type=float, default=1.0)
     parser.add_argument("--timeout-s", type=float, default=15.0, help="per probe, fast path (model: 4x)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for chatty in ("kafka", "aiokafka", "httpx"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    home = Path(tempfile.mkdtemp(prefix="driftrec-freshness-"))
-    s = settings_for_run(home)
+    quiet_logging()
+    s = settings_for_run()
+    home = s.home
     load_n = int(args.rate * (args.probes * args.probe_every_s + 4 * args.timeout_s + 30))
     events = [x for x in source_items(s, args.data, args.warm + load_n) if isinstance(x, Event)]
     warm, load = events[: args.warm], events[args.warm :]

@@ -27,7 +27,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -37,7 +36,7 @@ from typing import cast
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import emit
+from benchmarks._common import emit, private_settings, quiet_logging
 from benchmarks.worker_throughput import raw_consume
 from driftrec import embedded
 from driftrec.contract.events import Event
@@ -229,18 +228,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=30_000)
     parser.add_argument("--scoring-duration", type=float, default=15.0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for chatty in ("kafka", "aiokafka", "httpx"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    home = Path(tempfile.mkdtemp(prefix="driftrec-scale-"))
-    run = uuid.uuid4().hex[:6]
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        home=home,
-        key_prefix=f"bscale{run}",
-        worker_id=f"bscale-{run}",
-        topic_prefix=f"s{run}.",
-    )
+    quiet_logging()
+    settings = private_settings("scale")
+    home = settings.home
     embedded.up(settings)
     figures: dict[str, object] = {"cpu_cores": os.cpu_count() or 0, "partitions": settings.events_partitions}
     try:
