@@ -18,8 +18,9 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DRIFTREC_"
@@ -203,6 +204,9 @@ class KafkaSecurity(Section):
 Role = Literal["ingest", "trainer"]
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
 class Settings(BaseSettings):
     """Where everything lives; defaults point at the embedded default on loopback."""
 
@@ -298,6 +302,28 @@ class Settings(BaseSettings):
     @property
     def score_results_topic(self) -> str:
         return self.topic("score-results")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        parsed = urlsplit(url)
+        if parsed.scheme not in REDIS_SCHEMES:
+            raise ValueError(f"{url!r} is not a Redis URL: use redis://host:port/db, rediss://… (TLS) or unix://path")
+        if parsed.scheme != "unix":
+            try:
+                parsed.port  # noqa: B018  # raises on a port that is not a number
+            except ValueError:
+                raise ValueError(f"{url!r} has a port that is not a number") from None
+        return url
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, servers: str) -> str:
+        for server in servers.split(","):
+            host, sep, port = server.strip().removeprefix("kafka://").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server.strip()!r} is not host:port (a comma-separated list of them)")
+        return servers
 
     @property
     def run_dir(self) -> Path:

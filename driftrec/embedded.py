@@ -65,13 +65,23 @@ def redis_answers(settings: Settings) -> bool:
 
 
 def kafka_answers(settings: Settings) -> bool:
+    """Whether a Kafka broker answers at the bootstrap address: a TCP connect first (a closed
+    port answers at once), then a metadata request with the Kafka client's log held quiet (its
+    connection errors are the expected answer here, not news)."""
     from driftrec.streams.topics import broker_topics
 
+    if not port_open(kafka_endpoint(settings)):
+        return False
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
     try:
         broker_topics(settings, timeout_s=2.0)
         return True
     except Exception:
         return False
+    finally:
+        kafka_log.setLevel(level)
 
 
 def _pid_file(settings: Settings, name: str) -> Path:
