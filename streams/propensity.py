@@ -33,7 +33,7 @@ from driftrec.contract.settings import Settings
 from driftrec.models.prompt_tpp import PromptTPP, TypeVocabulary
 from driftrec.models.tpp import EventSeq
 from driftrec.storage.event_state import StateKeys, sequence_member
-from driftrec.storage.snapshots import SnapshotKeys, latest_version, load_snapshot
+from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,7 @@ class PropensityWriter:
         if now - self._checked < self.reload_every_s:
             return
         self._checked = now
-        latest = await latest_version(self.redis, self.snap_keys)
-        if latest is None or latest == self.version:
-            return
+        # one GET of ``latest`` while it has not moved; the blob only when it has
         found = await load_snapshot(self.redis, self.snap_keys, newer_than=self.version)
         if found is None or "model" not in found[1]:
             return

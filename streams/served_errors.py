@@ -29,7 +29,7 @@ from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import HiddenStandardizer
 from driftrec.storage.error_memory import ServedErrorMemories
-from driftrec.storage.snapshots import SnapshotKeys, latest_version, load_snapshot
+from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,7 @@ class ServedErrorWriter:
 
     async def refresh(self) -> None:
         """Load the newest ``dsl`` snapshot if ``latest`` moved since the last batch."""
-        latest = await latest_version(self.redis, self.snap_keys)
-        if latest is None or latest == self.version:
-            return
+        # one GET of ``latest`` while it has not moved; the blob only when it has
         found = await load_snapshot(self.redis, self.snap_keys, newer_than=self.version)
         if found is None or "model" not in found[1]:
             return
