@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from driftrec.contract.settings import Settings
+from driftrec.procs import RedisServer
 from driftrec.serving.app import create_app
 from driftrec.streams.datasets import taobao_sample_events
 from driftrec.streams.replay import publish
@@ -53,11 +54,15 @@ def test_worker_exports_lag_per_partition_and_health(isolated: Settings, tmp_pat
 
 
 def test_a_failing_agent_shows_in_health_and_metrics(isolated: Settings, tmp_path) -> None:
-    settings = isolated.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}, deep=True)
+    # `driftrec worker` refuses to start without Redis (one line, exit 1), so Redis goes away after
+    own = RedisServer(tmp_path / "redis", free_port()).start()
+    settings = isolated.model_copy(update={"redis_url": own.url}, deep=True)
     settings.tpp.enabled = settings.dsl.enabled = False
     settings.serving.kafka_agent = False
+    settings.redis_socket_timeout_s = 0.5
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     try:
+        own.kill()
         publish(settings, taobao_sample_events(SHARED_DATA)[:20], progress=False)  # ingest cannot reach Redis
         wait_for(
             lambda: (m := worker.metrics()) and m.get('driftrec_transient_failures_total{agent="ingest"}', 0) >= 1,
@@ -71,6 +76,7 @@ def test_a_failing_agent_shows_in_health_and_metrics(isolated: Settings, tmp_pat
         assert (worker.metrics() or {})["driftrec_events_processed_total"] == 0  # nothing was applied
     finally:
         worker.stop()
+        own.stop()
 
 
 @pytest.mark.integration  # a real (refused) connection
