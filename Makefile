@@ -3,13 +3,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
+# The CPU build of torch comes from its own index (the default index's torch is a multi-GB CUDA
+# build). Set TORCH_INDEX= (empty) where pip already finds the CPU wheel (a mirror or wheelhouse).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
+# Lint also validates docker-compose.yml against the compose specification (vendored in check-jsonschema).
 .PHONY: demo test test-unit test-integration lint format typecheck check install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[test,baselines]"
 	touch $@
 
@@ -32,6 +36,7 @@ test-integration: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .

@@ -7,9 +7,7 @@ live in files a person or a script can read, not in docstrings.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,28 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5, check=False
-        )
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
 def emit(name: str, result: dict[str, Any], record: bool = True) -> None:
     """Print ``result`` as the last line and append it (with provenance) to the results log."""
-    from driftrec import __version__
+    from driftrec.provenance import stamp
 
     if record:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stamped = {
-            "version": __version__,
-            "commit": _commit(),
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            **result,
-        }
+        stamped = {**stamp(), **result}
         with (RESULTS / f"{name}.jsonl").open("a") as fh:
             fh.write(json.dumps(stamped) + "\n")
     sys.stdout.flush()

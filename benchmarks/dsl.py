@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/dsl.py`: make the rep
 
 from benchmarks._common import emit
 from benchmarks.sparse_mf import SparseMF
+from driftrec.models import metrics
 from driftrec.models.dsl import CSRTable, DSLRecommender, SparseTable, SupportTable
 from driftrec.models.ell import EllTable
 
@@ -375,8 +376,6 @@ def select(data: Path, epochs: int, dim: int, seed: int, names: list[str], densi
 
 def prequential_ml100k(limit: int | None, seed: int) -> dict[str, float]:
     """Test-then-train AUC of dense vs DSL ``DSLRecommender`` on the ML-100K replay."""
-    from sklearn.metrics import roc_auc_score
-
     from driftrec.contract.settings import get_settings
 
     cache = get_settings().data_cache / "ml-100k"
@@ -397,7 +396,7 @@ def prequential_ml100k(limit: int | None, seed: int) -> dict[str, float]:
             preds.append(model.predict_many(labelled))
             labels.extend(int(x.label or 0) for x in labelled)
             model.learn_many(batch)
-        auc = roc_auc_score(labels, np.concatenate(preds))
+        auc = metrics.auc(labels, np.concatenate(preds))
         log(
             f"[ml100k {tag}] prequential AUC {auc:.4f} over {len(labels)} events "
             f"({len(stream) / (time.perf_counter() - t0):,.0f} events/s) active {model.n_active_params:,}"

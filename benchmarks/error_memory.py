@@ -55,13 +55,12 @@ from benchmarks._common import emit
 from driftrec.contract.events import Event
 from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import get_settings
+from driftrec.models import metrics
 from driftrec.models.error_memory import RandomProjectionLSH
 from driftrec.shift import (
     PrequentialTrace,
     ServedLearner,
-    auc,
     inject_genre_flip,
-    log_loss,
     pick_genre_flip,
     prequential_with_memory,
     segment_metrics,
@@ -114,8 +113,8 @@ def progress_logger(total: int, label: str):
             done,
             total,
             rate,
-            log_loss(y, pb),
-            log_loss(y, pm),
+            metrics.logloss(y, pb),
+            metrics.logloss(y, pm),
         )
 
     return report
@@ -208,10 +207,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         used_after = int((await redis.info("memory"))["used_memory"])
         y, pb, pm = trace.arrays()
         result.update(
-            auc_base=auc(y, pb),
-            auc_memory=auc(y, pm),
-            logloss_base=log_loss(y, pb),
-            logloss_memory=log_loss(y, pm),
+            auc_base=metrics.auc(y, pb),
+            auc_memory=metrics.auc(y, pm),
+            logloss_base=metrics.logloss(y, pb),
+            logloss_memory=metrics.logloss(y, pm),
             write_per_s=len(y) / trace.write_s,
             read_batch_ms=1000 * trace.read_s / max(1, -(-len(y) // args.batch_size)),
             prequential_ev_per_s=len(y) / wall,
@@ -219,10 +218,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         # windowed view: the last 20 % of the stream, where the memory is full
         tail = slice(int(0.8 * len(y)), None)
         result.update(
-            auc_base_last20=auc(y[tail], pb[tail]),
-            auc_memory_last20=auc(y[tail], pm[tail]),
-            logloss_base_last20=log_loss(y[tail], pb[tail]),
-            logloss_memory_last20=log_loss(y[tail], pm[tail]),
+            auc_base_last20=metrics.auc(y[tail], pb[tail]),
+            auc_memory_last20=metrics.auc(y[tail], pm[tail]),
+            logloss_base_last20=metrics.logloss(y[tail], pb[tail]),
+            logloss_memory_last20=metrics.logloss(y[tail], pm[tail]),
         )
         log.info(
             "prequential done in %.1fs: AUC %.4f → %.4f, log-loss %.4f → %.4f",
@@ -275,10 +274,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             logloss_shift_all_base=whole["logloss_base"],
             logloss_shift_all_memory=whole["logloss_memory"],
             shift_all_n=whole["n"],
-            auc_shift_stream_base=auc(y, pb),
-            auc_shift_stream_memory=auc(y, pm),
-            logloss_shift_stream_base=log_loss(y, pb),
-            logloss_shift_stream_memory=log_loss(y, pm),
+            auc_shift_stream_base=metrics.auc(y, pb),
+            auc_shift_stream_memory=metrics.auc(y, pm),
+            logloss_shift_stream_base=metrics.logloss(y, pb),
+            logloss_shift_stream_memory=metrics.logloss(y, pm),
         )
         log.info(
             "genre flip (%s): first %d events log-loss %.4f → %.4f; whole segment %.4f → %.4f",

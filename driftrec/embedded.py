@@ -16,13 +16,14 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import redis
 
 from driftrec.contract.settings import Settings
+from driftrec.procs import poll_until
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -39,14 +40,11 @@ class Endpoint:
 
 
 def kafka_endpoint(settings: Settings) -> Endpoint:
-    first = settings.kafka_bootstrap.split(",")[0].strip().removeprefix("kafka://")
-    host, _, port = first.rpartition(":")
-    return Endpoint(host or "127.0.0.1", int(port or 9092))
+    return Endpoint(*settings.kafka_address)
 
 
 def redis_endpoint(settings: Settings) -> Endpoint:
-    url = urlparse(settings.redis_url)
-    return Endpoint(url.hostname or "127.0.0.1", url.port or 6379)
+    return Endpoint(*(settings.redis_address or ("127.0.0.1", 6379)))
 
 
 def port_open(endpoint: Endpoint, timeout: float = 0.5) -> bool:
@@ -109,13 +107,8 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def _wait(predicate, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} did not answer within {timeout_s:.0f} s")
+def _wait(predicate: Callable[[], bool], what: str, timeout_s: float) -> None:
+    poll_until(predicate, timeout_s, f"{what} to answer")
 
 
 def start_broker(settings: Settings) -> str:
@@ -185,23 +178,33 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+def stop_started(settings: Settings, name: str) -> int | None:
+    """Stop the process ``up`` started as ``name`` (by its pid file): SIGTERM, then SIGKILL after
+    5 s. Returns its pid, or None when ``up`` started none (what was already running stays)."""
+    pid_file = _pid_file(settings, name)
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text().split()[0])
+
+    def gone() -> bool:
+        _reap(pid)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        try:
+            poll_until(gone, 5.0, f"{name} (pid {pid}) to stop")
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return pid
+
+
 def down(settings: Settings) -> list[str]:
     """Stop exactly the processes ``up`` started (by pid file), nothing else."""
-    lines = []
-    for name in ("tansu", "redis"):
-        pid_file = _pid_file(settings, name)
-        if not pid_file.exists():
-            continue
-        pid = int(pid_file.read_text().split()[0])
-        try:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(50):
-                _reap(pid)
-                os.kill(pid, 0)
-                time.sleep(0.1)
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        pid_file.unlink(missing_ok=True)
-        lines.append(f"stopped {name} (pid {pid})")
+    lines = [f"stopped {name} (pid {pid})" for name in ("tansu", "redis") if (pid := stop_started(settings, name))]
     return lines or ["nothing was started by `driftrec up`"]

@@ -69,7 +69,8 @@ from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models import metrics
 from driftrec.procs import ChildProcess, serving_healthy, serving_url, start_server, start_worker, worker_metrics
-from driftrec.report import SERVED_VARIANTS, plot_series, summarize, write_html
+from driftrec.provenance import stamp
+from driftrec.report import PER_EVENT, SERVED_VARIANTS, plot_series, summarize, write_html
 from driftrec.storage.client import connect, connect_sync
 from driftrec.storage.error_memory import KEY_SPACE
 
@@ -104,9 +105,6 @@ class EvalOptions:
     keep_state: bool = False  # keep the run's Redis keys afterwards (only with namespace=True)
     progress: bool = True
     drain_timeout_s: float = 180.0
-
-
-PER_EVENT = "@event"  # name suffix of the per-event (no-lag) reference peers
 
 
 @dataclass
@@ -596,6 +594,7 @@ def _write_report(
         overall[v]["events_per_s"] = round(n / secs, 1) if secs > 0 else None
     versions = [r["model_version"] for r in records if r["model_version"] is not None]
     report = {
+        "stamp": stamp(),
         "variants": overall,
         "series": series,
         "run": {
@@ -686,24 +685,11 @@ def _broker_answers(settings: Settings) -> bool:
 
 
 def _stop_embedded(settings: Settings, name: str) -> None:
-    """Stop what this demo's ``up`` started (by its pid file), leaving what was already running."""
-    import os
-
+    """Stop what this demo's ``up`` started, leaving what was already running."""
     from driftrec import embedded
 
-    pid_file = embedded._pid_file(settings, name)
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text().split()[0])
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(50):
-            embedded._reap(pid)
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    pid_file.unlink(missing_ok=True)
-    print(f"  stopped {name} (pid {pid})", flush=True)
+    if (pid := embedded.stop_started(settings, name)) is not None:
+        print(f"  stopped {name} (pid {pid})", flush=True)
 
 
 def run_demo(settings: Settings, out: Path, limit: int | None = None) -> Path:

@@ -13,12 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from pydantic import BaseModel, SecretStr
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from driftrec.contract.settings import Settings
 
@@ -62,6 +63,37 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+T = TypeVar("T")
+
+
+class ProcessGone(RuntimeError):
+    """The process a wait depended on ended first."""
+
+
+def poll_until(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.1,
+    gone: Callable[[], str | None] | None = None,
+) -> T:
+    """``predicate()``'s first truthy value, asked every ``interval_s``; ``TimeoutError`` after
+    ``timeout_s``, ``ProcessGone`` as soon as ``gone()`` says why waiting is pointless."""
+
+    def attempt() -> T:
+        if gone is not None and (why := gone()) is not None:
+            raise ProcessGone(f"{why} while waiting for {what}")
+        return predicate()
+
+    retrying = Retrying(
+        stop=stop_after_delay(timeout_s), wait=wait_fixed(interval_s), retry=retry_if_result(lambda value: not value)
+    )
+    try:
+        return retrying(attempt)
+    except RetryError:
+        raise TimeoutError(f"{what}: not within {timeout_s:.0f} s") from None
+
+
 class ChildProcess:
     """One `python -m driftrec.cli …` subprocess in its own session (so Ctrl-C is ours to relay)."""
 
@@ -84,15 +116,14 @@ class ChildProcess:
             cwd=REPO,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) while starting:\n{self.log_tail()}")
-            if ready():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.name} not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+        try:
+            poll_until(ready, timeout_s, f"{self.name} to be ready", 0.2, gone=self.exit_reason)
+        except ProcessGone as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
+        except TimeoutError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
+        return self
 
     @property
     def alive(self) -> bool:
@@ -129,14 +160,14 @@ class ChildProcess:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text exposition, keyed as it is printed: ``name{label="v",...}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                continue
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
 
 
@@ -193,12 +224,8 @@ class RedisServer:
         argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)]
         argv += ["--logfile", str(self.folder / "redis.log")]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.ping():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout_s:.0f} s")
+        poll_until(self.ping, timeout_s, f"redis-server on port {self.port}", 0.05)
+        return self
 
     def ping(self) -> bool:
         import redis

@@ -7,7 +7,6 @@ can recompute any number in ``report.json`` from that file alone (see :func:`loa
 from __future__ import annotations
 
 import base64
-import html
 import math
 from pathlib import Path
 from typing import Any
@@ -76,6 +75,40 @@ def summarize(
     return overall, series
 
 
+METRICS = (  # (key, label, higher is better)
+    ("auc", "AUC", True),
+    ("logloss", "log-loss", False),
+    ("recall20", "Recall@20", True),
+    ("ndcg20", "NDCG@20", True),
+)
+PER_EVENT = "@event"  # name suffix of the per-event (no-lag) reference peers
+MEANINGS = {
+    "base": "the DSL model alone (the newest served snapshot)",
+    "base+memory": "base corrected by the error memory (LSH buckets + the user's session), learned weights",
+    "base+tpp": "base plus the PromptTPP propensity of the item's category, learned weight",
+    "full": "everything fused: the score the service returns",
+    "river-lr": "River logistic regression, learns each window right after it is scored (same information)",
+    "river-fm": "River factorization machine, learns each window right after it is scored (same information)",
+    "vw": "Vowpal Wabbit logistic regression, learns each window right after it is scored (same information)",
+}
+_SERVED_COLOURS = {"base": "#1f77b4", "base+memory": "#2ca02c", "base+tpp": "#9467bd", "full": "#d62728"}
+_PEER_COLOURS = ("#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def colours(variants: list[str]) -> dict[str, str]:
+    """A colour per variant: each served variant its own, each peer one shared with its ``@event`` twin."""
+    peers = list(dict.fromkeys(v.removesuffix(PER_EVENT) for v in variants if v not in _SERVED_COLOURS))
+    peer_colour = {p: _PEER_COLOURS[i % len(_PEER_COLOURS)] for i, p in enumerate(peers)}
+    return {v: _SERVED_COLOURS.get(v) or peer_colour[v.removesuffix(PER_EVENT)] for v in variants}
+
+
+def meaning(variant: str) -> str:
+    if variant.endswith(PER_EVENT):
+        peer = variant.removesuffix(PER_EVENT)
+        return f"{peer}, learning each event right after scoring it: the no-lag reference a pipeline cannot match"
+    return MEANINGS.get(variant, "")
+
+
 def plot_series(series: dict[str, Any], variants: list[str], out: Path) -> dict[str, Path]:
     """One PNG per metric, a line per variant; returns metric → path."""
     import matplotlib
@@ -84,22 +117,17 @@ def plot_series(series: dict[str, Any], variants: list[str], out: Path) -> dict[
     import matplotlib.pyplot as plt
 
     x = series["end_index"]
+    colour = colours(variants)
     paths: dict[str, Path] = {}
-    titles = {
-        "auc": "AUC (sliding window)",
-        "logloss": "log-loss (sliding window)",
-        "recall20": "Recall@20 vs sampled negatives",
-        "ndcg20": "NDCG@20 vs sampled negatives",
-    }
-    for name in METRIC_NAMES:
+    for name, label, higher in METRICS:
         fig, ax = plt.subplots(figsize=(8, 4.2), dpi=100)
         for v in variants:
             ys = [np.nan if val is None else val for val in series[v][name]]
-            style = "-" if v in SERVED_VARIANTS else (":" if v.endswith("@event") else "--")
-            ax.plot(x, ys, style, label=v, linewidth=2.0 if v == "full" else 1.2)
-        ax.set_title(f"{titles[name]}, window {series['window_events']} events")
+            style = "-" if v in SERVED_VARIANTS else (":" if v.endswith(PER_EVENT) else "--")
+            ax.plot(x, ys, style, color=colour[v], label=v, linewidth=2.2 if v == "full" else 1.2)
+        ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better), window {series['window_events']} events")
         ax.set_xlabel("event index (stream order)")
-        ax.set_ylabel(name)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
@@ -110,50 +138,114 @@ def plot_series(series: dict[str, Any], variants: list[str], out: Path) -> dict[
     return paths
 
 
-def _fmt(x: Any, integer: bool = False) -> str:
+def _fmt(x: Any) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return f"{x:.0f}" if integer or abs(x) >= 100 else f"{x:.4f}"
-    return html.escape(str(x))
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.4f}"
+    return str(x)
+
+
+def _run_value(x: Any) -> str:
+    if isinstance(x, bool) or x is None:
+        return {True: "yes", False: "no", None: "–"}[x]
+    if isinstance(x, float):
+        return f"{x:,.0f}" if x.is_integer() else f"{x:,.2f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _groups(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in two groups (equal information; the no-lag reference), each cell knowing whether it
+    is its group's best in its metric's direction."""
+    colour = colours(list(variants))
+    out = []
+    for title, reference, names in (
+        ("served variants and peers at equal information", False, [v for v in variants if not v.endswith(PER_EVENT)]),
+        (
+            "no-lag reference (learns each event before the next: not reachable through a broker)",
+            True,
+            [v for v in variants if v.endswith(PER_EVENT)],
+        ),
+    ):
+        if not names:
+            continue
+        best: dict[str, float] = {}
+        for key, _, higher in METRICS:
+            vals = [variants[v][key] for v in names if variants[v].get(key) is not None]
+            if vals:
+                best[key] = max(vals) if higher else min(vals)
+        rows = [
+            {
+                "name": v,
+                "colour": colour[v],
+                "meaning": meaning(v),
+                "cells": [
+                    {
+                        "text": _fmt(variants[v].get(key)),
+                        "best": variants[v].get(key) is not None and variants[v].get(key) == best.get(key),
+                    }
+                    for key, _, _ in METRICS
+                ],
+            }
+            for v in names
+        ]
+        out.append({"title": title, "reference": reference, "rows": rows})
+    return out
+
+
+_RUN_LABELS = {
+    "n_events": "events published",
+    "n_scored": "labelled events scored",
+    "n_ranked": "positives ranked",
+    "n_positive": "positives",
+    "dead_lettered": "dead-lettered",
+    "negatives": "sampled negatives per ranked positive",
+    "k": "K (Recall@K, NDCG@K)",
+    "rank_fraction": "fraction of positives ranked",
+    "seed": "seed",
+    "window": "window (events)",
+    "synchronous": "synchronous windows",
+    "max_lag": "most events the worker may lag",
+    "max_observed_lag": "largest lag seen (events)",
+    "wall_s": "wall time (s)",
+    "loop_s": "test-then-train loop (s)",
+    "serving_s": "time in scoring requests (s)",
+    "lag_waits_s": "time waiting for the worker (s)",
+    "requests_per_s": "scoring requests per second",
+    "first_served_version_at": "first event scored by a snapshot (index)",
+    "last_model_version": "last snapshot version served",
+    "events_with_compensation": "events with a memory correction",
+    "events_with_tpp": "events with a TPP term",
+}
 
 
 def write_html(report: dict[str, Any], pngs: dict[str, Path], path: Path) -> None:
-    rows = []
-    cols = ["auc", "logloss", "recall20", "ndcg20", "events_per_s"]
-    for v, m in report["variants"].items():
-        rows.append(
-            "<tr><th>"
-            + html.escape(v)
-            + "</th>"
-            + "".join(f"<td>{_fmt(m.get(c), c == 'events_per_s')}</td>" for c in cols)
-            + "</tr>"
-        )
-    imgs = []
-    for name, png in pngs.items():
-        data = base64.b64encode(png.read_bytes()).decode()
-        imgs.append(
-            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
-        )
-    run = report["run"]
-    meta = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(orjson.dumps(v).decode()[:400])}</code></td></tr>"
-        for k, v in run.items()
-        if k != "protocol"
+    """The self-contained HTML report (jinja2 template ``templates/report.html.j2``, plots inline)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
     )
-    doc = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>driftrec prequential evaluation</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-th{{text-align:left}}img{{max-width:100%}}code{{font-size:85%;white-space:pre-wrap}}</style></head>
-<body><h1>driftrec — prequential evaluation</h1>
-<p>Source <b>{html.escape(str(run.get("source")))}</b>, {run.get("n_scored")} labelled events scored
-({run.get("n_ranked")} ranked against {run.get("negatives")} sampled negatives),
-wall time {_fmt(run.get("wall_s"))} s.</p>
-<h2>Variants</h2>
-<table><tr><th>variant</th>{"".join(f"<th>{c}</th>" for c in cols)}</tr>{"".join(rows)}</table>
-<p>{html.escape(run.get("protocol", ""))}</p>
-<h2>Over time</h2>{"".join(imgs)}
-<h2>Run</h2><table>{meta}</table>
-</body></html>"""
-    path.write_text(doc, encoding="utf-8")
+    run = report["run"]
+    variants = report["variants"]
+    served = [v for v in variants if v in SERVED_VARIANTS]
+    peers = [v for v in variants if v not in SERVED_VARIANTS]
+    details = {k: v for k, v in run.items() if isinstance(v, dict)}
+    html_doc = env.get_template("report.html.j2").render(
+        stamp=report.get("stamp", {"version": "?", "commit": "unknown", "date": "?"}),
+        run=run,
+        metrics=[{"key": k, "label": label, "higher": higher} for k, label, higher in METRICS],
+        groups=_groups(variants),
+        pipeline_rate=_fmt(variants[served[0]].get("events_per_s")) if served else "–",
+        peer_rates=[(v, _fmt(variants[v].get("events_per_s"))) for v in peers],
+        series_window=report["series"]["window_events"],
+        figures=[{"name": name, "data": base64.b64encode(png.read_bytes()).decode()} for name, png in pngs.items()],
+        run_rows=[(label, _run_value(run.get(key))) for key, label in _RUN_LABELS.items() if key in run],
+        run_details=[
+            (key.replace("_", " "), orjson.dumps(val, option=orjson.OPT_INDENT_2).decode())
+            for key, val in details.items()
+        ],
+    )
+    path.write_text(html_doc, encoding="utf-8")

@@ -21,6 +21,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from driftrec.contract.interaction import Interaction
+from driftrec.models import metrics
 from driftrec.models.error_memory import (
     DEFAULT_EPS,
     DEFAULT_GAMMA,
@@ -74,33 +75,6 @@ def shifted_mask(interactions: Sequence[Interaction], flip: GenreFlip, horizon_e
         window[first : first + horizon_events] = True
         after &= window
     return after & cat
-
-
-def log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
-    y = np.asarray(y, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if y.size else float("nan")
-
-
-def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Rank-based (Mann–Whitney) AUC with tie averaging; NaN when one class is absent."""
-    y = np.asarray(y)
-    p = np.asarray(p, dtype=np.float64)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(p.size)
-    sorted_p = p[order]
-    i = 0
-    while i < p.size:
-        j = i
-        while j + 1 < p.size and sorted_p[j + 1] == sorted_p[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 @dataclass
@@ -183,8 +157,8 @@ async def prequential_with_memory(
 def segment_metrics(y: np.ndarray, p_base: np.ndarray, p_memory: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     return {
         "n": int(mask.sum()),
-        "logloss_base": log_loss(y[mask], p_base[mask]),
-        "logloss_memory": log_loss(y[mask], p_memory[mask]),
-        "auc_base": auc(y[mask], p_base[mask]),
-        "auc_memory": auc(y[mask], p_memory[mask]),
+        "logloss_base": metrics.logloss(y[mask], p_base[mask]),
+        "logloss_memory": metrics.logloss(y[mask], p_memory[mask]),
+        "auc_base": metrics.auc(y[mask], p_base[mask]),
+        "auc_memory": metrics.auc(y[mask], p_memory[mask]),
     }

@@ -67,15 +67,22 @@ def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarr
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def logloss_terms(
+    labels: Sequence[float] | np.ndarray, probs: Sequence[float] | np.ndarray, eps: float = LOGLOSS_EPS
+) -> np.ndarray:
+    """Per-event binary cross-entropy with probabilities clipped to ``[eps, 1 - eps]`` (a paired
+    comparison of two predictors needs the terms, not only their mean)."""
+    y, p = _arrays(labels, probs)
+    p = np.clip(p, eps, 1.0 - eps)
+    return np.asarray(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)), dtype=np.float64)
+
+
 def logloss(
     labels: Sequence[float] | np.ndarray, probs: Sequence[float] | np.ndarray, eps: float = LOGLOSS_EPS
 ) -> float:
     """Mean binary cross-entropy with probabilities clipped to ``[eps, 1 - eps]``; nan if empty."""
-    y, p = _arrays(labels, probs)
-    if y.size == 0:
-        return float("nan")
-    p = np.clip(p, eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    terms = logloss_terms(labels, probs, eps)
+    return float(terms.mean()) if terms.size else float("nan")
 
 
 def rank_counts(pos_score: float, neg_scores: Sequence[float] | np.ndarray) -> tuple[int, int]:

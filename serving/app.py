@@ -36,8 +36,10 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from fastapi_offline import FastAPIOffline
+from prometheus_client import GC_COLLECTOR, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -45,6 +47,7 @@ from starlette.requests import ClientDisconnect
 from driftrec.contract.settings import Settings
 from driftrec.serving.schemas import (
     ErrorResponse,
+    HealthResponse,
     ScoreRequest,
     ScoreResponse,
     check_request,
@@ -105,6 +108,9 @@ class _ScorerCollector:
 class ServingMetrics:
     def __init__(self, scorer: Scorer) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=self.registry)
+        self.registry.register(GC_COLLECTOR)
         self.requests = Counter(
             "driftrec_serving_requests_total", "Score requests by HTTP status", ["status"], registry=self.registry
         )
@@ -154,7 +160,7 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
             if owned:
                 await the_scorer.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from assets shipped in the package: no CDN, works offline
         title="driftrec scoring",
         version="1",
         lifespan=lifespan,
@@ -231,7 +237,12 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
         result = await the_scorer.score(req.user_id, req.candidates, req.ts)
         return Response(result.to_json(), media_type=JSON)
 
-    @app.get("/healthz", summary="Liveness, loaded snapshot and enabled fusion terms")
+    @app.get(
+        "/healthz",
+        summary="Liveness, loaded snapshot and enabled fusion terms",
+        response_class=Response,
+        responses={200: {"model": HealthResponse, "description": "always 200 (liveness); `status` says degraded"}},
+    )
     async def healthz() -> Response:
         snap = the_scorer.current
         degraded = the_scorer.stats.degraded(time.time())
@@ -248,9 +259,12 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
         }
         return Response(orjson.dumps(body), media_type=JSON)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+    @app.get(
+        "/metrics", summary="Prometheus metrics (text, or OpenMetrics when the scraper asks)", response_class=Response
+    )
+    async def prometheus(request: Request) -> Response:
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(metrics.registry), media_type=content_type)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:

@@ -32,16 +32,27 @@ HARD_MAX_CANDIDATES = 100_000  # schema ceiling; the served limit is settings.se
 
 
 class ScoreRequest(BaseModel):
-    """``POST /v1/score`` body."""
+    """``POST /v1/score`` body: rank these candidates for this user."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra={"examples": [{"user_id": "196", "candidates": ["242", "302", "377"], "ts": 1700000000.0}]},
+    )
 
-    user_id: Id
-    candidates: list[Id] = Field(min_length=1, max_length=HARD_MAX_CANDIDATES)
+    user_id: Id = Field(description="the user to rank for; unknown users are scored, not refused", examples=["196"])
+    candidates: list[Id] = Field(
+        min_length=1,
+        max_length=HARD_MAX_CANDIDATES,
+        description="item ids to rank; unknown items are scored, repeats are scored once",
+        examples=[["242", "302", "377"]],
+    )
     ts: float | None = Field(
         None,
         description=f"request time, Unix seconds, in [{MIN_TS:.0f} (1990-01-01), now + 1 day]; default: now",
         json_schema_extra={"minimum": MIN_TS},
+        examples=[1700000000.0],
     )
 
     @field_validator("ts", mode="before")
@@ -65,54 +76,125 @@ class ScoreRequest(BaseModel):
 
 
 class ScoredItem(BaseModel):
-    item_id: str
-    score: float = Field(description="fused probability in [0, 1]")
-    base: float = Field(description="DSL model probability (cold-start constant before any snapshot)")
+    """One candidate's score and its three parts (serving/README.md: the fusion rule)."""
+
+    item_id: str = Field(description="the candidate's id", examples=["302"])
+    score: float = Field(description="fused probability in [0, 1]", examples=[0.83])
+    base: float = Field(description="DSL model probability (cold-start constant before any snapshot)", examples=[0.61])
     compensation: float = Field(
         description="error-memory correction, probability space: base + compensation "
-        "is the corrected probability, kept in [eps, 1 - eps]"
+        "is the corrected probability, kept in [eps, 1 - eps]",
+        examples=[0.19],
     )
     tpp: float = Field(
-        description="TPP propensity term, logit space: score = sigmoid(logit(base + compensation) + tpp)"
+        description="TPP propensity term, logit space: score = sigmoid(logit(base + compensation) + tpp)",
+        examples=[0.03],
     )
 
 
 class ScoreResponse(BaseModel):
-    user_id: str
-    model_version: int | None = Field(description="DSL snapshot version used; null before the first snapshot")
-    items: list[ScoredItem] = Field(description="sorted by score, descending")
-    took_ms: float
+    """``POST /v1/score`` answer (and a ``score-results`` message's ``response``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "196",
+                    "model_version": 7,
+                    "items": [
+                        {"item_id": "302", "score": 0.83, "base": 0.61, "compensation": 0.19, "tpp": 0.03},
+                        {"item_id": "242", "score": 0.55, "base": 0.58, "compensation": -0.04, "tpp": 0.02},
+                    ],
+                    "took_ms": 1.2,
+                    "degraded": False,
+                    "degraded_reasons": [],
+                }
+            ]
+        }
+    )
+
+    user_id: str = Field(description="the user ranked for, as asked", examples=["196"])
+    model_version: int | None = Field(
+        description="DSL snapshot version used; null before the first snapshot", examples=[7]
+    )
+    items: list[ScoredItem] = Field(description="every distinct candidate once, sorted by score, descending")
+    took_ms: float = Field(description="time spent scoring inside the service, milliseconds", examples=[1.2])
     degraded: bool = Field(
         False, description="true when the answer lacks a term it should have (e.g. Redis was unreachable)"
     )
-    degraded_reasons: list[str] = Field(default_factory=list, description="why the answer is degraded")
+    degraded_reasons: list[str] = Field(
+        default_factory=list, description="why the answer is degraded", examples=[["redis unreachable"]]
+    )
 
 
 class ErrorDetail(BaseModel):
-    loc: list[str | int] = Field(default_factory=list)
-    msg: str
+    """One field's complaint."""
+
+    loc: list[str | int] = Field(
+        default_factory=list, description="where in the request: body, then the field path", examples=[["body", "ts"]]
+    )
+    msg: str = Field(description="what is wrong with it", examples=["ts must be a finite number"])
 
 
 class ErrorResponse(BaseModel):
     """Every 4xx body: a one-line ``message`` for humans and the per-field ``detail``."""
 
-    error: str = Field(description="machine-readable kind, e.g. validation_error")
-    message: str
-    detail: list[ErrorDetail] = Field(default_factory=list)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "validation_error",
+                    "message": "candidates: List should have at least 1 item after validation, not 0",
+                    "detail": [
+                        {
+                            "loc": ["body", "candidates"],
+                            "msg": "List should have at least 1 item after validation, not 0",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    error: str = Field(description="machine-readable kind, e.g. validation_error", examples=["validation_error"])
+    message: str = Field(description="one line saying what is wrong", examples=["ts: ts must be a finite number"])
+    detail: list[ErrorDetail] = Field(default_factory=list, description="per-field complaints (at most 20)")
+
+
+class HealthResponse(BaseModel):
+    """``GET /healthz``: liveness (always 200) and what is loaded; ``status`` says whether it is whole."""
+
+    status: str = Field(description="ok, or degraded while a term is missing from answers", examples=["ok"])
+    degraded: list[str] = Field(description="why it is degraded (empty when ok)", examples=[[]])
+    model_version: int | None = Field(description="DSL snapshot version loaded; null before the first", examples=[7])
+    snapshot_loaded_at: float | None = Field(
+        description="when that snapshot was loaded, Unix seconds", examples=[1700000000.0]
+    )
+    catalog_items: int = Field(description="items whose category the loaded snapshot knows", examples=[1682])
+    contributions: dict[str, bool] = Field(
+        description="fusion terms switched on", examples=[{"dsl": True, "memory": True, "tpp": True}]
+    )
+    reloads: int = Field(description="snapshots swapped in since start", examples=[3])
 
 
 class ScoreKafkaRequest(ScoreRequest):
     """A ``score-requests`` message value; the response goes to ``score-results`` keyed by request_id."""
 
-    request_id: Id
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"request_id": "r-1", "user_id": "196", "candidates": ["242", "302"], "ts": 1700000000.0}]
+        }
+    )
+
+    request_id: Id = Field(description="echoed in the result (and its message key) to match answers", examples=["r-1"])
 
 
 class ScoreKafkaResult(BaseModel):
     """A ``score-results`` message value: exactly one of ``response`` and ``error`` is set."""
 
-    request_id: str | None
-    response: ScoreResponse | None = None
-    error: ErrorResponse | None = None
+    request_id: str | None = Field(description="the request's id; null when it could not be read", examples=["r-1"])
+    response: ScoreResponse | None = Field(None, description="the ranking, when the request was valid")
+    error: ErrorResponse | None = Field(None, description="what was wrong, when it was not")
 
 
 def check_request(req: ScoreRequest, max_candidates: int) -> ErrorResponse | None:
@@ -131,7 +213,8 @@ def validation_error(
     """A pydantic error list → our error body (inputs are not echoed: they may be megabytes)."""
     detail = [
         ErrorDetail(
-            loc=[*prefix, *[p for p in e.get("loc", ()) if isinstance(p, (str, int))]], msg=str(e.get("msg", "invalid"))
+            loc=[*prefix, *[p for p in e.get("loc", ()) if isinstance(p, (str, int))]],
+            msg=str(e.get("msg", "invalid")).removeprefix("Value error, "),  # our validators' words, as written
         )
         for e in exc_errors[:20]
     ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,8 +32,9 @@ from typing import Any
 import faust
 import mode
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import GC_COLLECTOR, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 
 from driftrec.contract.settings import Settings
 from driftrec.storage.claims import EventClaims
@@ -53,6 +55,9 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=self.registry)
+        self.registry.register(GC_COLLECTOR)
         self.processed = Counter(
             "driftrec_events_processed_total", "Valid events processed by ingest", registry=self.registry
         )
@@ -124,8 +129,10 @@ class WorkerMetrics:
             },
         }
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition the scraper asked for (``Accept``: OpenMetrics or text) and its content type."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
 
 class ConsumerLag:
@@ -248,7 +255,8 @@ def build_app(settings: Settings, learners: dict[str, Lineage] | None = None) ->
 
     @app.page("/metrics")  # type: ignore[arg-type]  # faust types pages as View methods
     async def prometheus_metrics(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
+        body, content_type = metrics.render(request.headers.get("Accept", ""))
+        return web.bytes(body, headers={"Content-Type": content_type})  # aiohttp refuses a charset in content_type
 
     @app.page("/healthz")  # type: ignore[arg-type]  # faust types pages as View methods
     async def healthz(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
@@ -387,4 +395,6 @@ def _register_trainers(
 def run_worker(app: faust.App, loglevel: str = "info") -> None:
     """Run a built worker app in the foreground until SIGINT/SIGTERM."""
     worker = faust.Worker(app, loglevel=loglevel)
+    if not sys.stdout.isatty():  # a log file gets log lines, not the startup spinner's cursor escapes
+        worker.spinner = None
     worker.execute_from_commandline()

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, cast
 import httpx
 
 from driftrec.contract.settings import Settings
-from driftrec.procs import settings_env
+from driftrec.procs import ProcessGone, parse_prometheus, poll_until, settings_env
 from driftrec.storage.client import connect_sync
 
 TEST_REDIS_DB = int(os.environ.get("DRIFTREC_TEST_REDIS_DB", "2"))
@@ -141,12 +140,7 @@ class WorkerProcess:
             text = httpx.get(f"http://127.0.0.1:{self.settings.worker_web_port}/metrics", timeout=1.0).text
         except httpx.HTTPError:
             return None
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return parse_prometheus(text)
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -193,13 +187,11 @@ def wait_for(
     worker: WorkerProcess | None = None,
     interval: float = 0.25,
 ) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if worker and worker.proc and worker.proc.poll() is not None:
-            raise AssertionError(f"worker exited ({worker.proc.returncode}) waiting for {what}:\n{worker.log_tail()}")
-        time.sleep(interval)
-    tail = worker.log_tail() if worker else ""
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tail}")
+    def exited() -> str | None:
+        proc = worker.proc if worker else None
+        return None if proc is None or proc.poll() is None else f"worker exited ({proc.returncode})"
+
+    try:
+        return poll_until(predicate, timeout_s, what, interval, gone=exited)
+    except (TimeoutError, ProcessGone) as exc:
+        raise AssertionError(f"{exc}\n{worker.log_tail() if worker else ''}") from None

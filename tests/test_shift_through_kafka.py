@@ -25,9 +25,9 @@ from redis.asyncio import Redis
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings, get_settings
+from driftrec.models import metrics
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH
-from driftrec.shift import log_loss
 from driftrec.storage.error_memory import MemoryKeys, read_compensation
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.streams.datasets import ml100k_events
@@ -109,12 +109,12 @@ def test_error_memory_cuts_logloss_after_a_shift(isolated: Settings, tmp_path) -
     early[EARLY:] = False  # right after the flip, before the base model has learned it
     print(
         f"first {EARLY} post-flip events, flipped genre ({early.sum()}): log-loss base "
-        f"{log_loss(y[early], pb[early]):.4f} memory {log_loss(y[early], pm[early]):.4f}"
+        f"{metrics.logloss(y[early], pb[early]):.4f} memory {metrics.logloss(y[early], pm[early]):.4f}"
     )
     print(
-        f"flipped genre {genre} ({mask.sum()} events): log-loss base {log_loss(y[mask], pb[mask]):.4f} "
-        f"memory {log_loss(y[mask], pm[mask]):.4f}; all post-flip: base {log_loss(y, pb):.4f} "
-        f"memory {log_loss(y, pm):.4f}"
+        f"flipped genre {genre} ({mask.sum()} events): log-loss base {metrics.logloss(y[mask], pb[mask]):.4f} "
+        f"memory {metrics.logloss(y[mask], pm[mask]):.4f}; all post-flip: base {metrics.logloss(y, pb):.4f} "
+        f"memory {metrics.logloss(y, pm):.4f}"
     )
     assert np.all((pm > 0) & (pm < 1)), "compensated predictions must stay probabilities"
     assert np.any(pm != pb), "the memory must have been written and read"
@@ -122,11 +122,6 @@ def test_error_memory_cuts_logloss_after_a_shift(isolated: Settings, tmp_path) -
     # the gain must stand out of its own noise (batching is timing-dependent, so snapshots differ
     # between runs): the per-event log-loss saving on the flipped genre, at two standard errors
     for part, name in ((mask, "flipped genre"), (early, f"flipped genre, first {EARLY} events")):
-        saving = _per_event_log_loss(y[part], pb[part]) - _per_event_log_loss(y[part], pm[part])
+        saving = metrics.logloss_terms(y[part], pb[part]) - metrics.logloss_terms(y[part], pm[part])
         se = saving.std(ddof=1) / np.sqrt(saving.size)
         assert saving.mean() > 2 * se, (name, saving.mean(), se)
-
-
-def _per_event_log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
-    p = np.clip(p, eps, 1 - eps)
-    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
