@@ -50,12 +50,12 @@ def _default_home() -> Path:
 class MemorySettings(Section):
     """ReLoop2 error memory (issue 3); see ``models/error_memory.py`` for why each default."""
 
-    enabled: bool = True
-    n_tables: int = 8
-    n_bits: int = 10
+    enabled: bool = True  # the error memory's correction (and its writes at ingest) on or off
+    n_tables: int = 8  # LSH tables (more: more neighbours found, more Redis keys read per request)
+    n_bits: int = 10  # bits per LSH code (more: finer buckets, fewer neighbours each)
     seed: int = 0  # LSH projections; writer and readers must agree
     n_shards: int = 16  # hash-tag shards per table (slots per table on a Redis Cluster)
-    bucket_capacity: int = 32
+    bucket_capacity: int = 32  # errors kept per LSH bucket, newest first (FIFO)
     ttl_s: int = 0  # 0 = no TTL; FIFO capacity alone bounds memory
     # the starting λ when learn_lambda (0: no evidence yet, no correction; chosen on a cold start of
     # ML-100K events 25,000-50,000, see models/fusion.py), else the λ served
@@ -67,81 +67,82 @@ class MemorySettings(Section):
     # neighbours' own served errors (goes stale as the model learns); see models/error_memory.py
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     half_life_s: float = 0.0  # 0 = no recency weighting (FIFO refresh only)
-    batch_size: int = 256
+    batch_size: int = 256  # the error-memory benchmark's write batch (benchmarks/error_memory.py)
     # session memory (models/error_memory.py): the served errors of this user in this category;
     # capacity 0 turns it off; chosen on ML-100K events 25,000-50,000 (see that module)
     session_capacity: int = Field(8, ge=0)
-    session_gamma: float = Field(0.0, ge=0.0, le=1.0)
+    session_gamma: float = Field(0.0, ge=0.0, le=1.0)  # as gamma, for the session memory
     session_lambda: float = Field(0.0, ge=0.0, le=1.0)  # the starting μ when learn_lambda, else the μ served
 
 
 class DSLSettings(Section):
     """Dynamic sparse base model (issue 4)."""
 
-    enabled: bool = True
+    enabled: bool = True  # the DSL model (and its base score) on or off; off serves serving.cold_start_base
     # A new generation = a model whose hidden space is unrelated to the last one (new
     # architecture, seed, or retrain from scratch). The error memory is keyed by it; snapshots of
     # one continuously trained model share a generation, and FIFO refresh ages their errors out.
     generation: int = 1
-    dim: int = 32
+    dim: int = 32  # embedding width
+    # fraction of embedding weights active (0.1 = 90 % sparse), held constant by prune-and-grow
     density: float = 0.1
-    n_rows: int = 1 << 16
+    n_rows: int = 1 << 16  # hashed rows per embedding table (users and items share the hashing space)
     hidden: int = 32  # width of the head's last hidden layer (the error memory's key)
-    lr: float = 0.01
+    lr: float = 0.01  # step size of the embeddings and head
     bias_lr: float = 0.3  # first-order weights' Adagrad step (models/dsl.py says why)
     prune_every: int = 100  # ΔT, in micro-batches
     anneal_steps: int = 10_000  # micro-batches over which the prune-and-grow fraction anneals
-    head_density: float = 0.5
-    batch_size: int = 256
+    head_density: float = 0.5  # fraction of the head's weights active
+    batch_size: int = 256  # events per gradient step of the trainer
     # implicit feedback: an unlabelled event of these kinds is a positive with `negatives` sampled
     # negatives from the last `negative_pool` items seen; other unlabelled events teach nothing
     positive_kinds: frozenset[str] = frozenset({"click", "purchase", "cart", "fav", "buy"})
-    negatives: int = 4
-    negative_pool: int = 5000
+    negatives: int = 4  # sampled negatives per implicit positive
+    negative_pool: int = 5000  # the negatives are drawn from this many most recently seen items
     # items whose category the snapshot carries for serving (the most recently seen ones): bounds
     # the snapshot as the catalog grows; an item beyond it is scored without its category
     catalog_size: int = Field(50_000, gt=0)
     hidden_stats_sample: int = 2000  # recent labelled samples the published hidden statistics are fitted on
-    snapshot_every_steps: int = 50
-    snapshot_every_s: float = 5.0
-    seed: int = 0
+    snapshot_every_steps: int = 50  # publish a snapshot after this many gradient steps…
+    snapshot_every_s: float = 5.0  # …or this many seconds, whichever comes first
+    seed: int = 0  # initial masks and weights, negative sampling
 
 
 class TPPSettings(Section):
     """PromptTPP (issue 5); the agent is ``streams/tpp_agent.py``, its rules are documented there."""
 
-    enabled: bool = True
+    enabled: bool = True  # PromptTPP (and the tpp score term) on or off
     n_types: int = 32  # type ids incl. the overflow id shared by categories beyond the first 31
-    hidden: int = 32
+    hidden: int = 32  # width of the TPP's attention encoder
     # PromptTPP options (official config's M, N, L_p, lambda; freeze mode see models/prompt_tpp.py)
     pool_size: int = 10
-    top_n: int = 5
-    prompt_len: int = 5
-    key_weight: float = 0.1
-    freeze: Literal["query", "none"] = "query"
-    lr: float = 3e-3
+    top_n: int = 5  # prompts drawn from the pool per sequence
+    prompt_len: int = 5  # tokens per prompt
+    key_weight: float = 0.1  # weight of the prompt-key matching loss
+    freeze: Literal["query", "none"] = "query"  # what stays fixed while prompts learn (models/prompt_tpp.py)
+    lr: float = 3e-3  # Adam step size
     period_events: int = 2000  # fresh events per stream period (end_period() at each boundary)
     max_seq_len: int = 64  # newest events per user the TPP sees (training window and history)
     # Bounded work per micro-batch, so a batch never holds the worker for long: at most this many
     # user windows are learned (one Adam step per `batch_size` of them); propensities are
     # recomputed for every touched user (bounded by the worker's batch size).
     train_seqs_per_batch: int = 32
-    batch_size: int = 32
+    batch_size: int = 32  # user windows per Adam step
     min_time_scale_s: float = 1.0  # floor of the fitted time unit (a first batch of same-second events)
-    snapshot_every_steps: int = 20
-    snapshot_every_s: float = 10.0
-    seed: int = 0
+    snapshot_every_steps: int = 20  # publish a snapshot after this many steps…
+    snapshot_every_s: float = 10.0  # …or this many seconds, whichever comes first
+    seed: int = 0  # initial weights and prompt pool
 
 
 class ServingSettings(Section):
     """Scoring service (issue 6); the fusion rule is documented in ``serving/scorer.py``."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # address the scoring service binds (0.0.0.0 serves other hosts: see Security)
+    port: int = 8000  # scoring service port
     # idle keep-alive connections are closed after this long; longer than clients' pool expiry
     # (httpx: 5 s), else a client can reuse a connection the server is closing (a ReadError)
     keep_alive_s: float = Field(30.0, gt=0)
-    max_candidates: int = 2000
+    max_candidates: int = 2000  # most candidates one request may carry (more: 422)
     tpp_weight: float = 0.0  # the TPP term's starting weight (0, like λ); the trainer learns it (below)
     # learn the TPP term's weight from labelled events (models/fusion.py) and serve the learned one
     learn_tpp_weight: bool = True
@@ -190,19 +191,20 @@ class IngestSettings(Section):
     # a failing Redis or broker: the batch is retried from this delay, doubling up to the cap,
     # and its offsets are not committed until it is applied
     retry_backoff_s: float = Field(0.1, gt=0)
-    retry_backoff_max_s: float = Field(5.0, gt=0)
+    retry_backoff_max_s: float = Field(5.0, gt=0)  # the cap of that doubling delay
 
 
 class KafkaSecurity(Section):
     """How every Kafka client of driftrec authenticates (Faust, aiokafka, kafka-python alike)."""
 
+    # how every client talks to the brokers
     protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"  # with a SASL protocol
+    sasl_username: str | None = None  # with a SASL protocol
+    sasl_password: SecretStr | None = None  # with a SASL protocol (never logged)
     ssl_cafile: Path | None = None  # CA bundle that signed the brokers' certificates (default: system's)
     ssl_certfile: Path | None = None  # client certificate, for brokers that require mutual TLS
-    ssl_keyfile: Path | None = None
+    ssl_keyfile: Path | None = None  # the client certificate's private key
 
     @model_validator(mode="after")
     def _sasl_has_credentials(self) -> KafkaSecurity:
@@ -221,11 +223,14 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
 
+    # brokers, host:port[,host:port…]; a loopback address with nothing listening makes `up` start
+    # the embedded broker there
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # Redis (redis://, rediss:// for TLS, unix://); `up` starts redis-server when nothing answers on loopback
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False  # redis_url names one node of a Redis Cluster (DB 0 only)
-    key_prefix: str = "driftrec"
-    topic_prefix: str = ""
+    key_prefix: str = "driftrec"  # namespaces every Redis key (isolates deployments sharing a Redis or a Cluster)
+    topic_prefix: str = ""  # namespaces the topics events, events.dlq, score-requests, score-results
     events_partitions: int = 12  # the most ingest workers a consumer group can keep busy (README: Scaling)
     # how long "this event id was applied" markers live: a redelivery later than this is new again
     dedup_ttl_s: int = 7 * 24 * 3600
@@ -236,14 +241,16 @@ class Settings(BaseSettings):
     state_ttl_s: int = Field(30 * 24 * 3600, ge=0)
     # a hung Redis fails a call after this long instead of holding a request or a batch
     redis_socket_timeout_s: float = Field(2.0, gt=0)
+    # a Redis that does not accept the connection fails after this long
     redis_connect_timeout_s: float = Field(1.0, gt=0)
-    home: Path = Field(default_factory=_default_home)
+    home: Path = Field(default_factory=_default_home)  # pid files and logs of what `up` started, downloaded data
+    # where the recorded datasets (Taobao sample, Gowalla, EasyTPP) are read from
     shared_data: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-    worker_id: str = "driftrec-worker"
+    worker_id: str = "driftrec-worker"  # Faust app id = the ingest consumer group (trainers use <id>-trainer)
     worker_web_host: str = "127.0.0.1"  # the worker's /metrics and /healthz (loopback unless asked)
-    worker_web_port: int = 6066
-    worker_batch_size: int = 500
+    worker_web_port: int = 6066  # the worker's /metrics and /healthz port
+    worker_batch_size: int = 500  # most events in one ingest micro-batch
     # how long ingest waits to fill a micro-batch: the fast path's latency floor at low rates
     # (a busy stream fills ``worker_batch_size`` first); benchmarks/freshness.py measures it
     worker_batch_within_s: float = Field(0.1, gt=0)
@@ -251,9 +258,10 @@ class Settings(BaseSettings):
     # defaults to 500; the embedded broker answers an empty fetch only when that expires, so an
     # event on a quiet partition waited for it (measured: 552 ms p50 at 1,500, 4 ms at 50)
     worker_fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
-    broker_rebalance_timeout_s: float = 3.0
+    broker_rebalance_timeout_s: float = 3.0  # consumer group rebalance timeout
+    # a worker silent this long leaves the consumer group (its partitions move)
     broker_session_timeout_s: float = 10.0
-    broker_heartbeat_s: float = 1.0
+    broker_heartbeat_s: float = 1.0  # consumer group heartbeat interval
     # what a `driftrec worker` runs: ingest (consumer group; scales out) and/or trainer (one active
     # trainer per model, the others standby); `driftrec trainer` runs the trainer role alone
     worker_roles: frozenset[Role] = frozenset({"ingest", "trainer"})

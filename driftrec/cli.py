@@ -108,6 +108,16 @@ def up() -> None:
         typer.echo(line)
 
 
+@app.command("settings")
+def show_settings(
+    markdown: Annotated[bool, typer.Option(help="a Markdown table (the README's 'Every setting')")] = False,
+) -> None:
+    """Every DRIFTREC_* variable with its default and what it does."""
+    from driftrec import settings_doc
+
+    typer.echo(settings_doc.markdown() if markdown else settings_doc.text())
+
+
 @app.command()
 def down() -> None:
     """Stop what `driftrec up` started, nothing else."""
@@ -185,10 +195,12 @@ def replay(
     limit: Annotated[int | None, typer.Option(min=1, help="publish only the first N events (default: all)")] = None,
 ) -> None:
     """Publish a recorded dataset (sorted by event time) or a JSONL file (in file order) to `events`."""
+    from driftrec.streams.datasets import check_source
     from driftrec.streams.replay import replay as run_replay
 
     _logging()
     settings = _settings()
+    check_source(source)
     _need_services(settings, redis=False)
     report = run_replay(settings, source, speed=speed, limit=limit)
     typer.echo(f"published {report.published} events, dead-lettered {report.dead_lettered}, {report.rate:.0f} ev/s")
@@ -219,9 +231,11 @@ def evaluate(
 ) -> None:
     """Prequential (test-then-train) evaluation through the real broker; writes report.json/.html."""
     from driftrec.evaluate import run_evaluation
+    from driftrec.streams.datasets import check_source
 
     _logging()
     settings = _settings()
+    check_source(source)
     _need_services(settings)
     chosen = {"window": window, "negatives": negatives, "rank_fraction": rank_fraction}
     options: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}

@@ -167,17 +167,29 @@ def read_jsonl(path: Path) -> Iterator[Event | tuple[bytes, str]]:
                 yield raw, str(exc)
 
 
+ML100K_NAMES = frozenset({"ml-100k", "ml100k", "movielens-100k"})
+TAOBAO_NAMES = frozenset({"taobao-sample", "taobao"})
+
+
+def check_source(source: str) -> None:
+    """A ``DatasetError`` saying what to use when ``source`` is neither a dataset name nor a file,
+    so a command fails on the typo before it looks for a broker."""
+    if source in ML100K_NAMES or source in TAOBAO_NAMES or Path(source).is_file():
+        return
+    if Path(source).is_dir():
+        raise DatasetError(f"{source!r} is a folder: give a JSONL file of events, ml-100k or taobao-sample")
+    raise DatasetError(f"unknown dataset {source!r}: use ml-100k, taobao-sample, or a JSONL file path")
+
+
 def load_events(source: str, cache_dir: Path, shared_data: Path, limit: int | None = None) -> list[Event]:
     """Resolve a dataset name (``ml-100k``, ``taobao-sample``) or a JSONL path into valid events."""
-    if source in {"ml-100k", "ml100k", "movielens-100k"}:
+    check_source(source)
+    if source in ML100K_NAMES:
         return ml100k_events(cache_dir, limit)
-    if source in {"taobao-sample", "taobao"}:
+    if source in TAOBAO_NAMES:
         events = taobao_sample_events(shared_data)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise DatasetError(f"unknown dataset {source!r}: use ml-100k, taobao-sample, or a JSONL file path")
-        events = [e for e in read_jsonl(path) if isinstance(e, Event)]
+        events = [e for e in read_jsonl(Path(source)) if isinstance(e, Event)]
     return events[:limit] if limit is not None else events
 
 

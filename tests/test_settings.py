@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,3 +70,14 @@ def test_model_defaults_agree_with_the_settings_defaults() -> None:
     assert (session["capacity"], session["gamma"]) == (s.memory.session_capacity, s.memory.session_gamma)
     assert TPPWeight().w == s.serving.tpp_weight and TPPWeight().clip == s.serving.tpp_clip
     assert MemoryLambda().lam == s.memory.lambda_ == s.memory.session_lambda and MemoryLambda().eps == s.serving.eps
+
+
+def test_the_readme_lists_every_setting_as_generated() -> None:
+    """The README's table is ``driftrec settings --markdown``: a new setting without a comment, or
+    a README not regenerated, fails here."""
+    from driftrec.settings_doc import README_BEGIN, README_END, markdown, rows
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
+    assert block == markdown(), "regenerate the README's 'Every setting' table: driftrec settings --markdown"
+    assert all(meaning for _, _, meaning in rows()), [env for env, _, meaning in rows() if not meaning]
