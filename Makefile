@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 # The CPU build of torch comes from its own index (the default index's torch is a multi-GB CUDA
-# build). Set TORCH_INDEX= (empty) where pip already finds the CPU wheel (a mirror or wheelhouse).
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# build), when that index answers within 3 s; where it does not (an offline mirror or wheelhouse
+# that serves the CPU wheel), pip's configured index is used. TORCH_INDEX=URL or TORCH_INDEX= decides.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(shell python3 -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=3); print('$(TORCH_CPU_INDEX)')" 2>/dev/null)
 
 # Lint also validates docker-compose.yml against the compose specification (vendored in check-jsonschema).
 .PHONY: demo test test-unit test-integration lint format typecheck check install clean
