@@ -17,7 +17,6 @@ import orjson
 from driftrec.models import metrics
 
 SERVED_VARIANTS = ("base", "base+memory", "base+tpp", "full")
-METRIC_NAMES = ("auc", "logloss", "recall20", "ndcg20")
 K = 20
 
 
