@@ -667,13 +667,17 @@ def _protocol_text(opts: EvalOptions) -> str:
 
 
 def variant_table(report: dict[str, Any]) -> str:
-    cols = ("auc", "logloss", "recall20", "ndcg20", "events_per_s")
-    lines = [f"{'variant':<12}" + "".join(f"{c:>13}" for c in cols)]
+    """The variants for a terminal. The two rates are different things (README, Evaluation), so
+    they get their own columns: the pipeline's whole loop for the served variants, the in-process
+    compute of a peer for the peers."""
+    cols = ("auc", "logloss", "recall20", "ndcg20")
+    head = "".join(f"{c:>10}" for c in cols)
+    lines = [f"{'variant':<16}{head}{'pipeline ev/s':>15}{'compute ev/s':>14}"]
     for v, m in report["variants"].items():
-        cells = "".join(
-            f"{'-' if m.get(c) is None else format(m[c], '.4f' if c != 'events_per_s' else '.0f'):>13}" for c in cols
-        )
-        lines.append(f"{v:<12}{cells}")
+        cells = "".join(f"{'-' if m.get(c) is None else format(m[c], '.4f'):>10}" for c in cols)
+        rate = "-" if m.get("events_per_s") is None else f"{m['events_per_s']:,.0f}"
+        pipeline, compute = (rate, "") if v in SERVED_VARIANTS else ("", rate)
+        lines.append(f"{v:<16}{cells}{pipeline:>15}{compute:>14}")
     return "\n".join(lines)
 
 

@@ -83,3 +83,14 @@ def test_plots_one_png_per_metric(tmp_path: Path) -> None:
     pngs = plot_series(series, VARIANTS, tmp_path)
     assert {p.name for p in pngs.values()} == {"auc.png", "logloss.png", "recall20.png", "ndcg20.png"}
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs.values())
+
+
+def test_the_terminal_table_keeps_the_two_rates_apart() -> None:
+    from driftrec.evaluate import variant_table
+
+    row = {"auc": 0.7, "logloss": 0.6, "recall20": 0.5, "ndcg20": 0.2}
+    table = variant_table({"variants": {"full": {**row, "events_per_s": 88.0}, "vw": {**row, "events_per_s": 6076.0}}})
+    head, full, vw = table.splitlines()
+    assert "pipeline ev/s" in head and "compute ev/s" in head
+    assert full.rstrip().endswith("88") and vw.rstrip().endswith("6,076")
+    assert len(full.rstrip()) < len(vw.rstrip())  # the pipeline's rate sits in its own column
