@@ -62,6 +62,11 @@ def main() -> None:
         action="store_true",
         help="score while the worker learns (deployment timing) instead of synchronous windows",
     )
+    parser.add_argument(
+        "--fast-path-only",
+        action="store_true",
+        help="after each window wait for ingest alone (the fast path), the model on its real cadence",
+    )
     args = parser.parse_args()
 
     base = get_settings()
@@ -82,7 +87,12 @@ def main() -> None:
             args.data,
             out,
             limit=args.limit or None,
-            options=EvalOptions(rank_fraction=args.rank_fraction, window=args.window, synchronous=not args.no_sync),
+            options=EvalOptions(
+                rank_fraction=args.rank_fraction,
+                window=args.window,
+                synchronous=not args.no_sync,
+                fast_path_only=args.fast_path_only,
+            ),
         )
     finally:
         embedded.down(settings)
@@ -114,6 +124,8 @@ def main() -> None:
                 figures[f"{metric}_{short}"] = v[variant][metric]
     figures["events_per_s"] = v["full"]["events_per_s"]
     figures["synchronous"] = run["synchronous"]
+    figures["fast_path_only"] = run["fast_path_only"]
+    figures["window"] = run["window"]
     figures["wall_s"] = round(time.perf_counter() - started, 1)
     emit("evaluate", figures)
 

@@ -228,6 +228,14 @@ def evaluate(
             "(--no-sync: score while learning, as deployed)"
         ),
     ] = True,
+    fast_path_only: Annotated[
+        bool,
+        typer.Option(
+            "--fast-path-only",
+            help="after each window wait for ingest alone (the memories are current), the model on its real "
+            "cadence: the fast path's deployed lag (use a small --window)",
+        ),
+    ] = False,
 ) -> None:
     """Prequential (test-then-train) evaluation through the real broker; writes report.json/.html."""
     from driftrec.evaluate import run_evaluation
@@ -239,6 +247,7 @@ def evaluate(
     _need_services(settings)
     chosen = {"window": window, "negatives": negatives, "rank_fraction": rank_fraction}
     options: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}
+    options["fast_path_only"] = fast_path_only
     report_path = run_evaluation(settings, source, out, limit=limit, synchronous=sync, **options)
     typer.echo(f"report: {report_path}")
 

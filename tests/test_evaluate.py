@@ -237,3 +237,31 @@ def test_prequential_harness_end_to_end(isolated: Settings, tmp_path) -> None:
         window_peer.learn_many(
             [Interaction(r["user_id"], r["item_id"], 0.0, label=r["label"], category=r["category"]) for r in chunk]
         )
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_fast_path_lag_waits_for_ingest_alone(isolated: Settings, tmp_path) -> None:
+    """``fast_path_only``: after each window only ingest is awaited (the memories are current),
+    while the model keeps its real cadence, so several windows share one served snapshot."""
+    out = tmp_path / "report"
+    opts = EvalOptions(
+        namespace=False, progress=False, window=50, rank_fraction=0.0, fast_path_only=True, per_event_baselines=False
+    )
+    run_evaluation(isolated, "ml-100k", out, limit=1500, options=opts)
+    report = orjson.loads((out / "report.json").read_bytes())
+    run = report["run"]
+    assert run["fast_path_only"] is True and run["synchronous"] is False and run["max_lag"] == 0
+    assert run["worker_metrics"]["driftrec_events_processed_total"] == 1500
+    assert 0 < run["max_observed_lag"] <= opts.window  # ingest was waited for after every window
+    records = load_served(out / "served.jsonl")
+    by_window: dict[int, set] = {}
+    for rec in records:
+        by_window.setdefault(rec["published_before"], set()).add(rec["model_version"])
+    served = [v for versions in by_window.values() for v in versions if v is not None]
+    assert served, "no snapshot was served at all"
+    # the trainer publishes on its own cadence (5 s / 50 steps), not after every 50-event window
+    assert len(set(served)) < len(by_window) - 1
+    r = redis.Redis.from_url(isolated.redis_url)  # ingest wrote the served errors (the fast path)
+    assert any(True for _ in r.scan_iter(match=f"{isolated.key_prefix}:{KEY_SPACE}:*", count=1000))
+    assert "fast path synchronous" in (out / "report.html").read_text()
