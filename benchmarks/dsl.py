@@ -35,8 +35,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/dsl.py`: make the rep
 
 from benchmarks._common import emit
 from benchmarks.sparse_mf import SparseMF
-from driftrec.models import metrics
-from driftrec.models.dsl import CSRTable, DSLRecommender, SparseTable, SupportTable
+from driftrec.models.dsl import CSRTable, SparseTable, SupportTable
 from driftrec.models.ell import EllTable
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gowalla-lightgcn"
@@ -376,6 +375,7 @@ def select(data: Path, epochs: int, dim: int, seed: int, names: list[str], densi
 
 def prequential_ml100k(limit: int | None, seed: int) -> dict[str, float]:
     """Test-then-train AUC of dense vs DSL ``DSLRecommender`` on the ML-100K replay."""
+    from benchmarks.dsl_product import prequential
     from driftrec.contract.settings import get_settings
 
     cache = get_settings().data_cache / "ml-100k"
@@ -383,26 +383,8 @@ def prequential_ml100k(limit: int | None, seed: int) -> dict[str, float]:
         raise FileNotFoundError(f"ML-100K cache {cache} absent (run `driftrec replay ml-100k` once)")
     from driftrec.streams.datasets import load_ml100k_interactions
 
-    stream = load_ml100k_interactions(limit=limit)
-    out: dict[str, float] = {}
-    for tag, density in (("dense", 1.0), ("s90", 0.1)):
-        model = DSLRecommender(density=density, head_density=1.0 if density == 1.0 else 0.5, seed=seed)
-        preds: list[np.ndarray] = []
-        labels: list[int] = []
-        t0 = time.perf_counter()
-        for start in range(0, len(stream), 256):
-            batch = stream[start : start + 256]
-            labelled = [x for x in batch if x.label is not None]
-            preds.append(model.predict_many(labelled))
-            labels.extend(int(x.label or 0) for x in labelled)
-            model.learn_many(batch)
-        auc = metrics.auc(labels, np.concatenate(preds))
-        log(
-            f"[ml100k {tag}] prequential AUC {auc:.4f} over {len(labels)} events "
-            f"({len(stream) / (time.perf_counter() - t0):,.0f} events/s) active {model.n_active_params:,}"
-        )
-        out[f"ml100k_auc_{tag}"] = round(float(auc), 4)
-    return out
+    figures, _ = prequential(load_ml100k_interactions(limit=limit), seed)
+    return {k: float(v) for k, v in figures.items() if k.startswith("ml100k_auc_") and k != "ml100k_auc_gap"}
 
 
 def main(argv: list[str] | None = None) -> None:
