@@ -262,6 +262,9 @@ class Settings(BaseSettings):
     # a worker silent this long leaves the consumer group (its partitions move)
     broker_session_timeout_s: float = 10.0
     broker_heartbeat_s: float = 1.0  # consumer group heartbeat interval
+    # how often ingest and the trainers ask the broker's cluster id: a new one (a memory-storage
+    # broker restarted) means a new log, re-read from its beginning (streams/log_identity.py)
+    kafka_log_check_s: float = Field(2.0, gt=0)
     # what a `driftrec worker` runs: ingest (consumer group; scales out) and/or trainer (one active
     # trainer per model, the others standby); `driftrec trainer` runs the trainer role alone
     worker_roles: frozenset[Role] = frozenset({"ingest", "trainer"})

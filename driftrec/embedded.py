@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,8 @@ def start_broker(settings: Settings) -> str:
             url,
             "--storage-engine",
             "memory://tansu/",
+            "--cluster-id",  # memory storage: every start is a new log, and says so (streams/log_identity.py)
+            f"driftrec-{uuid.uuid4().hex[:12]}",
         ],
     )
     _wait(lambda: kafka_answers(settings), f"Tansu at {url}", 30)

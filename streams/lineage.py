@@ -23,6 +23,14 @@ the version and moves ``latest``, so a trainer that stalled past its lease (GC p
 and wakes after a standby took over is refused and steps down; versions served only grow.
 The lease is renewed between batches; a failed renewal also steps down.
 
+A new log. Offsets name messages of one log: a memory-storage broker (the embedded default) that
+restarts numbers its new log from 0 again. The position is stamped with the broker's cluster id
+(``streams.log_identity``); a position from another log is void, and the trainer reads the new
+log from its beginning. While it leads, it asks the id every ``kafka_log_check_s`` and on any
+out-of-range fetch: what it learned of the old log is published first, then it starts the new
+one from 0. The events of the new log it read before it noticed (at most ``kafka_log_check_s``
+of them, and none when the new log was still shorter than the old position) are learned twice.
+
 When it publishes: every ``snapshot_every_steps`` steps or ``snapshot_every_s`` seconds of
 unpublished learning (the learner's ``due``), after ``lineage.idle_publish_s`` without new
 events, and on a clean stop (then it releases the lease so a standby need not wait for it).
@@ -43,6 +51,7 @@ from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.structs import OffsetAndMetadata
 
 from driftrec.contract.events import Event
@@ -58,6 +67,7 @@ from driftrec.storage.snapshots import (
 )
 from driftrec.streams.ingest import RawMessage, parse_batch
 from driftrec.streams.kafka_client import aiokafka_options
+from driftrec.streams.log_identity import BrokerLog
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +97,10 @@ class LeaseLost(RuntimeError):
     """The lease expired or moved while this trainer held the model: it must step down."""
 
 
+class LogReplaced(RuntimeError):
+    """The broker's log is not the one the position's offsets count in (``streams.log_identity``)."""
+
+
 @dataclass
 class LineagePosition:
     """Where a lineage stands in the stream: the snapshot's ``offsets`` part."""
@@ -98,6 +112,7 @@ class LineagePosition:
     learned: int = 0  # what the learner said it learned of those
     epoch: int = 0  # the lease epoch of the publish that wrote it (who published, for audits)
     owner: str = ""
+    log_id: str = ""  # the broker's cluster id the offsets belong to ("" : unknown, older snapshots)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -109,6 +124,7 @@ class LineagePosition:
                 "messages": self.messages,
                 "events": self.events,
                 "learned": self.learned,
+                "log": self.log_id,
             }
         )
 
@@ -125,6 +141,7 @@ class LineagePosition:
             int(raw.get("messages", 0)),
             int(raw.get("events", 0)),
             int(raw.get("learned", 0)),
+            log_id=str(raw.get("log", "")),
         )
 
 
@@ -169,6 +186,7 @@ class LineageRunner:
         self.cfg = settings.lineage
         self.ttl_ms = int(self.cfg.lease_ttl_s * 1000)
         self._unpublished = 0  # messages consumed since the last publish
+        self.broker_log = BrokerLog(settings)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -223,7 +241,7 @@ class LineageRunner:
             group_id=f"{self.settings.worker_id}-trainer-{self.model}",
             client_id=f"driftrec-trainer-{self.model}",
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="none",  # a position past the log's end raises: the log may be new
             max_poll_records=self.settings.worker_batch_size,
             fetch_max_wait_ms=self.settings.worker_fetch_max_wait_ms,
             **aiokafka_options(self.settings),
@@ -231,12 +249,26 @@ class LineageRunner:
         await consumer.start()
         try:
             partitions = await self._assign(consumer, position)
-            await self._learn_until_stopped(consumer, learner, position, partitions, epoch)
+            while True:
+                try:
+                    await self._learn_until_stopped(consumer, learner, position, partitions, epoch)
+                    break
+                except LogReplaced as exc:
+                    log.warning(
+                        "%s trainer: %s; what it learned is published, the new log is read from 0", self.model, exc
+                    )
+                    if self._unpublished:
+                        await self._publish(consumer, learner, position, epoch)
+                    position.next_offsets.clear()
+                    position.log_id = self.broker_log.known or ""
+                    for tp in partitions:
+                        await consumer.seek_to_beginning(tp)
             if self._unpublished:  # a clean stop publishes what it learned
                 await self._publish(consumer, learner, position, epoch)
             await release_lease(self.redis, self.keys, self.owner)
         finally:
             await consumer.stop()
+            await self.broker_log.close()
 
     async def _assign(self, consumer: AIOKafkaConsumer, position: LineagePosition) -> list[TopicPartition]:
         topic = self.settings.events_topic
@@ -251,6 +283,17 @@ class LineageRunner:
             raise RuntimeError(f"topic {topic!r} has no partitions (create it first: driftrec up)")
         partitions = [TopicPartition(topic, p) for p in sorted(found)]
         consumer.assign(partitions)
+        await self.broker_log.replaced()  # learn the id of the log read now
+        now = self.broker_log.known or ""
+        if position.log_id and now and position.log_id != now:
+            log.warning(
+                "%s trainer: the snapshot's offsets count in log %s, the broker's is %s: reading it from 0",
+                self.model,
+                position.log_id,
+                now,
+            )
+            position.next_offsets.clear()
+        position.log_id = now or position.log_id
         for tp in partitions:
             if tp.partition in position.next_offsets:
                 consumer.seek(tp, position.next_offsets[tp.partition])
@@ -269,6 +312,7 @@ class LineageRunner:
         renew_every = self.cfg.lease_ttl_s / 3
         last_renew = time.monotonic()
         last_event = time.monotonic()
+        last_log_check = time.monotonic()
         while not self.stopping.is_set():
             if time.monotonic() - last_renew >= renew_every:
                 held = await acquire_lease(self.redis, self.keys, self.owner, self.ttl_ms)
@@ -276,9 +320,24 @@ class LineageRunner:
                     raise LeaseLost(f"lease renewal at epoch {epoch} answered {held}")
                 last_renew = time.monotonic()
                 await self._update_lag(consumer, partitions)
-            fetched = await consumer.getmany(
-                timeout_ms=int(self.cfg.poll_timeout_s * 1000), max_records=self.settings.worker_batch_size
-            )
+            if time.monotonic() - last_log_check >= self.settings.kafka_log_check_s:
+                last_log_check = time.monotonic()
+                if await self.broker_log.replaced():
+                    raise LogReplaced(f"the broker's log is now {self.broker_log.known}")
+            try:
+                fetched = await consumer.getmany(
+                    timeout_ms=int(self.cfg.poll_timeout_s * 1000), max_records=self.settings.worker_batch_size
+                )
+            except OffsetOutOfRangeError as exc:
+                if await self.broker_log.replaced():
+                    raise LogReplaced(f"a position is past the end of the log, now {self.broker_log.known}") from exc
+                # the same log, whose retention dropped what was not read yet: go on from its start
+                # (what auto_offset_reset="earliest" did)
+                gone = list(exc.args[0]) if exc.args and isinstance(exc.args[0], dict) else partitions
+                log.warning("%s trainer: %s out of range in the same log; reading on from its start", self.model, gone)
+                for tp in gone:
+                    await consumer.seek_to_beginning(tp)
+                continue
             started = time.perf_counter()
             batch = await self._learn_batch(learner, position, fetched) if fetched else None
             if batch is not None:

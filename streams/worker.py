@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import sys
 import time
@@ -31,7 +32,9 @@ from typing import Any
 
 import faust
 import mode
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from aiokafka.structs import TopicPartition
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, ensure_TPset
+from faust.transport.drivers.aiokafka import ConsumerRebalanceListener as FaustRebalanceListener
 from prometheus_client import GC_COLLECTOR, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
@@ -46,6 +49,7 @@ from driftrec.streams.kafka_client import faust_credentials
 from driftrec.streams.kafka_client import is_transient as kafka_transient
 from driftrec.streams.learners import Lineage
 from driftrec.streams.lineage import LineageLearner, LineageRunner
+from driftrec.streams.log_identity import BrokerLog
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,12 @@ class WorkerMetrics:
             "driftrec_agent_failures_total",
             "Unexpected failures of an agent (it is restarted; ingest holds the batch's offsets uncommitted)",
             ["agent"],
+            registry=self.registry,
+        )
+        self.log_replaced = Counter(
+            "driftrec_broker_log_replaced_total",
+            "Times the broker came back as a new log (its cluster id changed, or a read position was past "
+            "its end) and ingest re-read it from the beginning",
             registry=self.registry,
         )
         self.last_failure: dict[str, float] = {}  # agent -> wall time of its last failure (health)
@@ -216,6 +226,48 @@ def _create_worker_consumer(self: Any, transport: Any) -> Any:
 _faust_create_worker_consumer = AIOKafkaConsumerThread._create_worker_consumer
 AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
 
+_generations = itertools.count(1)
+
+
+async def _on_partitions_assigned(self: Any, assigned: Any) -> None:
+    """Faust's listener, with a generation id that never repeats in this process.
+
+    Faust skips a buffered message, and stops a fetch loop, whose generation is not the app's:
+    that is what keeps messages fetched before a rebalance from setting read offsets after it.
+    It takes the id from the group coordinator, and a broker that restarted empty (the embedded
+    default) counts generations from 1 again, so the old log's messages passed for new ones and
+    the new log's first offsets were dropped as already read (streams/log_identity.py)."""
+    thread = self._thread
+    generation = next(_generations)  # Faust compares it in-process only, never with the broker's
+    thread.app.consumer_generation_id = generation
+    await thread.on_partitions_assigned(ensure_TPset(assigned), generation)
+
+
+FaustRebalanceListener.on_partitions_assigned = _on_partitions_assigned  # type: ignore[method-assign]
+
+
+async def _commit(self: Any, offsets: Any) -> bool:
+    """Faust's commit, refused while the broker's log is not the one the offsets were read in.
+
+    A broker that restarted empty is a new log; until the watch (``_register_log_watch``) has
+    reset the read positions, the offsets Faust holds are the old log's, and committing them to
+    the new broker (Faust commits on every revoke, and the broker's restart causes one) would
+    make the next assignment seek past the new log's first messages."""
+    expected = getattr(self.app, "driftrec_log_id", None)
+    if expected is not None:
+        probe = getattr(self, "_driftrec_log_probe", None)
+        if probe is None:  # one per consumer thread: its connection lives on that thread's loop
+            probe = self._driftrec_log_probe = BrokerLog(self.app.driftrec_settings)
+        now = await probe.current()
+        if now != expected:
+            log.info("not committing: the broker's log is %s, the offsets were read in %s", now, expected)
+            return False
+    return bool(await _faust_commit(self, offsets))
+
+
+_faust_commit = AIOKafkaConsumerThread._commit
+AIOKafkaConsumerThread._commit = _commit  # type: ignore[method-assign]
+
 
 def build_app(settings: Settings, learners: dict[str, Lineage] | None = None) -> faust.App:
     """Build the worker app for ``settings.worker_roles``; ``learners`` (trainer role) maps a
@@ -329,11 +381,70 @@ def _register_ingest(
             with metrics.guard("ingest"):
                 outcome = await batch.handle([_raw(e) for e in events])
             for event in events:
-                event.ack()
+                if event.message.generation_id == app.consumer_generation_id:
+                    event.ack()
+                else:  # taken before the log was replaced: done, but its offset must not be committed
+                    event.message.acked = True
             metrics.processed.inc(outcome.applied)
             metrics.duplicates.inc(outcome.redelivered + outcome.duplicates)
             metrics.dead_lettered.inc(outcome.dead_lettered)
             metrics.batch_seconds.labels("ingest").observe(time.perf_counter() - started)
+
+    _register_log_watch(app, settings, metrics)
+
+
+def _register_log_watch(app: faust.App, settings: Settings, metrics: WorkerMetrics) -> None:
+    """Re-read the events log from its beginning when the broker comes back as a new log
+    (``streams.log_identity``). Done again on the next ticks: a message of the old log still in
+    Faust's hands when the first reset ran sets its read offset high again."""
+    from driftrec.streams.log_identity import reset_read_positions, stale_read_positions
+
+    broker_log = BrokerLog(settings)
+    again = 0
+    app.driftrec_settings = settings  # type: ignore[attr-defined]  # read by _commit's probe
+
+    @app.timer(settings.kafka_log_check_s, name="broker-log-watch")
+    async def watch_broker_log() -> None:
+        try:
+            await check()
+        except Exception:  # a timer that raises stops the whole app: log it, count it, check again next tick
+            log.exception("checking the broker's log failed")
+            metrics.transient_failure("broker-log-watch")
+
+    async def check() -> None:
+        nonlocal again
+        consumer = app.consumer
+        assigned = {tp for tp in consumer.assignment() if tp.topic == settings.events_topic}
+        stale = stale_read_positions(consumer, assigned)
+        replaced = await broker_log.replaced()
+        if broker_log.known is not None and getattr(app, "driftrec_log_id", None) is None:
+            app.driftrec_log_id = broker_log.known  # type: ignore[attr-defined]  # commits are checked against it
+        if replaced or stale:
+            if stale:
+                where = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(stale))
+                log.warning("read positions past the log's end on %s: the log was replaced", where)
+            metrics.log_replaced.inc()
+            again = 2
+        elif again:
+            again -= 1
+        else:
+            return
+        # a new generation: Faust skips the messages it still buffers, and ingest does not ack
+        # a batch it took before (its offsets count in the old log)
+        app.consumer_generation_id = next(_generations)
+        app.driftrec_log_id = broker_log.known  # type: ignore[attr-defined]
+        if assigned:
+            reset_read_positions(consumer, assigned)
+            await consumer._thread.seek_to_beginning(  # type: ignore[attr-defined]  # faust's consumer does not delegate it
+                *(TopicPartition(tp.topic, tp.partition) for tp in assigned)  # aiokafka refuses faust's TP
+            )
+
+    @app.service
+    class BrokerLogClient(mode.Service):
+        """Closes the watch's admin connection with the app."""
+
+        async def on_stop(self) -> None:
+            await broker_log.close()
 
 
 async def _delivered(future: Any) -> Any:

@@ -8,12 +8,18 @@ the dead-letter topic with its reason.
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
 from driftrec.procs import RedisServer
+from driftrec.storage.client import connect
+from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.streams.datasets import taobao_sample_events
+from driftrec.streams.lineage import OFFSETS_PART, LineagePosition
+from driftrec.streams.log_identity import BrokerLog
 from driftrec.streams.producer import EventProducer
 from driftrec.streams.replay import publish
 from tests.conftest import SHARED_DATA
@@ -122,31 +128,67 @@ def test_redis_killed_frozen_and_a_worker_killed_mid_retry_lose_nothing(isolated
 
 def test_a_broker_restart_loses_only_what_it_held_and_the_producer_recovers(isolated: Settings, tmp_path) -> None:
     """The embedded broker keeps nothing when it stops (README); the same producer and worker must
-    carry on on the new one, and every event published after it is up must be applied."""
+    carry on on the new one, and every event published after it is up must be applied and learned:
+    offsets restart at 0 there, below the read positions of the old log (streams/log_identity.py)."""
     from driftrec import embedded
 
     own = isolated.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}", "home": tmp_path}, deep=True)
-    own.tpp.enabled = own.dsl.enabled = False
-    own.worker_roles = frozenset({"ingest"})
+    own.tpp.enabled = False  # the DSL trainer stands for the learners: its offsets must move to the new log
     own.serving.kafka_agent = False
     events = _good(600)
     embedded.up(own)
     worker = None
     try:
+        old_log = asyncio.run(BrokerLog(own).current())
         worker = WorkerProcess(own, tmp_path / "worker.log").start()
         with EventProducer(own) as producer:
             for e in events[:300]:
                 producer.send(e)
             producer.flush()
             wait_for(lambda: _applied(own, events[:300]), 120, "the first half applied", worker)
+            _wait_learned(own, worker, 300)
             embedded.down(own)
             embedded.up(own)  # empty: topics declared again
+            new_log = asyncio.run(BrokerLog(own).current())
+            assert new_log and new_log != old_log  # each start of the embedded broker is a new log
             for e in events[300:]:
                 producer.send(e)
             producer.flush()
             assert producer.rebuilds >= 1  # the old client had gone fatal; a new one took over
         wait_for(lambda: _applied(own, events), 120, "the second half applied on the new broker", worker)
+        # the trainer learned the new log from offset 0, and its snapshot says which log the offsets count in
+        _wait_learned(own, worker, 600)
+        wait_for(lambda: _snapshot_position(own).log_id == new_log, 60, "a snapshot stamped with the new log", worker)
+        wait_for(lambda: sum(_snapshot_position(own).next_offsets.values()) >= 300, 60, "the new log learned", worker)
+        wait_for(
+            lambda: ((worker.metrics() or {}).get("driftrec_broker_log_replaced_total") or 0) >= 1,
+            30,
+            "ingest to have noticed the new log",
+            worker,
+        )
     finally:
         if worker is not None:
             worker.stop()
         embedded.down(own)
+
+
+def _wait_learned(settings: Settings, worker: WorkerProcess, n: int) -> None:
+    wait_for(
+        lambda: (worker.metrics() or {}).get('driftrec_learner_seen_total{learner="trainer"}', 0) >= n,
+        120,
+        f"the trainer to have seen {n} events",
+        worker,
+    )
+
+
+def _snapshot_position(settings: Settings) -> LineagePosition:
+    async def read() -> LineagePosition:
+        redis = connect(settings)
+        try:
+            found = await load_snapshot(redis, SnapshotKeys(settings.key_prefix, "dsl"))
+        finally:
+            await redis.aclose()
+        parts = found[1] if found else {}
+        return LineagePosition.from_bytes(parts.get(OFFSETS_PART), settings.events_topic)
+
+    return asyncio.run(read())
