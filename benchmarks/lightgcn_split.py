@@ -1,7 +1,7 @@
 """Write an event stream as a LightGCN-format dataset (``train.txt`` / ``test.txt``), so the
 offline DSL benchmark (``benchmarks/dsl.py --data DIR``) can be checked on more than Gowalla.
 
-Run: ``python benchmarks/lightgcn_split.py --source ml-100k --out DIR [--test-frac 0.2] [--seed 0]``
+Run: ``python benchmarks/lightgcn_split.py --source ml-100k --out DIR [--test-frac 0.2] [--seed 0] [--positives-only]``
 
 Every (user, item) pair the stream holds is one implicit interaction (duplicates once); each
 user's pairs are split at random, ``test_frac`` to test (at least one when she has two or more),
@@ -59,13 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--test-frac", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--positives-only", action="store_true", help="keep only events labelled 1 (ML-100K: rating >= 4)")
     args = ap.parse_args(argv)
     from driftrec.contract.settings import get_settings
     from driftrec.streams.datasets import load_events
 
     settings = get_settings()
     events = load_events(args.source, settings.data_cache, settings.shared_data)
-    train, test = split_per_user([(e.user_id, e.item_id) for e in events], args.test_frac, args.seed)
+    kept = [e for e in events if e.label == 1] if args.positives_only else events
+    train, test = split_per_user([(e.user_id, e.item_id) for e in kept], args.test_frac, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     write_lightgcn(train, args.out / "train.txt")
     write_lightgcn(test, args.out / "test.txt")
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         "lightgcn_split",
         {
             "source": args.source,
+            "positives_only": args.positives_only,
             "users": len(train),
             "items": n_items,
             "train_pairs": int(sum(len(r) for r in train)),
