@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from driftrec.contract.settings import Settings
@@ -33,6 +34,7 @@ class BrokerLog:
         self._admin: Any = None
         self.known: str | None = None  # the id of the log read so far (None: not seen yet)
         self._timeout_s = max(1.0, settings.kafka_log_check_s)  # a dead broker: ask again soon
+        self._abandoned: set[asyncio.Future[Any]] = set()  # calls given up on, still unwinding
 
     async def current(self) -> str | None:
         """The broker's cluster id now, or None while it does not answer."""
@@ -47,14 +49,28 @@ class BrokerLog:
                     **aiokafka_options(self.settings),
                 )
                 self._admin = admin
-                await asyncio.wait_for(admin.start(), self._timeout_s)
-            described = await asyncio.wait_for(self._admin.describe_cluster(), self._timeout_s)
+                await self._bounded(admin.start())
+            described = await self._bounded(self._admin.describe_cluster())
         except Exception as exc:  # the broker is down or restarting: ask again next time
             log.debug("the broker's cluster id is unknown for now: %r", exc)
             await self.close()
             return None
         cluster_id = described.get("cluster_id")
         return str(cluster_id) if cluster_id else None
+
+    async def learn(self, within_s: float = 30.0) -> str | None:
+        """The id of the log about to be read, asked until the broker answers (``within_s`` at
+        most). Whoever reads offsets must know it *before* the first read: a watch whose first
+        sighting is already the new log cannot tell the log changed."""
+        deadline = time.monotonic() + within_s
+        while self.known is None:
+            self.known = await self.current()
+            if self.known is None:
+                if time.monotonic() >= deadline:
+                    log.warning("the broker's cluster id is unknown after %.0f s; a new log may go unnoticed", within_s)
+                    break
+                await asyncio.sleep(0.2)
+        return self.known
 
     async def replaced(self) -> bool:
         """Whether the log changed since the last call that saw one (the first sighting is not a change)."""
@@ -75,9 +91,34 @@ class BrokerLog:
         admin, self._admin = self._admin, None
         if admin is not None:
             try:
-                await asyncio.wait_for(admin.close(), self._timeout_s)
+                await self._bounded(admin.close())
             except Exception as exc:
                 log.debug("closing the log-identity admin client: %s", exc)
+
+    async def _bounded(self, call: Any) -> Any:
+        """``call``'s result within the timeout, or an ``Exception``: never a ``CancelledError``
+        of the call's own. aiokafka cancels the requests of a connection that closes; through
+        ``asyncio.wait_for`` that cancellation reached the caller as if the caller had been
+        cancelled, and it ended the worker's watch for good (a timer that raises
+        ``CancelledError`` stops). A call that does not answer in time is given up on, not awaited
+        while it unwinds."""
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait({task}, timeout=self._timeout_s)
+        if not done:
+            task.cancel()
+            self._abandoned.add(task)  # held until it ends, so it is not collected while running
+            task.add_done_callback(self._abandoned.discard)
+            task.add_done_callback(_consume)
+            raise TimeoutError(f"no answer from the broker within {self._timeout_s} s")
+        if task.cancelled():  # aiokafka cancels a request whose connection closed: not our cancellation
+            raise ConnectionError("the broker's connection closed during the request")
+        return task.result()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def reset_read_positions(consumer: Any, partitions: set[Any]) -> None:

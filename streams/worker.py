@@ -238,8 +238,18 @@ async def _on_partitions_assigned(self: Any, assigned: Any) -> None:
     default) counts generations from 1 again, so the old log's messages passed for new ones and
     the new log's first offsets were dropped as already read (streams/log_identity.py)."""
     thread = self._thread
+    app = thread.app
+    if getattr(app, "driftrec_log_id", None) is None and hasattr(app, "driftrec_settings"):
+        # the log this first assignment is about to read, known before any read: the watch
+        # (_register_log_watch) and the commit fence compare against it; a watch whose first
+        # sighting were already a restarted broker's new log could not tell the log changed
+        probe = BrokerLog(app.driftrec_settings)
+        try:
+            app.driftrec_log_id = await probe.learn()
+        finally:
+            await probe.close()
     generation = next(_generations)  # Faust compares it in-process only, never with the broker's
-    thread.app.consumer_generation_id = generation
+    app.consumer_generation_id = generation
     await thread.on_partitions_assigned(ensure_TPset(assigned), generation)
 
 
@@ -403,22 +413,14 @@ def _register_log_watch(app: faust.App, settings: Settings, metrics: WorkerMetri
     again = 0
     app.driftrec_settings = settings  # type: ignore[attr-defined]  # read by _commit's probe
 
-    @app.timer(settings.kafka_log_check_s, name="broker-log-watch")
-    async def watch_broker_log() -> None:
-        try:
-            await check()
-        except Exception:  # a timer that raises stops the whole app: log it, count it, check again next tick
-            log.exception("checking the broker's log failed")
-            metrics.transient_failure("broker-log-watch")
-
     async def check() -> None:
         nonlocal again
         consumer = app.consumer
         assigned = {tp for tp in consumer.assignment() if tp.topic == settings.events_topic}
         stale = stale_read_positions(consumer, assigned)
+        if broker_log.known is None:  # the log the first assignment read (_on_partitions_assigned)
+            broker_log.known = getattr(app, "driftrec_log_id", None)
         replaced = await broker_log.replaced()
-        if broker_log.known is not None and getattr(app, "driftrec_log_id", None) is None:
-            app.driftrec_log_id = broker_log.known  # type: ignore[attr-defined]  # commits are checked against it
         if replaced or stale:
             if stale:
                 where = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(stale))
@@ -440,8 +442,30 @@ def _register_log_watch(app: faust.App, settings: Settings, metrics: WorkerMetri
             )
 
     @app.service
-    class BrokerLogClient(mode.Service):
-        """Closes the watch's admin connection with the app."""
+    class BrokerLogWatch(mode.Service):
+        """Runs ``check`` every ``kafka_log_check_s`` in a loop of its own (not a Faust timer:
+        nothing a check raises, a cancellation cut off inside a client included, may end it), and
+        closes the watch's admin connection with the app."""
+
+        async def on_started(self) -> None:
+            self.add_future(self._loop_checks())
+
+        async def _loop_checks(self) -> None:
+            while not self.should_stop:
+                await self.sleep(settings.kafka_log_check_s)
+                if self.should_stop:
+                    break
+                try:
+                    await check()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self.should_stop or (task is not None and task.cancelling()):
+                        raise  # the app is stopping
+                    log.warning("checking the broker's log was cut off; checking again")
+                    metrics.transient_failure("broker-log-watch")
+                except Exception:
+                    log.exception("checking the broker's log failed; checking again")
+                    metrics.transient_failure("broker-log-watch")
 
         async def on_stop(self) -> None:
             await broker_log.close()

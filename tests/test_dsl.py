@@ -380,6 +380,11 @@ def test_ell_layout_matches_dense_with_overflow_rows_and_column_zero() -> None:
     dense[7] = rng.normal(size=24)  # a full row, far beyond the width
     table = EllTable.from_csr(*(lambda c: (c.indptr, c.indices, c.data, c.shape))(CSRTable.from_dense(dense)))
     assert 0 < table.width < 24 and table.ov_ptr[-1] > 0 and table.nnz == int((dense != 0).sum())
+    # the overflow is indexed by the rows that overflow, not by every row; the size estimate is exact
+    assert table.ov_rows.tolist() == np.flatnonzero(np.count_nonzero(dense, axis=1) > table.width).tolist()
+    assert table.ov_ptr.size == table.ov_rows.size + 1
+    csr = CSRTable.from_dense(dense)
+    assert EllTable.nbytes_for(csr.indptr, 24) == table.nbytes
     rows = np.concatenate([[7, 7, 0], rng.integers(0, 400, 200)])
     vector = rng.normal(size=24).astype(np.float32)
     np.testing.assert_allclose(table.dot(rows, vector), dense[rows] @ vector, rtol=1e-5, atol=1e-5)
