@@ -283,8 +283,7 @@ class LineageRunner:
             raise RuntimeError(f"topic {topic!r} has no partitions (create it first: driftrec up)")
         partitions = [TopicPartition(topic, p) for p in sorted(found)]
         consumer.assign(partitions)
-        await self.broker_log.replaced()  # a change since the last lead is judged below, by the position
-        now = await self.broker_log.learn() or ""  # known before the first read
+        now = await self.broker_log.learn() or ""  # known before the first read; a change is judged by the position
         if position.log_id and now and position.log_id != now:
             log.warning(
                 "%s trainer: the snapshot's offsets count in log %s, the broker's is %s: reading it from 0",

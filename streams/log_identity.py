@@ -59,18 +59,18 @@ class BrokerLog:
         return str(cluster_id) if cluster_id else None
 
     async def learn(self, within_s: float = 30.0) -> str | None:
-        """The id of the log about to be read, asked until the broker answers (``within_s`` at
-        most). Whoever reads offsets must know it *before* the first read: a watch whose first
-        sighting is already the new log cannot tell the log changed."""
+        """The id of the log about to be read, asked now and again until the broker answers
+        (``within_s`` at most; None then, ``known`` unchanged). Whoever reads offsets must know it
+        *before* the first read: a watch whose first sighting is already the new log cannot tell
+        the log changed."""
         deadline = time.monotonic() + within_s
-        while self.known is None:
-            self.known = await self.current()
-            if self.known is None:
-                if time.monotonic() >= deadline:
-                    log.warning("the broker's cluster id is unknown after %.0f s; a new log may go unnoticed", within_s)
-                    break
-                await asyncio.sleep(0.2)
-        return self.known
+        while (now := await self.current()) is None:
+            if time.monotonic() >= deadline:
+                log.warning("the broker's cluster id is unknown after %.0f s; a new log may go unnoticed", within_s)
+                return None
+            await asyncio.sleep(0.2)
+        self.known = now
+        return now
 
     async def replaced(self) -> bool:
         """Whether the log changed since the last call that saw one (the first sighting is not a change)."""
