@@ -108,6 +108,22 @@ class DSLSettings(Section):
     seed: int = 0  # initial masks and weights, negative sampling
 
 
+class WideSettings(Section):
+    """The fast path's per-event FTRL on top of the DSL logit (models/wide.py)."""
+
+    enabled: bool = True  # learned at ingest per event and added by the scorer; off: neither
+    # FTRL-Proximal's four hyper-parameters, chosen on ML-100K events 25,000-50,000 only
+    # (research/fast_path_dev.md lists every setting tried)
+    alpha: float = Field(0.5, gt=0)  # learning rate (Vowpal Wabbit's default)
+    beta: float = Field(1.0, ge=0)  # smoothing of the per-feature rate (1: the paper's value)
+    l1: float = Field(0.0, ge=0)  # L1 strength (0: every feature keeps a weight)
+    l2: float = Field(1.0, ge=0)  # L2 strength
+
+    def ftrl_params(self) -> dict[str, float]:
+        """The model's hyper-parameters as ``models.wide.FTRLParams`` takes them."""
+        return {"alpha": self.alpha, "beta": self.beta, "l1": self.l1, "l2": self.l2}
+
+
 class TPPSettings(Section):
     """PromptTPP (issue 5); the agent is ``streams/tpp_agent.py``, its rules are documented there."""
 
@@ -272,6 +288,7 @@ class Settings(BaseSettings):
     memory: MemorySettings = Field(default_factory=MemorySettings)
     dsl: DSLSettings = Field(default_factory=DSLSettings)
     tpp: TPPSettings = Field(default_factory=TPPSettings)
+    wide: WideSettings = Field(default_factory=WideSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     lineage: LineageSettings = Field(default_factory=LineageSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)

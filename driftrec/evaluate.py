@@ -26,7 +26,9 @@ behind at worst, as in a deployment that scores while it learns. Each record kee
 ``published_before`` and ``model_version`` so the lag is visible.
 
 Variants, all from the *same served responses*: ``base`` = base, ``base+memory`` =
-clip(base + compensation), ``base+tpp`` = sigmoid(logit(clip(base)) + tpp), ``full`` = score.
+clip(base + compensation), ``base+tpp`` = sigmoid(logit(clip(base)) + tpp), ``base+wide`` =
+sigmoid(logit(clip(base)) + wide) (the per-event wide model on the DSL), ``full-wide`` = the
+score without the wide term, ``full`` = score.
 External peers (``river-lr``, ``river-fm``, ``vw``, see ``models/baselines.py``) are learned
 test-then-train in-process on the same events and score the same candidates. The named peers
 learn each window right after it is scored, so they have exactly the information the served
@@ -158,13 +160,16 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def served_variants(
-    base: np.ndarray, comp: np.ndarray, tpp: np.ndarray, score: np.ndarray, eps: float
+    base: np.ndarray, comp: np.ndarray, tpp: np.ndarray, wide: np.ndarray, score: np.ndarray, eps: float
 ) -> dict[str, np.ndarray]:
-    """The four ablations from one served response (see the module doc)."""
+    """The ablations from one served response (see the module doc)."""
+    corrected = np.clip(base + comp, eps, 1.0 - eps)
     return {
         "base": base,
-        "base+memory": np.clip(base + comp, eps, 1.0 - eps),
+        "base+memory": corrected,
         "base+tpp": _sigmoid(_logit(np.clip(base, eps, 1.0 - eps)) + tpp),
+        "base+wide": _sigmoid(_logit(np.clip(base, eps, 1.0 - eps)) + wide),
+        "full-wide": _sigmoid(_logit(corrected) + tpp),
         "full": score,
     }
 
@@ -412,8 +417,9 @@ def _record(plan: _Plan, resp: dict[str, Any], eps: float, published_before: int
     base = np.array([r["base"] for r in ordered], dtype=np.float64)
     comp = np.array([r["compensation"] for r in ordered], dtype=np.float64)
     tpp = np.array([r["tpp"] for r in ordered], dtype=np.float64)
+    wide = np.array([r.get("wide", 0.0) for r in ordered], dtype=np.float64)
     score = np.array([r["score"] for r in ordered], dtype=np.float64)
-    variants = served_variants(base, comp, tpp, score, eps)
+    variants = served_variants(base, comp, tpp, wide, score, eps)
     e = plan.event
     rec: dict[str, Any] = {
         "event_id": e.event_id,
@@ -431,6 +437,7 @@ def _record(plan: _Plan, resp: dict[str, Any], eps: float, published_before: int
             "base": float(base[0]),
             "compensation": float(comp[0]),
             "tpp": float(tpp[0]),
+            "wide": float(wide[0]),
             "score": float(score[0]),
         },
         "scores": {v: float(a[0]) for v, a in variants.items()},

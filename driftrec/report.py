@@ -16,7 +16,7 @@ import orjson
 
 from driftrec.models import metrics
 
-SERVED_VARIANTS = ("base", "base+memory", "base+tpp", "full")
+SERVED_VARIANTS = ("base", "base+memory", "base+tpp", "base+wide", "full-wide", "full")
 K = 20
 
 
@@ -85,13 +85,22 @@ MEANINGS = {
     "base": "the DSL model alone (the newest served snapshot)",
     "base+memory": "base corrected by the error memory (LSH buckets + the user's session), learned weights",
     "base+tpp": "base plus the PromptTPP propensity of the item's category, learned weight",
+    "base+wide": "base plus the per-event wide model (FTRL learned at ingest on top of the DSL logit)",
+    "full-wide": "everything fused except the wide model: the fast path without its per-event learner",
     "full": "everything fused: the score the service returns",
-    "river-lr": "River logistic regression, learns each window right after it is scored (same information)",
-    "river-fm": "River factorization machine, learns each window right after it is scored (same information)",
-    "vw": "Vowpal Wabbit logistic regression, learns each window right after it is scored (same information)",
+    "river-lr": "River logistic regression, learning what the served state learns, at the same lag",
+    "river-fm": "River factorization machine, learning what the served state learns, at the same lag",
+    "vw": "Vowpal Wabbit logistic regression, learning what the served state learns, at the same lag",
 }
-_SERVED_COLOURS = {"base": "#1f77b4", "base+memory": "#2ca02c", "base+tpp": "#9467bd", "full": "#d62728"}
-_PEER_COLOURS = ("#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_SERVED_COLOURS = {
+    "base": "#1f77b4",
+    "base+memory": "#2ca02c",
+    "base+tpp": "#9467bd",
+    "base+wide": "#17becf",
+    "full-wide": "#bcbd22",
+    "full": "#d62728",
+}
+_PEER_COLOURS = ("#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#000000", "#aec7e8")
 
 
 def colours(variants: list[str]) -> dict[str, str]:

@@ -95,6 +95,11 @@ class _ScorerCollector:
                 st.redis_errors,
             ),
             ("driftrec_serving_tpp_parse_errors", "Unreadable per-user TPP propensities", st.tpp_parse_errors),
+            (
+                "driftrec_serving_wide_parse_errors",
+                "Requests whose wide features were unreadable",
+                st.wide_parse_errors,
+            ),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], value)

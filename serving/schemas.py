@@ -76,7 +76,7 @@ class ScoreRequest(BaseModel):
 
 
 class ScoredItem(BaseModel):
-    """One candidate's score and its three parts (serving/README.md: the fusion rule)."""
+    """One candidate's score and its four parts (serving/README.md: the fusion rule)."""
 
     item_id: str = Field(description="the candidate's id", examples=["302"])
     score: float = Field(description="fused probability in [0, 1]", examples=[0.83])
@@ -86,9 +86,11 @@ class ScoredItem(BaseModel):
         "is the corrected probability, kept in [eps, 1 - eps]",
         examples=[0.19],
     )
-    tpp: float = Field(
-        description="TPP propensity term, logit space: score = sigmoid(logit(base + compensation) + tpp)",
-        examples=[0.03],
+    tpp: float = Field(description="TPP propensity term, logit space", examples=[0.03])
+    wide: float = Field(
+        description="the per-event wide model's term, logit space: "
+        "score = sigmoid(logit(base + compensation) + tpp + wide)",
+        examples=[0.12],
     )
 
 
@@ -102,8 +104,22 @@ class ScoreResponse(BaseModel):
                     "user_id": "196",
                     "model_version": 7,
                     "items": [
-                        {"item_id": "302", "score": 0.83, "base": 0.61, "compensation": 0.19, "tpp": 0.03},
-                        {"item_id": "242", "score": 0.55, "base": 0.58, "compensation": -0.04, "tpp": 0.02},
+                        {
+                            "item_id": "302",
+                            "score": 0.83,
+                            "base": 0.61,
+                            "compensation": 0.19,
+                            "tpp": 0.03,
+                            "wide": 0.12,
+                        },
+                        {
+                            "item_id": "242",
+                            "score": 0.55,
+                            "base": 0.58,
+                            "compensation": -0.04,
+                            "tpp": 0.02,
+                            "wide": -0.2,
+                        },
                     ],
                     "took_ms": 1.2,
                     "degraded": False,
@@ -172,7 +188,7 @@ class HealthResponse(BaseModel):
     )
     catalog_items: int = Field(description="items whose category the loaded snapshot knows", examples=[1682])
     contributions: dict[str, bool] = Field(
-        description="fusion terms switched on", examples=[{"dsl": True, "memory": True, "tpp": True}]
+        description="fusion terms switched on", examples=[{"dsl": True, "memory": True, "tpp": True, "wide": True}]
     )
     reloads: int = Field(description="snapshots swapped in since start", examples=[3])
 

@@ -13,7 +13,8 @@ Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
                                                                if settings.tpp.enabled, the user has a
                                                                propensity and it names category(i)
            = 0                                                 otherwise                 (logit space)
-    score_i = sigmoid(logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i)
+    wide_i = w_m · logit(base_i) + Σ_f w_f(u, i, category(i))  if settings.wide.enabled (0 otherwise)
+    score_i = sigmoid(logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i + wide_i)
 
 with ``λ`` the error memory's weight the trainer learned and published with the snapshot
 (``models/fusion.MemoryLambda``; ``memory.lambda`` before any is learned or when
@@ -29,6 +30,9 @@ added there (ReLoop2's formulation). The TPP says how much *more likely than uni
 next event is of this category (``K·p`` = 1 for a uniform guess, so ``ln`` is 0 then); that is a
 likelihood ratio, which composes additively with a logit. The decay forgets a propensity as the
 user's last event recedes, and the clip keeps one confident TPP from overriding the CTR model.
+``wide`` is the per-event FTRL that ingest steps on top of the DSL logit (``models/wide.py``):
+its one-hot weights carry what the user's session and the item did in the last seconds, and
+``w_m`` how far to trust the model beside them; it is a logit like the TPP term.
 ``score`` is a probability by construction whatever the inputs (each term is bounded and the
 logit argument is kept in ``[eps, 1 − eps]``).
 
@@ -39,7 +43,8 @@ With the DSL switched off but the memory on, the snapshot is still used for its 
 (the memory is keyed by them) and ``base`` is the constant.
 
 Per request the Redis work is one pipelined round trip: the error-memory ``MGET``, the session
-memory's ``MGET`` (one bucket per distinct candidate category) and the user's TPP ``GET``. If
+memory's ``MGET`` (one bucket per distinct candidate category), the user's TPP ``GET`` and the
+wide model's features (``MGET`` per slot: the user's, and the item shards'). If
 Redis fails, the request is still answered from the in-process model
 (compensation and tpp 0) and the failure is counted; scoring must not go down with the cache.
 """
@@ -62,6 +67,7 @@ from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
 from driftrec.models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms
+from driftrec.models.wide import FTRLParams, features_of_request, offset_logit, wide_terms
 from driftrec.storage.client import REDIS_ERRORS, MultiGet, connect, is_cluster
 from driftrec.storage.error_memory import (
     BucketNames,
@@ -72,6 +78,7 @@ from driftrec.storage.error_memory import (
 )
 from driftrec.storage.event_state import StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
+from driftrec.storage.wide import WideStore, unpack
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +108,20 @@ class ScoreResult:
     base: np.ndarray
     compensation: np.ndarray
     tpp: np.ndarray
+    wide: np.ndarray
     took_ms: float
     redis_ok: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         items = [
-            {"item_id": i, "score": s, "base": b, "compensation": c, "tpp": t}
-            for i, s, b, c, t in zip(
-                self.item_ids, self.score.tolist(), self.base.tolist(), self.compensation.tolist(), self.tpp.tolist()
+            {"item_id": i, "score": s, "base": b, "compensation": c, "tpp": t, "wide": w}
+            for i, s, b, c, t, w in zip(
+                self.item_ids,
+                self.score.tolist(),
+                self.base.tolist(),
+                self.compensation.tolist(),
+                self.tpp.tolist(),
+                self.wide.tolist(),
             )
         ]
         return {
@@ -141,6 +154,7 @@ class ScorerStats:
     reload_failures: int = 0
     redis_errors: int = 0
     tpp_parse_errors: int = 0
+    wide_parse_errors: int = 0
     loaded_at: float | None = None
     last_redis_error_at: float | None = None  # a score request's or a snapshot poll's Redis failure
     last_bad_snapshot_at: float | None = None
@@ -155,10 +169,12 @@ class ScorerStats:
         return reasons
 
 
-def fuse(base: np.ndarray, compensation: np.ndarray, tpp: np.ndarray, eps: float) -> np.ndarray:
-    """``sigmoid(logit(clip(base + compensation)) + tpp)``, a probability for any finite inputs."""
+def fuse(
+    base: np.ndarray, compensation: np.ndarray, tpp: np.ndarray, eps: float, wide: np.ndarray | float = 0.0
+) -> np.ndarray:
+    """``sigmoid(logit(clip(base + compensation)) + tpp + wide)``, a probability for any finite inputs."""
     p = np.clip(base + compensation, eps, 1.0 - eps)
-    z = np.log(p) - np.log1p(-p) + tpp
+    z = np.log(p) - np.log1p(-p) + tpp + wide
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free sigmoid
 
 
@@ -178,6 +194,8 @@ class Scorer:
         self.memory_keys = MemoryKeys.from_settings(
             settings.key_prefix, settings.dsl.generation, settings.memory.n_shards
         )
+        self.wide_store = WideStore(self.redis, settings.key_prefix, settings.dedup_ttl_s, settings.state_ttl_s)
+        self.wide_params = FTRLParams(**settings.wide.ftrl_params())
         self.current: LoadedSnapshot | None = None
         self.stats = ScorerStats()
         self._bad_version: int | None = None
@@ -191,7 +209,7 @@ class Scorer:
 
     def contributions(self) -> dict[str, bool]:
         s = self.settings
-        return {"dsl": s.dsl.enabled, "memory": s.memory.enabled, "tpp": s.tpp.enabled}
+        return {"dsl": s.dsl.enabled, "memory": s.memory.enabled, "tpp": s.tpp.enabled, "wide": s.wide.enabled}
 
     async def start(self) -> None:
         """Load what is there now and keep polling for newer snapshots in the background."""
@@ -316,8 +334,16 @@ class Scorer:
         if plan is not None and s.memory.session_capacity > 0:
             session_plan = plan_session_buckets(self.memory_keys, [(user_id, c) for c in cats])
             reads.append(MultiGet(session_plan.names, self.cluster))
+        tpp_read = None
         if s.tpp.enabled:
+            tpp_read = len(reads)
             reads.append(MultiGet([self.state_keys.user_tpp(user_id)], self.cluster))
+        wide_read: int | None = None
+        wide_names: list[str] = []
+        if s.wide.enabled and n:
+            wide_read = len(reads)
+            wide_names, wide_multi = self.wide_store.reads(user_id, features_of_request(user_id, items, cats))
+            reads.append(wide_multi)
         replies: list[list[bytes | None]] = []
         redis_ok = True
         if reads:
@@ -339,6 +365,7 @@ class Scorer:
 
         compensation = np.zeros(n)
         tpp = np.zeros(n)
+        wide = np.zeros(n)
         if replies:
             if plan is not None and snap is not None:  # a plan is only made from a snapshot's hidden vectors
                 m = s.memory
@@ -354,19 +381,33 @@ class Scorer:
                     mu = snap.session_lambda if snap.session_lambda is not None else m.session_lambda
                     correction = correction + mu * c_hat
                 compensation = compensation_delta(base, correction, 1.0, eps)
-            if s.tpp.enabled:
+            if tpp_read is not None:
                 try:
                     weight = (
                         snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight
                     )
                     tpp = tpp_terms(
-                        replies[-1][0], cats, now, weight=weight, tau_s=s.serving.tpp_tau_s, clip=s.serving.tpp_clip
+                        replies[tpp_read][0],
+                        cats,
+                        now,
+                        weight=weight,
+                        tau_s=s.serving.tpp_tau_s,
+                        clip=s.serving.tpp_clip,
                     )
                 except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
                     self.stats.tpp_parse_errors += 1
                     log.warning("unreadable tpp propensity for user %r: %s", user_id, exc)
 
-        score = fuse(base, compensation, tpp, eps)
+            if wide_read is not None:
+                try:
+                    values = {f: unpack(v) for f, v in zip(wide_names, replies[wide_read]) if v is not None}
+                    offsets = offset_logit(base, eps)
+                    wide = wide_terms(self.wide_params, values, user_id, items, cats, offsets)
+                except ValueError as exc:
+                    self.stats.wide_parse_errors += 1
+                    log.warning("unreadable wide features for user %r: %s", user_id, exc)
+
+        score = fuse(base, compensation, tpp, eps, wide)
         order = np.argsort(-score, kind="stable")
         return ScoreResult(
             user_id=user_id,
@@ -376,6 +417,7 @@ class Scorer:
             base=base[order],
             compensation=compensation[order],
             tpp=tpp[order],
+            wide=wide[order],
             took_ms=(time.perf_counter() - started) * 1000.0,
             redis_ok=redis_ok,
         )

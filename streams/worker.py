@@ -348,6 +348,10 @@ def _register_ingest(
         from driftrec.streams.served_errors import ServedErrorWriter
 
         derived.append(ServedErrorWriter(redis, settings))
+    if settings.wide.enabled:  # the fast path's per-event FTRL (models/wide.py)
+        from driftrec.streams.wide_writer import WideWriter
+
+        derived.append(WideWriter(redis, settings))
     if settings.tpp.enabled:
         from driftrec.streams.propensity import PropensityWriter
 

@@ -101,12 +101,15 @@ def test_sliding_windows() -> None:
 
 def test_served_variants_follow_the_fusion_rule() -> None:
     base, comp, tpp = np.array([0.3, 0.9]), np.array([0.2, 0.2]), np.array([0.5, -1.0])
+    wide = np.array([-0.25, 0.75])
     eps = 1e-4
     p = np.clip(base + comp, eps, 1 - eps)
-    score = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + tpp)))
-    v = served_variants(base, comp, tpp, score, eps)
+    score = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + tpp + wide)))
+    v = served_variants(base, comp, tpp, wide, score, eps)
     assert v["base+memory"] == pytest.approx([0.5, 1 - eps])
     assert v["base+tpp"][0] == pytest.approx(1 / (1 + np.exp(-(np.log(0.3 / 0.7) + 0.5))))
+    assert v["base+wide"][0] == pytest.approx(1 / (1 + np.exp(-(np.log(0.3 / 0.7) - 0.25))))
+    assert v["full-wide"] == pytest.approx(1 / (1 + np.exp(-(np.log(p / (1 - p)) + tpp))))
     assert v["full"] is score
 
 

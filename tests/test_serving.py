@@ -270,7 +270,7 @@ async def test_cold_start_unknown_ids_sorting_and_duplicates(redis: Redis, prefi
     assert list(res.score) == sorted(res.score, reverse=True)
     body = orjson.loads(res.to_json())
     assert [x["item_id"] for x in body["items"]] == res.item_ids
-    assert set(body["items"][0]) == {"item_id", "score", "base", "compensation", "tpp"}
+    assert set(body["items"][0]) == {"item_id", "score", "base", "compensation", "tpp", "wide"}
     await scorer.close()
 
 
