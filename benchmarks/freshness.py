@@ -12,6 +12,9 @@ user never seen before on an item whose category is known. For each probe:
   ``/v1/score`` for that user and item answers a different ``compensation`` than just before the
   publish — the probe's served error has reached the session memory and is read back. Polled
   every 5 ms.
+* **wide** (``wide_*``): the same until ``/v1/score`` answers a different ``wide`` term: the
+  probe has stepped the per-event wide model (``models/wide.py``) and its new user feature is read
+  back. Measured in the same polls as the fast path.
 * **model** (``model_*``): from the same publish until ``/v1/score`` answers with a
   ``model_version`` whose snapshot's recorded offsets cover the probe's offset — the DSL model
   serving has loaded has learned the probe. Polled every 50 ms.
@@ -100,6 +103,7 @@ class Probe:
         self.event = event
         self.applied_s: float | None = None  # ingest applied it to the user's state (the counts key)
         self.fast_s: float | None = None
+        self.wide_s: float | None = None
         self.model_s: float | None = None
 
 
@@ -122,7 +126,8 @@ async def run_probe(
 ) -> None:
     e = probe.event
     body = {"user_id": e.user_id, "candidates": [e.item_id], "ts": e.ts + 1}
-    before = (await client.post("/v1/score", json=body)).json()["items"][0]["compensation"]
+    first = (await client.post("/v1/score", json=body)).json()["items"][0]
+    before, wide_before = first["compensation"], first["wide"]
     t0 = time.perf_counter()
     md = await producer.send_and_wait(settings.events_topic, e.to_bytes(), key=e.user_id.encode())
     sent = time.perf_counter()
@@ -131,9 +136,12 @@ async def run_probe(
     while time.perf_counter() < deadline:
         if probe.applied_s is None and await redis.exists(counts_key):
             probe.applied_s = time.perf_counter() - t0
-        doc = (await client.post("/v1/score", json=body)).json()
-        if abs(doc["items"][0]["compensation"] - before) > 1e-12:
+        item = (await client.post("/v1/score", json=body)).json()["items"][0]
+        if probe.wide_s is None and abs(item["wide"] - wide_before) > 1e-12:
+            probe.wide_s = time.perf_counter() - t0
+        if probe.fast_s is None and abs(item["compensation"] - before) > 1e-12:
             probe.fast_s = time.perf_counter() - t0
+        if probe.fast_s is not None and probe.wide_s is not None:
             break
         await asyncio.sleep(FAST_POLL_S)
     keys = SnapshotKeys(settings.key_prefix, "dsl")
@@ -244,6 +252,7 @@ def main() -> None:
     applied = [p.applied_s for p in probes if p.applied_s is not None]
     fast = [p.fast_s for p in probes if p.fast_s is not None]
     model = [p.model_s for p in probes if p.model_s is not None]
+    wide = [p.wide_s for p in probes if p.wide_s is not None]
     figures: dict[str, object] = {
         "data": args.data,
         "cpu_cores": os.cpu_count() or 0,
@@ -254,6 +263,8 @@ def main() -> None:
         **{f"applied_{k}_ms": v for k, v in quantiles(applied, 1000.0).items()},
         "fast_seen": len(fast),
         **{f"fast_{k}_ms": v for k, v in quantiles(fast, 1000.0).items()},
+        "wide_seen": len(wide),
+        **{f"wide_{k}_ms": v for k, v in quantiles(wide, 1000.0).items()},
         "model_seen": len(model),
         **{f"model_{k}_s": v for k, v in quantiles(model, 1.0).items()},
         "worker_batch_within_s": s.worker_batch_within_s,

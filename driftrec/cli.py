@@ -236,6 +236,16 @@ def evaluate(
             "cadence: the fast path's deployed lag (use a small --window)",
         ),
     ] = False,
+    lag_s: Annotated[
+        float | None,
+        typer.Option(
+            "--lag-s",
+            min=0.0,
+            help="event-time lag protocol: each event is scored once the fast path has learned every event at "
+            "least this many seconds older (measured freshness: benchmarks/freshness.py), the model on its real "
+            "cadence",
+        ),
+    ] = None,
 ) -> None:
     """Prequential (test-then-train) evaluation through the real broker; writes report.json/.html."""
     from driftrec.evaluate import run_evaluation
@@ -248,6 +258,7 @@ def evaluate(
     chosen = {"window": window, "negatives": negatives, "rank_fraction": rank_fraction}
     options: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}
     options["fast_path_only"] = fast_path_only
+    options["lag_s"] = lag_s
     report_path = run_evaluation(settings, source, out, limit=limit, synchronous=sync, **options)
     typer.echo(f"report: {report_path}")
 

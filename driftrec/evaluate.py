@@ -26,9 +26,10 @@ behind at worst, as in a deployment that scores while it learns. Each record kee
 ``published_before`` and ``model_version`` so the lag is visible.
 
 Variants, all from the *same served responses*: ``base`` = base, ``base+memory`` =
-clip(base + compensation), ``base+tpp`` = sigmoid(logit(clip(base)) + tpp), ``base+wide`` =
-sigmoid(logit(clip(base)) + wide) (the per-event wide model on the DSL), ``full-wide`` = the
-score without the wide term, ``full`` = score.
+clip(base + compensation), ``base+tpp`` = sigmoid(logit(clip(base)) + tpp), ``full-wide`` = the score without the
+per-event wide layer (the terms fused with the trainer's learned weights), ``full`` = score.
+The wide layer alone is the ``ftrl`` peer: the same FTRL (``models/wide.py``) without the DSL
+and the other terms, learning what the served state learns at the same lag.
 External peers (``river-lr``, ``river-fm``, ``vw``, see ``models/baselines.py``) are learned
 test-then-train in-process on the same events and score the same candidates. The named peers
 learn each window right after it is scored, so they have exactly the information the served
@@ -64,6 +65,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +107,7 @@ class EvalOptions:
     rank_fraction: float = 1.0
     seed: int = 0
     max_lag: int | None = None  # default: 2 × window
-    baselines: tuple[str, ...] = ("river-lr", "river-fm", "vw")
+    baselines: tuple[str, ...] = ("river-lr", "river-fm", "vw", "ftrl")
     # each peer again, learning every event right after scoring it: a no-lag reference (module doc)
     per_event_baselines: bool = True
     # score each window with a state that has learned every earlier event (module doc)
@@ -113,6 +115,9 @@ class EvalOptions:
     # wait after each window for ingest alone (the fast path: memories, user state, propensities),
     # while the trainer learns and publishes on its real cadence (module doc, "fast-path lag")
     fast_path_only: bool = False
+    # event-time lag protocol (module doc): the fast path learns each event once it is this many
+    # seconds (event time) old, the model on its real cadence; None: the window protocols above
+    lag_s: float | None = None
     series_window: int | None = None  # default: n/20 clamped to [200, 5000]
     namespace: bool = True  # run in fresh topics / key prefix / ports (False: use the settings as given)
     keep_state: bool = False  # keep the run's Redis keys afterwards (only with namespace=True)
@@ -168,7 +173,6 @@ def served_variants(
         "base": base,
         "base+memory": corrected,
         "base+tpp": _sigmoid(_logit(np.clip(base, eps, 1.0 - eps)) + tpp),
-        "base+wide": _sigmoid(_logit(np.clip(base, eps, 1.0 - eps)) + wide),
         "full-wide": _sigmoid(_logit(corrected) + tpp),
         "full": score,
     }
@@ -261,25 +265,27 @@ def _learner_names(settings: Settings) -> list[str]:
     return list(default_learners(settings))
 
 
-def _progress_counts(m: dict[str, float] | None, learners: list[str]) -> int:
-    """Events the worker has fully taken in: min over ingest and the learners named (none: ingest)."""
+def _progress_counts(m: dict[str, float] | None, learners: list[str], ingest: bool = True) -> int:
+    """Events the worker has fully taken in: min over ingest (when it runs there) and the
+    learners named (none: ingest)."""
     if not m:
         return 0
-    counts = [m.get("driftrec_events_processed_total", 0.0)]
+    counts = [m.get("driftrec_events_processed_total", 0.0)] if ingest else []
     for name in ("trainer", "tpp"):
         if name in learners:
             counts.append(m.get(f'driftrec_learner_seen_total{{learner="{name}"}}', 0.0))
-    return int(min(counts))
+    return int(min(counts)) if counts else 0
 
 
 async def _worker_progress(client: httpx.AsyncClient, settings: Settings, learners: list[str]) -> int:
+    ingest = "ingest" in settings.worker_roles
     try:
         resp = await client.get(f"http://127.0.0.1:{settings.worker_web_port}/metrics", timeout=2.0)
     except httpx.HTTPError:
         return 0
     from driftrec.procs import parse_prometheus
 
-    return _progress_counts(parse_prometheus(resp.text), learners)
+    return _progress_counts(parse_prometheus(resp.text), learners, ingest)
 
 
 async def _evaluate_loop(
@@ -329,37 +335,65 @@ async def _evaluate_loop(
                 raise RuntimeError(f"scoring service answered {resp.status_code}: {resp.text[:300]}")
             return orjson.loads(resp.content)
 
+        async def test(plans: list[_Plan], served: Any) -> None:
+            """Score ``plans`` with the served state as it is now, and every peer beside it."""
+            t0 = time.perf_counter()
+            responses = await asyncio.gather(*(ask(p) for p in plans))
+            run.serving_s += time.perf_counter() - t0
+            for plan, resp in zip(plans, responses):
+                rec = _record(plan, resp, eps, run.published)
+                for name, peer in peers.items():
+                    t1 = time.perf_counter()
+                    p = peer.predict_many(plan.queries)
+                    if name.endswith(PER_EVENT):  # the no-lag reference learns right away
+                        peer.learn_one(plan.learned)
+                    run.peer_seconds[name] += time.perf_counter() - t1
+                    rec["scores"][name] = float(p[0])
+                    if plan.ranked:
+                        rec["rank"][name] = list(metrics.rank_counts(p[0], p[1:]))
+                run.records.append(rec)
+                served.write(orjson.dumps(rec) + b"\n")
+
+        def learn_peers(learned: list[Interaction]) -> None:
+            """The named peers learn what the served state learns, when it learns it."""
+            for name, peer in peers.items():
+                if not name.endswith(PER_EVENT) and learned:
+                    t1 = time.perf_counter()
+                    peer.learn_many(learned)
+                    run.peer_seconds[name] += time.perf_counter() - t1
+
+        async def bound_lag(wait_served: bool) -> int:
+            """Wait until the worker is at most ``max_lag`` events behind what was published
+            (and, with ``wait_served``, until the service serves the newest snapshot)."""
+            t2 = time.perf_counter()
+            while True:
+                done = await _worker_progress(metrics_client, settings, awaited)
+                lag = run.published - done
+                run.max_observed_lag = max(run.max_observed_lag, lag)
+                if lag <= max_lag:
+                    break
+                await asyncio.sleep(0.02)
+            if wait_served:
+                await _until_served_latest(client, snapshots_redis, latest_key)
+            run.lag_waits_s += time.perf_counter() - t2
+            return lag
+
         with EventProducer(settings) as producer, served_path.open("wb") as served:
             for raw, reason in rejects:  # invalid lines of a JSONL source still reach the DLQ
                 producer.dead_letter(raw, reason, "evaluate")
                 run.dead_lettered += 1
+            if opts.lag_s is not None:
+                await _event_time_loop(
+                    settings, events, opts, sampler, producer, run, bar, test, learn_peers, bound_lag, served
+                )
+                return run
             for start in range(0, len(events), opts.window):
                 window = events[start : start + opts.window]
                 plans = [p for p in (_plan(sampler, e, opts) for e in window) if p is not None]
                 # ---- test: the served state has seen only events published before this window
-                t0 = time.perf_counter()
-                responses = await asyncio.gather(*(ask(p) for p in plans))
-                run.serving_s += time.perf_counter() - t0
-                for plan, resp in zip(plans, responses):
-                    rec = _record(plan, resp, eps, run.published)
-                    for name, peer in peers.items():
-                        t1 = time.perf_counter()
-                        e = plan.event
-                        p = peer.predict_many(plan.queries)
-                        if name.endswith(PER_EVENT):  # the no-lag reference learns right away
-                            peer.learn_one(plan.learned)
-                        run.peer_seconds[name] += time.perf_counter() - t1
-                        rec["scores"][name] = float(p[0])
-                        if plan.ranked:
-                            rec["rank"][name] = list(metrics.rank_counts(p[0], p[1:]))
-                    run.records.append(rec)
-                    served.write(orjson.dumps(rec) + b"\n")
+                await test(plans, served)
                 # ---- train the peers on the window: the information the served state gets
-                for name, peer in peers.items():
-                    if not name.endswith(PER_EVENT):
-                        t1 = time.perf_counter()
-                        peer.learn_many([plan.learned for plan in plans])
-                        run.peer_seconds[name] += time.perf_counter() - t1
+                learn_peers([plan.learned for plan in plans])
                 # ---- train: publish the window to the real broker
                 for e in window:
                     producer.send(e)
@@ -368,23 +402,101 @@ async def _evaluate_loop(
                 bar.update(len(window))
                 # bound the worker's lag so the served state stays at most window + max_lag behind
                 # (synchronous: until the scoring service serves a snapshot that learned it all)
-                t2 = time.perf_counter()
-                while True:
-                    done = await _worker_progress(metrics_client, settings, awaited)
-                    lag = run.published - done
-                    run.max_observed_lag = max(run.max_observed_lag, lag)
-                    if lag <= max_lag:
-                        break
-                    await asyncio.sleep(0.02)
-                if opts.synchronous and not opts.fast_path_only and "trainer" in learners:
-                    await _until_served_latest(client, snapshots_redis, latest_key)
-                run.lag_waits_s += time.perf_counter() - t2
+                lag = await bound_lag(opts.synchronous and not opts.fast_path_only and "trainer" in learners)
                 if run.records:
                     bar.set_postfix(v=run.records[-1]["model_version"], lag=lag, refresh=False)
     return run
 
 
+async def _event_time_loop(
+    settings: Settings,
+    events: list[Event],
+    opts: EvalOptions,
+    sampler: _Sampler,
+    producer: Any,
+    run: _Run,
+    bar: tqdm,
+    test: Callable[[list[_Plan], Any], Awaitable[None]],
+    learn_peers: Callable[[list[Interaction]], None],
+    bound_lag: Callable[[bool], Awaitable[int]],
+    served: Any,
+) -> None:
+    """The event-time lag protocol (module doc): before each event is scored, the fast path takes
+    in, as one micro-batch, every event that became ``lag_s`` old since the last one, in this
+    process with the worker's own ingest code against the real Redis; those events are then
+    published for the worker's trainers, whose lag is bounded by ``max_lag`` events.
+
+    Events scored between two such batches are scored together (a few requests in flight); the
+    state they see is the same, so nothing depends on the order they are answered in.
+    """
+    from driftrec.storage.client import connect as connect_redis
+    from driftrec.storage.client import is_transient
+    from driftrec.streams.fast_path import ingest_batch
+    from driftrec.streams.ingest import RawMessage
+
+    lag_s = float(opts.lag_s or 0.0)
+
+    async def no_letters(letters: list[tuple[bytes | None, bytes]]) -> list[BaseException | None]:
+        raise RuntimeError("the evaluation's own events cannot be dead letters")  # they were validated
+
+    redis = connect_redis(settings)
+    batch = ingest_batch(redis, settings, no_letters, is_transient=is_transient)
+    pending: list[tuple[Event, _Plan | None]] = []  # taken in order of time, not yet learned
+    group: list[_Plan] = []
+    first_pending = 0
+    since_bound = 0
+    try:
+        for e in events:
+            cutoff = e.ts - lag_s
+            due_end = first_pending
+            while due_end < len(pending) and pending[due_end][0].ts <= cutoff:
+                due_end += 1
+            if due_end > first_pending:
+                await test(group, served)  # scored by the state before these events arrive
+                group = []
+                due = pending[first_pending:due_end]
+                first_pending = due_end
+                outcome = await batch.handle(
+                    [RawMessage(d.to_bytes(), d.user_id.encode(), settings.events_topic, None, None) for d, _ in due]
+                )
+                if outcome.dead_lettered:
+                    raise RuntimeError(f"the fast path refused evaluation events: {outcome.reasons[:3]}")
+                learn_peers([p.learned for _, p in due if p is not None])
+                for d, _ in due:
+                    producer.send(d)
+                run.published += len(due)
+                since_bound += len(due)
+                if since_bound >= opts.window:  # the trainers' lag, bounded now and then
+                    producer.flush()
+                    since_bound = 0
+                    lag = await bound_lag(False)
+                    if run.records:
+                        bar.set_postfix(v=run.records[-1]["model_version"], lag=lag, refresh=False)
+                if first_pending > 4096:  # keep the list short
+                    pending = pending[first_pending:]
+                    first_pending = 0
+            plan = _plan(sampler, e, opts)
+            if plan is not None:
+                group.append(plan)
+            pending.append((e, plan))
+            bar.update(1)
+        await test(group, served)
+        rest = pending[first_pending:]  # learned after the stream ends (nothing scores them)
+        if rest:
+            await batch.handle(
+                [RawMessage(d.to_bytes(), d.user_id.encode(), settings.events_topic, None, None) for d, _ in rest]
+            )
+            for d, _ in rest:
+                producer.send(d)
+            run.published += len(rest)
+        producer.flush()
+    finally:
+        await redis.aclose()
+
+
 def _max_lag(opts: EvalOptions) -> int:
+    if opts.lag_s is not None:
+        return opts.max_lag if opts.max_lag is not None else 2 * opts.window
     if opts.synchronous or opts.fast_path_only:
         return 0
     return opts.max_lag if opts.max_lag is not None else 2 * opts.window
@@ -450,11 +562,12 @@ def _record(plan: _Plan, resp: dict[str, Any], eps: float, published_before: int
 
 def _wait_drained(settings: Settings, total: int, timeout_s: float) -> dict[str, float] | None:
     learners = _learner_names(settings)
+    ingest = "ingest" in settings.worker_roles
     deadline = time.monotonic() + timeout_s
     m = worker_metrics(settings)
     while time.monotonic() < deadline:
         m = worker_metrics(settings)
-        if _progress_counts(m, learners) >= total:
+        if _progress_counts(m, learners, ingest) >= total:
             break
         time.sleep(0.25)
     return m
@@ -520,7 +633,9 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
     s = evaluation_settings(settings, run_id) if opts.namespace else settings
-    if opts.synchronous and not opts.fast_path_only:
+    if opts.lag_s is not None:  # the fast path runs in this process; the worker trains
+        s = s.model_copy(update={"worker_roles": frozenset({"trainer"})})
+    elif opts.synchronous and not opts.fast_path_only:
         s = synchronous_settings(s)
     started_wall = time.time()
     t_start = time.perf_counter()
@@ -630,8 +745,9 @@ def _write_report(
             "seed": opts.seed,
             "window": opts.window,
             "concurrency": opts.concurrency,
-            "synchronous": opts.synchronous and not opts.fast_path_only,
-            "fast_path_only": opts.fast_path_only,
+            "synchronous": opts.synchronous and not opts.fast_path_only and opts.lag_s is None,
+            "fast_path_only": opts.fast_path_only and opts.lag_s is None,
+            "lag_s": opts.lag_s,
             "max_lag": _max_lag(opts),
             "max_observed_lag": run.max_observed_lag,
             "started": started_wall,
@@ -670,6 +786,18 @@ def _write_report(
 
 
 def _protocol_text(opts: EvalOptions) -> str:
+    if opts.lag_s is not None:
+        return (
+            f"Prequential with an event-time lag of {opts.lag_s:g} s: every event is scored by the scoring "
+            f"service once the fast path (state, error and session memories, the wide model, TPP propensities) has "
+            f"taken in every earlier event at least {opts.lag_s:g} s older and none newer, through the worker's own "
+            "ingest code against the real Redis; those events are then published to the broker, where the worker's "
+            f"trainers learn them on their real snapshot cadence, at most {_max_lag(opts)} events behind. No score "
+            f"includes its own event. Peers score the same candidates and learn the same events at the same moment "
+            f"(the same information at the same lag); '<peer>{PER_EVENT}' peers learn each event right after scoring "
+            f"it (zero lag). Ranking: the positive among {opts.negatives} fixed-seed sampled negatives (items seen so "
+            "far, not the user's), ties broken uniformly in expectation."
+        )
     if opts.fast_path_only:
         lag = (
             "after each window the run waits for ingest alone, so the fast path (error and session memories, "

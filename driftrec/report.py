@@ -16,7 +16,7 @@ import orjson
 
 from driftrec.models import metrics
 
-SERVED_VARIANTS = ("base", "base+memory", "base+tpp", "base+wide", "full-wide", "full")
+SERVED_VARIANTS = ("base", "base+memory", "base+tpp", "full-wide", "full")
 K = 20
 
 
@@ -85,18 +85,17 @@ MEANINGS = {
     "base": "the DSL model alone (the newest served snapshot)",
     "base+memory": "base corrected by the error memory (LSH buckets + the user's session), learned weights",
     "base+tpp": "base plus the PromptTPP propensity of the item's category, learned weight",
-    "base+wide": "base plus the per-event wide model (FTRL learned at ingest on top of the DSL logit)",
-    "full-wide": "everything fused except the wide model: the fast path without its per-event learner",
+    "full-wide": "the terms fused with the trainer's weights, without the per-event wide layer",
     "full": "everything fused: the score the service returns",
     "river-lr": "River logistic regression, learning what the served state learns, at the same lag",
     "river-fm": "River factorization machine, learning what the served state learns, at the same lag",
     "vw": "Vowpal Wabbit logistic regression, learning what the served state learns, at the same lag",
+    "ftrl": "the wide layer alone (FTRL over the ids, no DSL, memories or TPP), at the same lag",
 }
 _SERVED_COLOURS = {
     "base": "#1f77b4",
     "base+memory": "#2ca02c",
     "base+tpp": "#9467bd",
-    "base+wide": "#17becf",
     "full-wide": "#bcbd22",
     "full": "#d62728",
 }

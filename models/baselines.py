@@ -11,6 +11,9 @@ information the DSL model gets too.
 * ``river-fm``: ``river.facto.FMClassifier`` (8 factors): adds pairwise user×item×category
   interactions through factorised weights.
 * ``vw``: Vowpal Wabbit, logistic loss, ``-q ui`` user×item interactions, 20-bit hash.
+* ``ftrl``: driftrec's own wide layer alone (``models/wide.py``: FTRL-Proximal over bias, user,
+  item, category and user×category) without the DSL logit or the other terms; it shows what the
+  per-event part contributes by itself.
 
 Hyper-parameters are the libraries' usual defaults, fixed before looking at any evaluation
 stream (no tuning on what is reported). Each dependency is an optional extra
@@ -28,7 +31,7 @@ import numpy as np
 
 from driftrec.contract.interaction import Interaction
 
-PEERS = ("river-lr", "river-fm", "vw")
+PEERS = ("river-lr", "river-fm", "vw", "ftrl")
 
 
 class MissingExtra(ImportError):
@@ -145,6 +148,26 @@ class VWPeer(Peer):
         self.vw.finish()
 
 
+class FTRLPeer(Peer):
+    """The served wide layer's model without its inputs from the other terms (offset 0)."""
+
+    name = "ftrl"
+
+    def __init__(self) -> None:
+        from driftrec.models.wide import WideFTRL
+
+        self.model = WideFTRL()
+
+    def predict_many(self, xs: Sequence[Interaction]) -> np.ndarray:
+        return np.fromiter(
+            (self.model.predict_one(x.user_id, x.item_id, x.category) for x in xs), dtype=np.float64, count=len(xs)
+        )
+
+    def learn_one(self, x: Interaction) -> None:
+        if x.label is not None:
+            self.model.learn_one(x.user_id, x.item_id, x.category, int(x.label))
+
+
 def make_peer(name: str) -> Peer:
     if name == "river-lr":
         return river_lr()
@@ -152,4 +175,6 @@ def make_peer(name: str) -> Peer:
         return river_fm()
     if name == "vw":
         return VWPeer()
+    if name == "ftrl":
+        return FTRLPeer()
     raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(PEERS)}")

@@ -13,7 +13,8 @@ Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
                                                                if settings.tpp.enabled, the user has a
                                                                propensity and it names category(i)
            = 0                                                 otherwise                 (logit space)
-    wide_i = w_m · logit(base_i) + Σ_f w_f(u, i, category(i))  if settings.wide.enabled (0 otherwise)
+    wide_i = w_m·logit(base_i) + w_e·e_i + w_s·s_i + w_t·t_i + Σ_f w_f(u, i, category(i))
+                                                               if settings.wide.enabled (0 otherwise)
     score_i = sigmoid(logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i + wide_i)
 
 with ``λ`` the error memory's weight the trainer learned and published with the snapshot
@@ -30,9 +31,11 @@ added there (ReLoop2's formulation). The TPP says how much *more likely than uni
 next event is of this category (``K·p`` = 1 for a uniform guess, so ``ln`` is 0 then); that is a
 likelihood ratio, which composes additively with a logit. The decay forgets a propensity as the
 user's last event recedes, and the clip keeps one confident TPP from overriding the CTR model.
-``wide`` is the per-event FTRL that ingest steps on top of the DSL logit (``models/wide.py``):
-its one-hot weights carry what the user's session and the item did in the last seconds, and
-``w_m`` how far to trust the model beside them; it is a logit like the TPP term.
+``wide`` is the fast path's last layer, a per-event FTRL that ingest steps on the fused logit of
+the other terms (``models/wide.py``): its one-hot weights carry what the user's session and the
+item did in the last seconds; ``w_m``, ``w_e``, ``w_s``, ``w_t`` re-weigh the DSL logit, the two
+memories' estimates ``ê``, ``ĉ`` (as logit deltas ``e``, ``s`` at unit weight) and the TPP log
+ratio ``t`` per event, so what the ids already carry is not counted twice. A logit like the TPP term.
 ``score`` is a probability by construction whatever the inputs (each term is bounded and the
 logit argument is kept in ``[eps, 1 − eps]``).
 
@@ -66,8 +69,8 @@ from redis.asyncio import Redis
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
-from driftrec.models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_terms
-from driftrec.models.wide import FTRLParams, features_of_request, offset_logit, wide_terms
+from driftrec.models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_log_ratios
+from driftrec.models.wide import FTRLParams, features_of_request, offset_logit, term_inputs, wide_terms
 from driftrec.storage.client import REDIS_ERRORS, MultiGet, connect, is_cluster
 from driftrec.storage.error_memory import (
     BucketNames,
@@ -366,6 +369,7 @@ class Scorer:
         compensation = np.zeros(n)
         tpp = np.zeros(n)
         wide = np.zeros(n)
+        e_hat, c_hat, ratios = np.zeros(n), np.zeros(n), np.zeros(n)  # the wide layer's term inputs
         if replies:
             if plan is not None and snap is not None:  # a plan is only made from a snapshot's hidden vectors
                 m = s.memory
@@ -386,14 +390,11 @@ class Scorer:
                     weight = (
                         snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight
                     )
-                    tpp = tpp_terms(
-                        replies[tpp_read][0],
-                        cats,
-                        now,
-                        weight=weight,
-                        tau_s=s.serving.tpp_tau_s,
-                        clip=s.serving.tpp_clip,
+                    sv = s.serving
+                    ratios = np.clip(
+                        tpp_log_ratios(replies[tpp_read][0], cats, now, tau_s=sv.tpp_tau_s), -sv.tpp_clip, sv.tpp_clip
                     )
+                    tpp = np.clip(weight * ratios, -sv.tpp_clip, sv.tpp_clip)  # = tpp_terms(...)
                 except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
                     self.stats.tpp_parse_errors += 1
                     log.warning("unreadable tpp propensity for user %r: %s", user_id, exc)
@@ -401,8 +402,9 @@ class Scorer:
             if wide_read is not None:
                 try:
                     values = {f: unpack(v) for f, v in zip(wide_names, replies[wide_read]) if v is not None}
-                    offsets = offset_logit(base, eps)
-                    wide = wide_terms(self.wide_params, values, user_id, items, cats, offsets)
+                    terms = term_inputs(base, e_hat, c_hat, ratios, eps)
+                    dsl_logits = offset_logit(base, eps)
+                    wide = wide_terms(self.wide_params, values, user_id, items, cats, dsl_logits, terms)
                 except ValueError as exc:
                     self.stats.wide_parse_errors += 1
                     log.warning("unreadable wide features for user %r: %s", user_id, exc)

@@ -1,15 +1,18 @@
-"""The wide part's learning at ingest: each labelled event steps the per-event FTRL once.
+"""The wide layer's learning at ingest: each labelled event steps the per-event FTRL once.
 
 Why at ingest: the ingest worker that owns the user's partition sees the user's events in order
 and within ~0.1-0.4 s (``benchmarks/freshness.py``), so the next request of the same session is
 scored by a state that has learned the previous event, which the micro-batched DSL cannot offer.
 
-Per batch: read ``(z, n)`` of every feature the batch's labelled events touch and which of them
-this user's slot already learned (one round trip), step the FTRL event by event in event order on
-that local view (a later event of the batch sees the earlier ones), then add each event's deltas
-(one round trip; ``storage/wide.py`` adds them once per event). The offset is the DSL logit of the
-newest published snapshot, as serving computes it (``serving.cold_start_base`` before the first
-snapshot or with the DSL off), so what ingest learns on top of is what serving adds to.
+Per batch: compute each labelled event's inputs as serving computed them when it was served (the
+DSL logit of the newest published snapshot; the memories' estimates from entries of strictly
+earlier events, ``ServedErrorMemories.estimates_before``; the user's stored TPP propensity, which
+the propensity writer refreshes only after this one), read ``(z, n)`` of every feature the batch
+touches and which events every slot already learned, step the FTRL event by event in event order
+on that local view (a later event of the batch sees the earlier ones), then add each event's
+deltas (``storage/wide.py`` adds them once per event and slot). Before the first snapshot (or
+with the DSL off) the offset is ``serving.cold_start_base`` and the memories and TPP say nothing,
+as in serving.
 """
 
 from __future__ import annotations
@@ -21,60 +24,114 @@ from typing import Any
 import numpy as np
 
 from driftrec.contract.events import Event
+from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
-from driftrec.models.wide import MODEL_FEATURE, FTRLParams, WideFTRL, features, offset_logit
+from driftrec.models.error_memory import HiddenStandardizer, compensation_delta
+from driftrec.models.fusion import ServedWeights, read_fusion, tpp_log_ratios
+from driftrec.models.wide import REAL_FEATURES, FTRLParams, WideFTRL, features, offset_logit, term_inputs
+from driftrec.storage.client import mget
+from driftrec.storage.error_memory import ServedErrorMemories
+from driftrec.storage.event_state import StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.storage.wide import WideStore, WideUpdate
 
 
 class WideWriter:
-    """Follows the served ``dsl`` snapshot (for the offset) and learns applied labelled events."""
+    """Follows the served ``dsl`` snapshot and learns applied labelled events."""
 
     def __init__(self, redis: Any, settings: Settings) -> None:
         self.settings = settings
+        self.redis = redis
         self.store = WideStore(redis, settings.key_prefix, settings.dedup_ttl_s, settings.state_ttl_s)
         self.params = FTRLParams(**settings.wide.ftrl_params())
-        self.redis = redis
+        self.memories = ServedErrorMemories(redis, settings) if settings.memory.enabled else None
+        self.state_keys = StateKeys(settings.key_prefix)
         self.snap_keys = SnapshotKeys(settings.key_prefix, "dsl")
         self.model: SparseScorer | None = None
+        self.standardizer: HiddenStandardizer | None = None
+        self.weights = self._weights({})
         self.version: int | None = None
+
+    def _weights(self, fusion: dict[str, Any]) -> ServedWeights:
+        s = self.settings
+        return ServedWeights.from_fusion(
+            fusion,
+            learn_lambda=s.memory.learn_lambda,
+            learn_tpp_weight=s.serving.learn_tpp_weight,
+            memory_lambda=s.memory.lambda_,
+            session_lambda=s.memory.session_lambda,
+            tpp_weight=s.serving.tpp_weight,
+        )
 
     async def refresh(self) -> None:
         """Load the newest ``dsl`` snapshot if ``latest`` moved (one GET while it has not)."""
-        if not self.settings.dsl.enabled:
-            return
         found = await load_snapshot(self.redis, self.snap_keys, newer_than=self.version)
         if found is None or "model" not in found[1]:
             return
         version, parts = found
         self.model = await asyncio.to_thread(SparseScorer.from_bytes, parts["model"])
+        stats = parts.get("hidden_stats")
+        self.standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
+        self.weights = self._weights(read_fusion(parts.get("fusion")))
         self.version = version
+
+    async def inputs(self, events: Sequence[Event]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Per event, as served: the fused logit of the other terms (the layer's offset), the DSL
+        logit, and the terms' inputs at unit weight."""
+        s = self.settings
+        n, eps = len(events), s.serving.eps
+        await self.refresh()
+        zeros = np.zeros(n)
+        if self.model is None:  # nothing served but the cold-start constant; no memory, no category
+            base = np.full(n, s.serving.cold_start_base)
+            return offset_logit(base, eps), offset_logit(base, eps), term_inputs(base, zeros, zeros, zeros, eps)
+        interactions: list[Interaction] = [e.to_interaction() for e in events]
+        probs, hidden = self.model.predict_with_hidden(interactions)
+        base = probs if s.dsl.enabled else np.full(n, s.serving.cold_start_base)
+        e_hat, c_hat = zeros, zeros
+        if self.memories is not None:
+            est = await self.memories.estimates_before(interactions, base, hidden, self.standardizer)
+            e_hat, c_hat = est.lsh, est.session
+        ratios = zeros
+        if s.tpp.enabled:
+            users = list(dict.fromkeys(e.user_id for e in events))
+            payloads = dict(zip(users, await mget(self.redis, [self.state_keys.user_tpp(u) for u in users])))
+            ratios = np.array([self._ratio(payloads.get(e.user_id), e) for e in events])
+        w = self.weights
+        comp = compensation_delta(base, w.memory_lambda * e_hat + w.session_lambda * c_hat, 1.0, eps)
+        tpp = np.clip(w.tpp_weight * ratios, -s.serving.tpp_clip, s.serving.tpp_clip)
+        fused = offset_logit(base + comp, eps) + tpp
+        return fused, offset_logit(base, eps), term_inputs(base, e_hat, c_hat, ratios, eps)
+
+    def _ratio(self, payload: bytes | None, event: Event) -> float:
+        """The TPP log ratio at unit weight, clipped as serving clips the term."""
+        s = self.settings.serving
+        try:
+            f = tpp_log_ratios(payload, [event.category], event.ts, tau_s=s.tpp_tau_s)
+        except (ValueError, TypeError):
+            return 0.0  # an unreadable propensity is no propensity (serving counts it)
+        return float(np.clip(f[0], -s.tpp_clip, s.tpp_clip))
 
     async def write(self, events: Sequence[Event]) -> int:
         """Learn the labelled ``events`` not learned before; returns how many were new."""
         labelled = sorted((e for e in events if e.label is not None), key=lambda e: e.ts)
         if not labelled:
             return 0
-        feats = {e.event_id: [*features(e.user_id, e.item_id, e.category), MODEL_FEATURE] for e in labelled}
+        feats = {e.event_id: [*features(e.user_id, e.item_id, e.category), *REAL_FEATURES] for e in labelled}
         learned = await self.store.applied([(e.event_id, e.user_id, feats[e.event_id]) for e in labelled])
         todo = [e for e in labelled if e.event_id not in learned]
         if not todo:
             return 0
-        await self.refresh()
-        eps = self.settings.serving.eps
-        if self.model is not None:
-            probs, _ = self.model.predict_with_hidden([e.to_interaction() for e in todo])
-            offsets = offset_logit(probs, eps)
-        else:
-            offsets = np.full(len(todo), float(offset_logit(np.array([self.settings.serving.cold_start_base]), eps)[0]))
-        wanted = [(e.user_id, f) for e in todo for f in feats[e.event_id]]
-        stored = await self.store.read(wanted)
-        # one local view per user: the shared features are the same across users, the per-user
-        # ones are keyed by the user inside the feature name, so a flat dict holds both
+        fused, dsl_logits, terms = await self.inputs(todo)
+        stored = await self.store.read([(e.user_id, f) for e in todo for f in feats[e.event_id]])
+        # one local view: the per-user features carry the user in their name, so a flat dict holds all
         ftrl = WideFTRL(self.params, {f: zn for (_, f), zn in stored.items()})
         updates = []
-        for e, off in zip(todo, offsets):
-            step = ftrl.learn_one(e.user_id, e.item_id, e.category, int(e.label or 0), float(off))
+        for k, e in enumerate(todo):
+            row = {f: float(column[k]) for f, column in terms.items()}
+            step = ftrl.learn_one(
+                e.user_id, e.item_id, e.category, int(e.label or 0), float(dsl_logits[k]), row, float(fused[k])
+            )
             updates.append(WideUpdate(e.event_id, e.user_id, step.deltas, feats[e.event_id]))
         return await self.store.add(updates)

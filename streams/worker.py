@@ -6,8 +6,8 @@ Two roles (``worker_roles``), which one process may both run:
   micro-batches (``take_events``) and hands each batch to plain functions that can be
   unit-tested without Faust (``streams.ingest``): dead-letter what is invalid, apply per-user and
   per-item state, write the served errors of labelled events into the error and session memories
-  (the fast path, ``streams.served_errors``), refresh the touched users' TPP propensities
-  (``streams.propensity``). Delivery
+  and step the per-event wide model (the fast path, ``streams.fast_path``), refresh the touched
+  users' TPP propensities (``streams.propensity``). Delivery
   is at-least-once (Faust commits offsets after processing), so every write is idempotent per
   ``event_id``.
 * **trainer** (one lineage per model): a ``LineageRunner`` per learner (``streams.lineage``)
@@ -40,11 +40,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from driftrec.contract.settings import Settings
-from driftrec.storage.claims import EventClaims
 from driftrec.storage.client import connect
 from driftrec.storage.client import is_transient as redis_transient
-from driftrec.storage.event_state import EventState
-from driftrec.streams.ingest import IngestBatch, RawMessage
+from driftrec.streams.fast_path import ingest_batch
+from driftrec.streams.ingest import RawMessage
 from driftrec.streams.kafka_client import faust_credentials
 from driftrec.streams.kafka_client import is_transient as kafka_transient
 from driftrec.streams.learners import Lineage
@@ -336,27 +335,6 @@ def _register_ingest(
     events_topic: faust.TopicT,
     dlq_topic: faust.TopicT,
 ) -> None:
-    state = EventState(
-        redis,
-        settings.key_prefix,
-        max_seq_len=settings.user_seq_len,
-        dedup_ttl_s=settings.dedup_ttl_s,
-        state_ttl_s=settings.state_ttl_s,
-    )
-    derived: list[Any] = []
-    if settings.memory.enabled:  # the fast path: served errors into the memories, per event
-        from driftrec.streams.served_errors import ServedErrorWriter
-
-        derived.append(ServedErrorWriter(redis, settings))
-    if settings.wide.enabled:  # the fast path's per-event FTRL (models/wide.py)
-        from driftrec.streams.wide_writer import WideWriter
-
-        derived.append(WideWriter(redis, settings))
-    if settings.tpp.enabled:
-        from driftrec.streams.propensity import PropensityWriter
-
-        derived.append(PropensityWriter(redis, settings))
-
     async def send_letters(letters: list[tuple[bytes | None, bytes]]) -> list[BaseException | None]:
         """Send every letter, then wait until the broker has each (or refused it)."""
         sent: list[Any] = []
@@ -371,13 +349,11 @@ def _register_ingest(
         it = iter(results)
         return [f if isinstance(f, BaseException) else _error_of(next(it)) for f in sent]
 
-    batch = IngestBatch(
-        settings.ingest,
-        state,
-        EventClaims(redis, settings.key_prefix, settings.dedup_ttl_s),
+    batch = ingest_batch(
+        redis,
+        settings,
         send_letters,
         is_transient=lambda exc: redis_transient(exc) or kafka_transient(exc),
-        derived=derived,
         on_retry=lambda what, exc: metrics.transient_failure("ingest"),
     )
     take, within = settings.worker_batch_size, settings.worker_batch_within_s

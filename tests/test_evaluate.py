@@ -108,7 +108,6 @@ def test_served_variants_follow_the_fusion_rule() -> None:
     v = served_variants(base, comp, tpp, wide, score, eps)
     assert v["base+memory"] == pytest.approx([0.5, 1 - eps])
     assert v["base+tpp"][0] == pytest.approx(1 / (1 + np.exp(-(np.log(0.3 / 0.7) + 0.5))))
-    assert v["base+wide"][0] == pytest.approx(1 / (1 + np.exp(-(np.log(0.3 / 0.7) - 0.25))))
     assert v["full-wide"] == pytest.approx(1 / (1 + np.exp(-(np.log(p / (1 - p)) + tpp))))
     assert v["full"] is score
 

@@ -27,8 +27,9 @@ from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import DSLRecommender, SparseScorer
 from driftrec.models.error_memory import RandomProjectionLSH
+from driftrec.models.fusion import tpp_terms
 from driftrec.serving.app import create_app
-from driftrec.serving.scorer import Scorer, fuse, tpp_terms
+from driftrec.serving.scorer import Scorer, fuse
 from driftrec.storage.error_memory import MemoryKeys, read_compensation, write_errors
 from driftrec.storage.event_state import StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
@@ -210,6 +211,7 @@ async def test_components_match_their_sources(redis: Redis, prefix: str) -> None
         for c, p in {"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}.items()
     }
     np.testing.assert_allclose(res.tpp[order], [lut[c] for c in cats], rtol=0, atol=1e-12)
+    assert (res.wide == 0).all()  # nothing learned by the wide layer: the other terms as fused
     np.testing.assert_allclose(res.score, fuse(res.base, res.compensation, res.tpp, s.serving.eps), atol=1e-15)
     assert list(res.score) == sorted(res.score, reverse=True)
     await scorer.close()

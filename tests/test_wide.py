@@ -12,8 +12,18 @@ from redis.asyncio import Redis
 
 from driftrec.contract.events import Event
 from driftrec.models.dsl import SparseScorer
-from driftrec.models.wide import MODEL_FEATURE, FTRLParams, WideFTRL, features, offset_logit, wide_terms
+from driftrec.models.wide import (
+    MEMORY_FEATURE,
+    MODEL_FEATURE,
+    TPP_FEATURE,
+    FTRLParams,
+    WideFTRL,
+    features,
+    offset_logit,
+    wide_terms,
+)
 from driftrec.serving.scorer import Scorer, fuse
+from driftrec.storage.event_state import StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from driftrec.storage.wide import WideKeys, WideStore, WideUpdate, pack, unpack
 from driftrec.streams.wide_writer import WideWriter
@@ -55,8 +65,23 @@ def test_the_model_weight_learns_how_far_to_trust_the_offset() -> None:
     model feature's weight negative: the wide part learns to shrink the DSL logit."""
     ftrl = WideFTRL()
     for k in range(400):
-        ftrl.learn_one(f"u{k}", f"i{k}", None, label=k % 2, offset=3.0)
+        ftrl.learn_one(f"u{k}", f"i{k}", None, label=k % 2, dsl_logit=3.0)
     assert ftrl.weight(MODEL_FEATURE) < -0.3
+
+
+def test_term_weights_learn_what_each_term_is_worth_on_top_of_the_offset() -> None:
+    """Labels follow the memory's input and not the TPP's: the memory's weight grows, the TPP's
+    stays near 0; an offset that already holds the memory at full weight leaves less to learn."""
+    rng = np.random.default_rng(1)
+    alone, on_fused = WideFTRL(), WideFTRL()
+    for k in range(3000):
+        e, t = float(rng.normal()), float(rng.normal())
+        y = int(rng.random() < 1 / (1 + math.exp(-2 * e)))
+        terms = {MEMORY_FEATURE: e, TPP_FEATURE: t}
+        alone.learn_one(f"u{k}", f"i{k}", None, y, 0.0, terms)
+        on_fused.learn_one(f"u{k}", f"i{k}", None, y, 0.0, terms, offset=2 * e)
+    assert alone.weight(MEMORY_FEATURE) > 1.0 and abs(alone.weight(TPP_FEATURE)) < 0.2
+    assert abs(on_fused.weight(MEMORY_FEATURE)) < 0.3
 
 
 def test_served_terms_equal_the_models_logit_beyond_the_offset() -> None:
@@ -196,3 +221,31 @@ async def test_the_served_score_adds_the_wide_term(redis: Redis, prefix: str) ->
     off.wide = off.wide.model_copy(update={"enabled": False})
     res_off = await Scorer(off, redis).score("u1", items, ts=TS + 100)
     assert (res_off.wide == 0).all()
+
+
+async def test_ingest_sees_the_fused_terms_serving_served(redis: Redis, prefix: str) -> None:  # noqa: F811
+    """The layer's offset at ingest is the logit serving fused from the DSL, the memory and the
+    TPP for the same user, item and time, so what ingest learns on is what serving adds to."""
+    from tests.test_serving import tpp_payload, write_memory
+
+    s = make_settings(prefix)
+    await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
+    items = [f"i{j}" for j in range(12)]
+    await write_memory(redis, s, "u3", items * 2, [1, 0, 1] * 8)
+    await redis.set(StateKeys(prefix).user_tpp("u3"), tpp_payload({"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}))
+    cat = catalog()
+    events = [
+        Event(event_id=f"f{j}", user_id="u3", item_id=i, category=cat[i], kind="rating", label=1, ts=TS)
+        for j, i in enumerate(items)
+    ]
+    fused, dsl_logits, terms = await WideWriter(redis, s).inputs(events)
+    scorer = Scorer(s, redis)
+    await scorer.refresh()
+    res = await scorer.score("u3", items, TS)
+    at = {i: k for k, i in enumerate(res.item_ids)}
+    order = [at[i] for i in items]
+    served = offset_logit(res.base + res.compensation, s.serving.eps)[order] + res.tpp[order]
+    assert (res.compensation != 0).any() and (res.tpp != 0).any()  # both terms take part
+    np.testing.assert_allclose(fused, served, atol=1e-9)
+    np.testing.assert_allclose(dsl_logits, offset_logit(res.base[order], s.serving.eps), atol=1e-12)
+    assert (terms[MEMORY_FEATURE] != 0).any() and (terms[TPP_FEATURE] != 0).any()
