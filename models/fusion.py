@@ -333,33 +333,3 @@ class FusionWeights:
             session=MemoryLambda.from_dict(doc, key="session", eps=eps),
             eps=eps,
         )
-
-
-@dataclass(frozen=True)
-class ServedWeights:
-    """The weights a snapshot's terms are fused with: the learned ones where learning is on and
-    something was learned, the configured ones otherwise (serving and ingest's wide layer agree)."""
-
-    memory_lambda: float
-    session_lambda: float
-    tpp_weight: float
-
-    @classmethod
-    def from_fusion(
-        cls,
-        doc: dict[str, Any],
-        *,
-        learn_lambda: bool,
-        learn_tpp_weight: bool,
-        memory_lambda: float,
-        session_lambda: float,
-        tpp_weight: float,
-    ) -> ServedWeights:
-        lam = MemoryLambda.from_dict(doc) if learn_lambda else None
-        mu = MemoryLambda.from_dict(doc, key="session") if learn_lambda else None
-        tpp = TPPWeight.from_dict(doc) if learn_tpp_weight else None
-        return cls(
-            memory_lambda=lam.lam if lam else memory_lambda,
-            session_lambda=mu.lam if mu else session_lambda,
-            tpp_weight=tpp.w if tpp else tpp_weight,
-        )

@@ -9,20 +9,20 @@ beside the error memory: ingest steps it per event, the scorer reads it in its o
 
 Form (McMahan et al., "Ad Click Prediction: a View from the Trenches", KDD 2013, algorithm 1)::
 
-    logit = fused + w_m·logit(base) + w_e·e + w_s·s + w_t·t + Σ_f w_f      (one-hot f, value 1)
+    logit = logit(base) + w_m·logit(base) + w_e·e + w_s·s + w_t·t + Σ_f w_f    (one-hot f, value 1)
     w     = 0                                                   if |z| ≤ L1
           = −(z − sign(z)·L1) / ((β + √n)/α + L2)                 otherwise, per feature
 
-``fused`` is the offset: the other terms as serving fuses them without this layer
-(``logit(clip(base + compensation)) + tpp``, the trainer's learned weights), so with no data the
-layer changes nothing. Four real-valued inputs let it re-weigh those terms per event: ``m`` the
-DSL logit (how far to trust the model beside the ids; the dev study: a plain sum of DSL and ids is
-over-confident, log-loss 0.6115 vs 0.6005 with this weight learned), ``e`` and ``s`` the error and
-session memories' estimates at unit weight as logit deltas (``logit(base + ê) − logit(base)``),
-``t`` the TPP's log ratio at unit weight. Adding a per-event learner to terms that were weighed
-without it double counts what both carry (the served demo slice, event-time lag 1 s: 0.7169 AUC
-with the wide part simply added to the fused terms, 0.7455 for the DSL plus ids alone); these
-weights learn to take it out.
+with ``base`` the DSL probability that was served (its logit is the offset, so with no data the
+layer serves the DSL as it is) and four real-valued inputs: ``m`` the DSL logit itself (how far to
+trust the model beside the ids; a plain sum is over-confident, the dev study's log-loss 0.6115
+vs 0.6005 with this weight learned), ``e`` and ``s`` the error and session memories' estimates at
+unit weight as logit deltas (``logit(base + ê) − logit(base)``), ``t`` the TPP log ratio at unit
+weight. So the layer is also the fusion: it learns per event what each term adds beside the ids.
+Why not on top of the terms as the trainer fuses them: a per-event learner added to terms weighed
+without it double counts what both carry, and learning that back out costs more than it gains
+(the served demo slice at an event-time lag of 1 s: 0.7169 AUC with the layer simply added to
+the fused terms, 0.7345 with it stacked on them, 0.7455 on the DSL logit alone).
 
 One-hot features: ``b`` (bias), ``u:<user>``, ``i:<item>``, ``c:<category>``, ``uc:<user>|<category>``.
 State is ``(z, n)`` per feature; an update adds ``(Δz, Δn)``, so redelivered or concurrent
@@ -141,8 +141,8 @@ class WideFTRL:
         offset: float | None = None,
     ) -> float:
         """``dsl_logit``: the DSL's (0 without a model: ``base`` 0.5); ``terms``: the other terms'
-        inputs by feature name (``TERM_FEATURES``, missing ones 0); ``offset``: the fused logit
-        of the other terms (default: the DSL logit, i.e. no other terms)."""
+        inputs by feature name (``TERM_FEATURES``, missing ones 0); ``offset``: what the layer
+        adds to (default: the DSL logit)."""
         inputs = self._inputs(user_id, item_id, category, dsl_logit, terms)
         start = dsl_logit if offset is None else offset
         return start + sum(self.weight(f) * v for f, v in inputs)
@@ -194,7 +194,7 @@ def wide_terms(
     dsl_logits: np.ndarray,
     terms: Mapping[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """The layer's term per candidate, what it adds to the fused logit: ``w_m·logit(base) +
+    """The layer's logit per candidate beyond its offset (the DSL logit): ``w_m·logit(base) +
     Σ w_r·r + Σ w_f`` (``values``: the stored ``(z, n)`` of the features read, missing ones 0;
     ``terms``: each term input per candidate)."""
     names = sorted(values)

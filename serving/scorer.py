@@ -13,8 +13,9 @@ Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
                                                                if settings.tpp.enabled, the user has a
                                                                propensity and it names category(i)
            = 0                                                 otherwise                 (logit space)
-    wide_i = w_m·logit(base_i) + w_e·e_i + w_s·s_i + w_t·t_i + Σ_f w_f(u, i, category(i))
+    wide_i = layer_i − (logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i)
                                                                if settings.wide.enabled (0 otherwise)
+    layer_i = logit(base_i) + w_m·logit(base_i) + w_e·e_i + w_s·s_i + w_t·t_i + Σ_f w_f(u, i, category(i))
     score_i = sigmoid(logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i + wide_i)
 
 with ``λ`` the error memory's weight the trainer learned and published with the snapshot
@@ -31,11 +32,14 @@ added there (ReLoop2's formulation). The TPP says how much *more likely than uni
 next event is of this category (``K·p`` = 1 for a uniform guess, so ``ln`` is 0 then); that is a
 likelihood ratio, which composes additively with a logit. The decay forgets a propensity as the
 user's last event recedes, and the clip keeps one confident TPP from overriding the CTR model.
-``wide`` is the fast path's last layer, a per-event FTRL that ingest steps on the fused logit of
-the other terms (``models/wide.py``): its one-hot weights carry what the user's session and the
-item did in the last seconds; ``w_m``, ``w_e``, ``w_s``, ``w_t`` re-weigh the DSL logit, the two
-memories' estimates ``ê``, ``ĉ`` (as logit deltas ``e``, ``s`` at unit weight) and the TPP log
-ratio ``t`` per event, so what the ids already carry is not counted twice. A logit like the TPP term.
+With the wide layer on (the default), the served score is the layer's: a per-event FTRL that
+ingest steps on the DSL logit (``models/wide.py``). Its one-hot weights carry what the user's
+session and the item did in the last seconds; ``w_m``, ``w_e``, ``w_s``, ``w_t`` weigh the DSL
+logit, the two memories' estimates ``ê``, ``ĉ`` (as logit deltas ``e``, ``s`` at unit weight)
+and the TPP log ratio ``t``, learned per event, so what the ids already carry is not counted
+twice. ``compensation`` and ``tpp`` stay the terms as the trainer's weights fuse them (the
+``full-wide`` ablation), and ``wide`` is what the layer changes beyond them, so the four parts
+still add up to the score. Until the layer has learned anything the score is ``base``.
 ``score`` is a probability by construction whatever the inputs (each term is bounded and the
 logit argument is kept in ``[eps, 1 − eps]``).
 
@@ -404,7 +408,10 @@ class Scorer:
                     values = {f: unpack(v) for f, v in zip(wide_names, replies[wide_read]) if v is not None}
                     terms = term_inputs(base, e_hat, c_hat, ratios, eps)
                     dsl_logits = offset_logit(base, eps)
-                    wide = wide_terms(self.wide_params, values, user_id, items, cats, dsl_logits, terms)
+                    layer = dsl_logits + wide_terms(self.wide_params, values, user_id, items, cats, dsl_logits, terms)
+                    # reported beyond the other terms as the trainer's weights fuse them, so the
+                    # parts still add up to the score (module doc)
+                    wide = layer - (offset_logit(base + compensation, eps) + tpp)
                 except ValueError as exc:
                     self.stats.wide_parse_errors += 1
                     log.warning("unreadable wide features for user %r: %s", user_id, exc)

@@ -27,8 +27,8 @@ from driftrec.contract.events import Event
 from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
-from driftrec.models.error_memory import HiddenStandardizer, compensation_delta
-from driftrec.models.fusion import ServedWeights, read_fusion, tpp_log_ratios
+from driftrec.models.error_memory import HiddenStandardizer
+from driftrec.models.fusion import tpp_log_ratios
 from driftrec.models.wide import REAL_FEATURES, FTRLParams, WideFTRL, features, offset_logit, term_inputs
 from driftrec.storage.client import mget
 from driftrec.storage.error_memory import ServedErrorMemories
@@ -50,19 +50,7 @@ class WideWriter:
         self.snap_keys = SnapshotKeys(settings.key_prefix, "dsl")
         self.model: SparseScorer | None = None
         self.standardizer: HiddenStandardizer | None = None
-        self.weights = self._weights({})
         self.version: int | None = None
-
-    def _weights(self, fusion: dict[str, Any]) -> ServedWeights:
-        s = self.settings
-        return ServedWeights.from_fusion(
-            fusion,
-            learn_lambda=s.memory.learn_lambda,
-            learn_tpp_weight=s.serving.learn_tpp_weight,
-            memory_lambda=s.memory.lambda_,
-            session_lambda=s.memory.session_lambda,
-            tpp_weight=s.serving.tpp_weight,
-        )
 
     async def refresh(self) -> None:
         """Load the newest ``dsl`` snapshot if ``latest`` moved (one GET while it has not)."""
@@ -73,19 +61,18 @@ class WideWriter:
         self.model = await asyncio.to_thread(SparseScorer.from_bytes, parts["model"])
         stats = parts.get("hidden_stats")
         self.standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
-        self.weights = self._weights(read_fusion(parts.get("fusion")))
         self.version = version
 
-    async def inputs(self, events: Sequence[Event]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Per event, as served: the fused logit of the other terms (the layer's offset), the DSL
-        logit, and the terms' inputs at unit weight."""
+    async def inputs(self, events: Sequence[Event]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Per event, as served: the DSL logit (the layer's offset) and the other terms' inputs
+        at unit weight."""
         s = self.settings
         n, eps = len(events), s.serving.eps
         await self.refresh()
         zeros = np.zeros(n)
         if self.model is None:  # nothing served but the cold-start constant; no memory, no category
             base = np.full(n, s.serving.cold_start_base)
-            return offset_logit(base, eps), offset_logit(base, eps), term_inputs(base, zeros, zeros, zeros, eps)
+            return offset_logit(base, eps), term_inputs(base, zeros, zeros, zeros, eps)
         interactions: list[Interaction] = [e.to_interaction() for e in events]
         probs, hidden = self.model.predict_with_hidden(interactions)
         base = probs if s.dsl.enabled else np.full(n, s.serving.cold_start_base)
@@ -98,11 +85,7 @@ class WideWriter:
             users = list(dict.fromkeys(e.user_id for e in events))
             payloads = dict(zip(users, await mget(self.redis, [self.state_keys.user_tpp(u) for u in users])))
             ratios = np.array([self._ratio(payloads.get(e.user_id), e) for e in events])
-        w = self.weights
-        comp = compensation_delta(base, w.memory_lambda * e_hat + w.session_lambda * c_hat, 1.0, eps)
-        tpp = np.clip(w.tpp_weight * ratios, -s.serving.tpp_clip, s.serving.tpp_clip)
-        fused = offset_logit(base + comp, eps) + tpp
-        return fused, offset_logit(base, eps), term_inputs(base, e_hat, c_hat, ratios, eps)
+        return offset_logit(base, eps), term_inputs(base, e_hat, c_hat, ratios, eps)
 
     def _ratio(self, payload: bytes | None, event: Event) -> float:
         """The TPP log ratio at unit weight, clipped as serving clips the term."""
@@ -123,15 +106,13 @@ class WideWriter:
         todo = [e for e in labelled if e.event_id not in learned]
         if not todo:
             return 0
-        fused, dsl_logits, terms = await self.inputs(todo)
+        dsl_logits, terms = await self.inputs(todo)
         stored = await self.store.read([(e.user_id, f) for e in todo for f in feats[e.event_id]])
         # one local view: the per-user features carry the user in their name, so a flat dict holds all
         ftrl = WideFTRL(self.params, {f: zn for (_, f), zn in stored.items()})
         updates = []
         for k, e in enumerate(todo):
             row = {f: float(column[k]) for f, column in terms.items()}
-            step = ftrl.learn_one(
-                e.user_id, e.item_id, e.category, int(e.label or 0), float(dsl_logits[k]), row, float(fused[k])
-            )
+            step = ftrl.learn_one(e.user_id, e.item_id, e.category, int(e.label or 0), float(dsl_logits[k]), row)
             updates.append(WideUpdate(e.event_id, e.user_id, step.deltas, feats[e.event_id]))
         return await self.store.add(updates)

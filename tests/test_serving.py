@@ -211,8 +211,9 @@ async def test_components_match_their_sources(redis: Redis, prefix: str) -> None
         for c, p in {"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}.items()
     }
     np.testing.assert_allclose(res.tpp[order], [lut[c] for c in cats], rtol=0, atol=1e-12)
-    assert (res.wide == 0).all()  # nothing learned by the wide layer: the other terms as fused
-    np.testing.assert_allclose(res.score, fuse(res.base, res.compensation, res.tpp, s.serving.eps), atol=1e-15)
+    np.testing.assert_allclose(
+        res.score, fuse(res.base, res.compensation, res.tpp, s.serving.eps, res.wide), atol=1e-12
+    )
     assert list(res.score) == sorted(res.score, reverse=True)
     await scorer.close()
 

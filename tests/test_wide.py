@@ -223,12 +223,13 @@ async def test_the_served_score_adds_the_wide_term(redis: Redis, prefix: str) ->
     assert (res_off.wide == 0).all()
 
 
-async def test_ingest_sees_the_fused_terms_serving_served(redis: Redis, prefix: str) -> None:  # noqa: F811
-    """The layer's offset at ingest is the logit serving fused from the DSL, the memory and the
-    TPP for the same user, item and time, so what ingest learns on is what serving adds to."""
+async def test_ingest_sees_the_inputs_serving_served(redis: Redis, prefix: str) -> None:  # noqa: F811
+    """The layer's inputs at ingest are the ones serving computed for the same user, item and
+    time (DSL logit, the memory's estimate, the TPP ratio), so ingest learns what serving uses."""
     from tests.test_serving import tpp_payload, write_memory
 
-    s = make_settings(prefix)
+    s = make_settings(prefix)  # λ = 0.5, TPP weight 0.5: comp and tpp give ê and the ratio back
+    s.memory = s.memory.model_copy(update={"session_capacity": 0})
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     items = [f"i{j}" for j in range(12)]
     await write_memory(redis, s, "u3", items * 2, [1, 0, 1] * 8)
@@ -238,14 +239,40 @@ async def test_ingest_sees_the_fused_terms_serving_served(redis: Redis, prefix: 
         Event(event_id=f"f{j}", user_id="u3", item_id=i, category=cat[i], kind="rating", label=1, ts=TS)
         for j, i in enumerate(items)
     ]
-    fused, dsl_logits, terms = await WideWriter(redis, s).inputs(events)
-    scorer = Scorer(s, redis)
+    dsl_logits, terms = await WideWriter(redis, s).inputs(events)
+    off = make_settings(prefix)
+    off.wide = off.wide.model_copy(update={"enabled": False})
+    off.memory = s.memory
+    scorer = Scorer(off, redis)
     await scorer.refresh()
     res = await scorer.score("u3", items, TS)
     at = {i: k for k, i in enumerate(res.item_ids)}
     order = [at[i] for i in items]
-    served = offset_logit(res.base + res.compensation, s.serving.eps)[order] + res.tpp[order]
-    assert (res.compensation != 0).any() and (res.tpp != 0).any()  # both terms take part
-    np.testing.assert_allclose(fused, served, atol=1e-9)
-    np.testing.assert_allclose(dsl_logits, offset_logit(res.base[order], s.serving.eps), atol=1e-12)
-    assert (terms[MEMORY_FEATURE] != 0).any() and (terms[TPP_FEATURE] != 0).any()
+    base, comp, tpp = res.base[order], res.compensation[order], res.tpp[order]
+    assert (comp != 0).any() and (tpp != 0).any()  # both terms take part
+    eps = s.serving.eps
+    np.testing.assert_allclose(dsl_logits, offset_logit(base, eps), atol=1e-12)
+    e_hat = comp / 0.5  # no clipping here: base + comp stays inside (eps, 1 - eps)
+    np.testing.assert_allclose(
+        terms[MEMORY_FEATURE], offset_logit(base + e_hat, eps) - offset_logit(base, eps), atol=1e-9
+    )
+    np.testing.assert_allclose(terms[TPP_FEATURE], tpp / 0.5, atol=1e-12)
+
+
+async def test_the_layer_serves_the_dsl_until_it_learns(redis: Redis, prefix: str) -> None:  # noqa: F811
+    """Nothing learned: the score is ``base``, and the parts still add up to it."""
+    from tests.test_serving import tpp_payload, write_memory
+
+    s = make_settings(prefix)
+    await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
+    items = [f"i{j}" for j in range(12)]
+    await write_memory(redis, s, "u3", items, [1] * 12)
+    await redis.set(StateKeys(prefix).user_tpp("u3"), tpp_payload({"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}))
+    scorer = Scorer(s, redis)
+    await scorer.refresh()
+    res = await scorer.score("u3", items, TS)
+    assert (res.compensation != 0).any() and (res.tpp != 0).any()
+    np.testing.assert_allclose(res.score, np.clip(res.base, s.serving.eps, 1 - s.serving.eps), atol=1e-12)
+    np.testing.assert_allclose(
+        res.score, fuse(res.base, res.compensation, res.tpp, s.serving.eps, res.wide), atol=1e-12
+    )
