@@ -24,14 +24,16 @@ from driftrec.streams.ingest import AppliedEventsWriter, IngestBatch, SendLetter
 def fast_path_writers(redis: Any, settings: Settings) -> list[AppliedEventsWriter]:
     """The derived writers the settings switch on, in the order they run."""
     writers: list[AppliedEventsWriter] = []
+    served = None
     if settings.memory.enabled:  # served errors into the memories, per event
         from driftrec.streams.served_errors import ServedErrorWriter
 
-        writers.append(ServedErrorWriter(redis, settings))
-    if settings.wide.enabled:  # the per-event FTRL on top of the DSL logit (models/wide.py)
+        served = ServedErrorWriter(redis, settings)
+        writers.append(served)
+    if settings.wide.enabled:  # the per-event FTRL on the DSL logit (models/wide.py)
         from driftrec.streams.wide_writer import WideWriter
 
-        writers.append(WideWriter(redis, settings))
+        writers.append(WideWriter(redis, settings, served))
     if settings.tpp.enabled:
         from driftrec.streams.propensity import PropensityWriter
 

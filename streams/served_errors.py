@@ -24,6 +24,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
@@ -44,6 +46,8 @@ class ServedErrorWriter:
         self.model: SparseScorer | None = None
         self.standardizer: HiddenStandardizer | None = None
         self.version: int | None = None
+        # the last batch's predictions by event id (the wide layer's writer reuses them)
+        self.last: dict[str, tuple[float, np.ndarray]] = {}
 
     async def refresh(self) -> None:
         """Load the newest ``dsl`` snapshot if ``latest`` moved since the last batch."""
@@ -67,5 +71,6 @@ class ServedErrorWriter:
         if self.model is None:
             return 0
         probs, hidden = self.model.predict_with_hidden(labelled)
+        self.last = {x.event_id: (float(p), h) for x, p, h in zip(labelled, probs, hidden) if x.event_id}
         await self.memories.write(labelled, probs, hidden, self.standardizer)
         return len(labelled)

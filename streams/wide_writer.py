@@ -35,13 +35,15 @@ from driftrec.storage.error_memory import ServedErrorMemories
 from driftrec.storage.event_state import StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.storage.wide import WideStore, WideUpdate
+from driftrec.streams.served_errors import ServedErrorWriter
 
 
 class WideWriter:
     """Follows the served ``dsl`` snapshot and learns applied labelled events."""
 
-    def __init__(self, redis: Any, settings: Settings) -> None:
+    def __init__(self, redis: Any, settings: Settings, served: ServedErrorWriter | None = None) -> None:
         self.settings = settings
+        self.served = served  # the batch's served-error writer, whose predictions are reused
         self.redis = redis
         self.store = WideStore(redis, settings.key_prefix, settings.dedup_ttl_s, settings.state_ttl_s)
         self.params = FTRLParams(**settings.wide.ftrl_params())
@@ -68,13 +70,20 @@ class WideWriter:
         at unit weight."""
         s = self.settings
         n, eps = len(events), s.serving.eps
-        await self.refresh()
         zeros = np.zeros(n)
-        if self.model is None:  # nothing served but the cold-start constant; no memory, no category
-            base = np.full(n, s.serving.cold_start_base)
-            return offset_logit(base, eps), term_inputs(base, zeros, zeros, zeros, eps)
         interactions: list[Interaction] = [e.to_interaction() for e in events]
-        probs, hidden = self.model.predict_with_hidden(interactions)
+        shared = self.served
+        if shared is not None and shared.model is not None and all(e.event_id in shared.last for e in events):
+            # the served-error writer scored these events with the newest snapshot a moment ago
+            self.model, self.standardizer, self.version = shared.model, shared.standardizer, shared.version
+            probs = np.array([shared.last[e.event_id][0] for e in events])
+            hidden = np.stack([shared.last[e.event_id][1] for e in events])
+        else:
+            await self.refresh()
+            if self.model is None:  # nothing served but the cold-start constant; no memory, no category
+                base = np.full(n, s.serving.cold_start_base)
+                return offset_logit(base, eps), term_inputs(base, zeros, zeros, zeros, eps)
+            probs, hidden = self.model.predict_with_hidden(interactions)
         base = probs if s.dsl.enabled else np.full(n, s.serving.cold_start_base)
         e_hat, c_hat = zeros, zeros
         if self.memories is not None:

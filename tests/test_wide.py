@@ -276,3 +276,23 @@ async def test_the_layer_serves_the_dsl_until_it_learns(redis: Redis, prefix: st
     np.testing.assert_allclose(
         res.score, fuse(res.base, res.compensation, res.tpp, s.serving.eps, res.wide), atol=1e-12
     )
+
+
+async def test_reused_predictions_are_the_ones_the_writer_would_make(redis: Redis, prefix: str) -> None:  # noqa: F811
+    """In the worker the served-error writer scores a batch first; the wide writer takes its
+    predictions instead of scoring again, and must see the same inputs as scoring itself."""
+    from driftrec.streams.fast_path import fast_path_writers
+
+    s = make_settings(prefix)
+    s.tpp = s.tpp.model_copy(update={"enabled": False})
+    await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
+    served, wide = fast_path_writers(redis, s)
+    assert isinstance(wide, WideWriter) and wide.served is served
+    events = _events(30, seed=5)
+    await served.write(events)
+    shared = await wide.inputs(events)
+    alone = await WideWriter(redis, s).inputs(events)
+    np.testing.assert_allclose(shared[0], alone[0], atol=1e-12)
+    for f in alone[1]:
+        np.testing.assert_allclose(shared[1][f], alone[1][f], atol=1e-12)
+    assert (shared[1][MEMORY_FEATURE] != 0).any()  # the memory the first writer filled is read
