@@ -6,12 +6,14 @@ service process, test-then-train), and prints the variant table; the last line i
 object of figures.
 
     python -m benchmarks.evaluate [--data events.jsonl] [--limit N] [--rank-fraction F] [--out DIR]
-                                  [--no-sync]
+                                  [--no-sync | --fast-path-only | --lag-s S] [--repeat N]
 
 The default slice is the demo's (the first 25,000 ML-100K events, ranking a fixed-seed 20 % of the
 positives), which runs in 2-4 minutes on a 2-core machine (synchronous windows, the default);
 ``--limit 0`` evaluates the whole stream. ``--no-sync`` scores while the worker learns, with the
 trainer's own snapshot schedule (the deployment's timing, see ``driftrec/evaluate.py``).
+``--lag-s 1`` is the event-time lag protocol (the demo's); ``--repeat 3`` runs three times and
+reports each figure's mean with its min and max.
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ def main() -> None:
         action="store_true",
         help="after each window wait for ingest alone (the fast path), the model on its real cadence",
     )
+    parser.add_argument(
+        "--lag-s",
+        type=float,
+        default=None,
+        help="event-time lag protocol: the fast path learns each event once it is this many seconds old",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run this many times (fresh state each) and report mean, min and max"
+    )
     args = parser.parse_args()
 
     base = get_settings()
@@ -78,28 +89,32 @@ def main() -> None:
             "key_prefix": f"bench{uuid.uuid4().hex[:6]}",
         }
     )
-    out = args.out or home / "report"
     started = time.perf_counter()
-    embedded.up(settings)
-    try:
-        html = run_evaluation(
-            settings,
-            args.data,
-            out,
-            limit=args.limit or None,
-            options=EvalOptions(
-                rank_fraction=args.rank_fraction,
-                window=args.window,
-                synchronous=not args.no_sync,
-                fast_path_only=args.fast_path_only,
-            ),
-        )
-    finally:
-        embedded.down(settings)
-    report = orjson.loads((out / "report.json").read_bytes())
-    print(variant_table(report))
-    print(f"report: {html}")
-    v, run = report["variants"], report["run"]
+    reports = []
+    for k in range(args.repeat):
+        out = (args.out or home / "report") / (f"run{k + 1}" if args.repeat > 1 else "")
+        embedded.up(settings)
+        try:
+            html = run_evaluation(
+                settings,
+                args.data,
+                out,
+                limit=args.limit or None,
+                options=EvalOptions(
+                    rank_fraction=args.rank_fraction,
+                    window=args.window,
+                    synchronous=not args.no_sync,
+                    fast_path_only=args.fast_path_only,
+                    lag_s=args.lag_s,
+                ),
+            )
+        finally:
+            embedded.down(settings)
+        report = orjson.loads((out / "report.json").read_bytes())
+        print(variant_table(report))
+        print(f"report: {html}", flush=True)
+        reports.append(report)
+    v, run = _mean_variants(reports), reports[-1]["run"]
     figures: dict[str, object] = {
         "data": args.data,
         "events": run["n_events"],
@@ -110,24 +125,48 @@ def main() -> None:
         "base": "base",
         "base+memory": "memory",
         "base+tpp": "tpp",
+        "full-wide": "full_without_wide",
         "full": "full",
         "river-lr": "river_lr",
         "river-fm": "river_fm",
         "vw": "vw",
+        "ftrl": "ftrl",
         "river-lr@event": "river_lr_per_event",
         "river-fm@event": "river_fm_per_event",
         "vw@event": "vw_per_event",
+        "ftrl@event": "ftrl_per_event",
     }
     for metric in ("auc", "logloss", "recall20", "ndcg20"):
         for variant, short in names.items():
             if variant in v:
                 figures[f"{metric}_{short}"] = v[variant][metric]
+                if len(reports) > 1:
+                    figures[f"{metric}_{short}_min"] = v[variant][f"{metric}_min"]
+                    figures[f"{metric}_{short}_max"] = v[variant][f"{metric}_max"]
     figures["events_per_s"] = v["full"]["events_per_s"]
     figures["synchronous"] = run["synchronous"]
     figures["fast_path_only"] = run["fast_path_only"]
     figures["window"] = run["window"]
+    figures["lag_s"] = run.get("lag_s")
+    figures["runs"] = len(reports)
     figures["wall_s"] = round(time.perf_counter() - started, 1)
     emit("evaluate", figures)
+
+
+def _mean_variants(reports: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Per variant and metric: the mean over the runs, with ``<metric>_min`` / ``_max``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for variant in reports[0]["variants"]:
+        row: dict[str, float | None] = {}
+        for metric in reports[0]["variants"][variant]:
+            values = [r["variants"][variant].get(metric) for r in reports]
+            if any(x is None for x in values):
+                row[metric] = None
+                continue
+            row[metric] = round(sum(values) / len(values), 4)
+            row[f"{metric}_min"], row[f"{metric}_max"] = round(min(values), 4), round(max(values), 4)
+        out[variant] = row
+    return out
 
 
 if __name__ == "__main__":

@@ -109,12 +109,15 @@ class DSLSettings(Section):
 
 
 class WideSettings(Section):
-    """The fast path's per-event FTRL on top of the DSL logit (models/wide.py)."""
+    """The fast path's per-event FTRL layer on the DSL logit (models/wide.py). Its four
+    hyper-parameters were chosen on ML-100K events 25,000-50,000 only (research/fast_path_dev.md
+    lists every setting tried)."""
 
     enabled: bool = True  # learned at ingest per event and added by the scorer; off: neither
-    # FTRL-Proximal's four hyper-parameters, chosen on ML-100K events 25,000-50,000 only
-    # (research/fast_path_dev.md lists every setting tried)
-    alpha: float = Field(0.5, gt=0)  # learning rate (Vowpal Wabbit's default)
+    # the layer also weighs the memories' estimates and the TPP ratio per event (models/wide.py);
+    # off: it learns on the DSL logit and the ids alone, and the served score ignores those terms
+    term_inputs: bool = True
+    alpha: float = Field(0.5, gt=0)  # FTRL's learning rate (Vowpal Wabbit's default)
     beta: float = Field(1.0, ge=0)  # smoothing of the per-feature rate (1: the paper's value)
     l1: float = Field(0.0, ge=0)  # L1 strength (0: every feature keeps a weight)
     l2: float = Field(1.0, ge=0)  # L2 strength

@@ -212,6 +212,7 @@ _RUN_LABELS = {
     "seed": "seed",
     "window": "window (events)",
     "synchronous": "synchronous windows",
+    "lag_s": "event-time lag of the fast path (s; none: windows)",
     "max_lag": "most events the worker may lag",
     "max_observed_lag": "largest lag seen (events)",
     "wall_s": "wall time (s)",

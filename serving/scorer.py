@@ -406,7 +406,7 @@ class Scorer:
             if wide_read is not None:
                 try:
                     values = {f: unpack(v) for f, v in zip(wide_names, replies[wide_read]) if v is not None}
-                    terms = term_inputs(base, e_hat, c_hat, ratios, eps)
+                    terms = term_inputs(base, e_hat, c_hat, ratios, eps) if s.wide.term_inputs else None
                     dsl_logits = offset_logit(base, eps)
                     layer = dsl_logits + wide_terms(self.wide_params, values, user_id, items, cats, dsl_logits, terms)
                     # reported beyond the other terms as the trainer's weights fuse them, so the

@@ -22,6 +22,7 @@ import struct
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -73,6 +74,12 @@ def unpack(raw: bytes | None) -> tuple[float, float]:
     return (float(z), float(n))
 
 
+@lru_cache(maxsize=1 << 16)
+def _shared_tag(feature: str) -> str:
+    """The item shard of a shared feature (hashing it is most of the key layout's cost)."""
+    return f"is:{stable_hash(feature, ITEM_SHARDS, salt='item-shard')}"
+
+
 @dataclass(frozen=True)
 class WideKeys:
     """Key layout (the braces are Redis Cluster hash tags)."""
@@ -82,7 +89,7 @@ class WideKeys:
     def tag(self, user_id: str, feature: str) -> str:
         if feature.startswith(("u:", "uc:")):
             return f"u:{user_id}"
-        return f"is:{stable_hash(feature, ITEM_SHARDS, salt='item-shard')}"
+        return _shared_tag(feature)
 
     def feature(self, user_id: str, feature: str) -> str:
         return f"{self.prefix}:{{{self.tag(user_id, feature)}}}:wide:{feature}"
@@ -124,20 +131,6 @@ class WideStore:
         names = list(features)
         return names, MultiGet([self.keys.feature(user_id, f) for f in names], self.cluster)
 
-    async def read(self, wanted: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, float]]:
-        """``(z, n)`` of each ``(user, feature)``; missing features are absent from the answer."""
-        keys = list(dict.fromkeys(self.keys.feature(u, f) for u, f in wanted))
-        multi = MultiGet(keys, self.cluster)
-        pipe = self.redis.pipeline(transaction=False)
-        multi.queue(pipe)
-        values = dict(zip(keys, multi.values(await pipe.execute()))) if keys else {}
-        out: dict[tuple[str, str], tuple[float, float]] = {}
-        for u, f in wanted:
-            raw = values.get(self.keys.feature(u, f))
-            if raw is not None:
-                out[(u, f)] = unpack(raw)
-        return out
-
     def tags(self, user_id: str, features: Iterable[str]) -> set[str]:
         """The slots an event with these features writes (its user's slot always: the marker)."""
         return {f"u:{user_id}"} | {self.keys.tag(user_id, f) for f in features}
@@ -155,6 +148,29 @@ class WideStore:
         multi.queue(pipe)
         found = dict(zip(keys, multi.values(await pipe.execute())))
         return {eid for (eid, _, _), ks in zip(events, per_event) if all(found[k] is not None for k in ks)}
+
+    async def lookup(
+        self, events: Sequence[tuple[str, str, Sequence[str]]], extra: Sequence[str] = ()
+    ) -> tuple[set[str], dict[tuple[str, str], tuple[float, float]], list[bytes | None]]:
+        """:meth:`applied`, :meth:`read` of every feature of ``events`` and an ``MGET`` of the
+        ``extra`` keys, in one round trip (ingest's read per batch)."""
+        per_event = [[self.keys.marker(t, eid) for t in sorted(self.tags(user, fs))] for eid, user, fs in events]
+        markers = [k for ks in per_event for k in ks]
+        wanted = list(dict.fromkeys((user, f) for _, user, fs in events for f in fs))
+        feature_keys = [self.keys.feature(u, f) for u, f in wanted]
+        reads = [MultiGet(markers, self.cluster), MultiGet(feature_keys, self.cluster), MultiGet(extra, self.cluster)]
+        pipe = self.redis.pipeline(transaction=False)
+        for read in reads:
+            read.queue(pipe)
+        replies = await pipe.execute() if any(len(r) for r in reads) else []
+        values, at = [], 0
+        for read in reads:
+            values.append(read.values(replies[at : at + len(read)]))
+            at += len(read)
+        found = dict(zip(markers, values[0]))
+        done = {eid for (eid, _, _), ks in zip(events, per_event) if all(found[k] is not None for k in ks)}
+        stored = {uf: unpack(raw) for uf, raw in zip(wanted, values[1]) if raw is not None}
+        return done, stored, values[2]
 
     async def add(self, updates: Sequence[WideUpdate]) -> int:
         """Add each event's deltas once per slot; returns how many events were new in their

@@ -65,9 +65,11 @@ class WideWriter:
         self.standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
         self.version = version
 
-    async def inputs(self, events: Sequence[Event]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    async def inputs(
+        self, events: Sequence[Event], tpp_payloads: dict[str, bytes | None] | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Per event, as served: the DSL logit (the layer's offset) and the other terms' inputs
-        at unit weight."""
+        at unit weight (``tpp_payloads``: the users' stored propensities, if already read)."""
         s = self.settings
         n, eps = len(events), s.serving.eps
         zeros = np.zeros(n)
@@ -91,8 +93,10 @@ class WideWriter:
             e_hat, c_hat = est.lsh, est.session
         ratios = zeros
         if s.tpp.enabled:
-            users = list(dict.fromkeys(e.user_id for e in events))
-            payloads = dict(zip(users, await mget(self.redis, [self.state_keys.user_tpp(u) for u in users])))
+            payloads = tpp_payloads
+            if payloads is None:
+                users = list(dict.fromkeys(e.user_id for e in events))
+                payloads = dict(zip(users, await mget(self.redis, [self.state_keys.user_tpp(u) for u in users])))
             ratios = np.array([self._ratio(payloads.get(e.user_id), e) for e in events])
         return offset_logit(base, eps), term_inputs(base, e_hat, c_hat, ratios, eps)
 
@@ -111,17 +115,22 @@ class WideWriter:
         if not labelled:
             return 0
         feats = {e.event_id: [*features(e.user_id, e.item_id, e.category), *REAL_FEATURES] for e in labelled}
-        learned = await self.store.applied([(e.event_id, e.user_id, feats[e.event_id]) for e in labelled])
+        users = list(dict.fromkeys(e.user_id for e in labelled)) if self.settings.tpp.enabled else []
+        learned, stored, raw = await self.store.lookup(
+            [(e.event_id, e.user_id, feats[e.event_id]) for e in labelled], [self.state_keys.user_tpp(u) for u in users]
+        )
         todo = [e for e in labelled if e.event_id not in learned]
         if not todo:
             return 0
-        dsl_logits, terms = await self.inputs(todo)
-        stored = await self.store.read([(e.user_id, f) for e in todo for f in feats[e.event_id]])
-        # one local view: the per-user features carry the user in their name, so a flat dict holds all
+        dsl_logits, terms = await self.inputs(todo, dict(zip(users, raw)) if users else None)
+        # one local view: the per-user features carry the user in their name, so a flat dict holds
+        # all (read for the whole batch: an event already learned shares its features or adds none)
         ftrl = WideFTRL(self.params, {f: zn for (_, f), zn in stored.items()})
         updates = []
         for k, e in enumerate(todo):
             row = {f: float(column[k]) for f, column in terms.items()}
+            if not self.settings.wide.term_inputs:
+                row = {}
             step = ftrl.learn_one(e.user_id, e.item_id, e.category, int(e.label or 0), float(dsl_logits[k]), row)
             updates.append(WideUpdate(e.event_id, e.user_id, step.deltas, feats[e.event_id]))
         return await self.store.add(updates)

@@ -296,3 +296,25 @@ async def test_reused_predictions_are_the_ones_the_writer_would_make(redis: Redi
     for f in alone[1]:
         np.testing.assert_allclose(shared[1][f], alone[1][f], atol=1e-12)
     assert (shared[1][MEMORY_FEATURE] != 0).any()  # the memory the first writer filled is read
+
+
+async def test_term_inputs_switch_the_memory_and_tpp_out_of_the_layer(redis: Redis, prefix: str) -> None:  # noqa: F811
+    from tests.test_serving import write_memory
+
+    s = make_settings(prefix)
+    await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
+    items = [f"i{j}" for j in range(12)]
+    await write_memory(redis, s, "u3", items, [1] * 12)
+    # a learned memory weight: z = -2 with n = 1 gives w_e = 2 / ((1 + 1)/0.5 + 1) = 0.4
+    await WideStore(redis, prefix, 3600).add([WideUpdate("seed", "u3", {MEMORY_FEATURE: (-2.0, 1.0)})])
+    on = Scorer(s, redis)
+    await on.refresh()
+    res_on = await on.score("u3", items, TS)
+    s_off = make_settings(prefix)
+    s_off.wide = s_off.wide.model_copy(update={"term_inputs": False})
+    off = Scorer(s_off, redis)
+    await off.refresh()
+    res_off = await off.score("u3", items, TS)
+    eps = s.serving.eps
+    np.testing.assert_allclose(res_off.score, np.clip(res_off.base, eps, 1 - eps), atol=1e-12)
+    assert (res_on.score > res_on.base).all()  # every error was positive: the weighed memory pushes up
