@@ -88,6 +88,8 @@ class WideWriter:
             probs, hidden = self.model.predict_with_hidden(interactions)
         base = probs if s.dsl.enabled else np.full(n, s.serving.cold_start_base)
         e_hat, c_hat = zeros, zeros
+        if not s.wide.term_inputs:  # the layer does not use the other terms: nothing to read
+            return offset_logit(base, eps), {}
         if self.memories is not None:
             est = await self.memories.estimates_before(interactions, base, hidden, self.standardizer)
             e_hat, c_hat = est.lsh, est.session
@@ -115,7 +117,8 @@ class WideWriter:
         if not labelled:
             return 0
         feats = {e.event_id: [*features(e.user_id, e.item_id, e.category), *REAL_FEATURES] for e in labelled}
-        users = list(dict.fromkeys(e.user_id for e in labelled)) if self.settings.tpp.enabled else []
+        s = self.settings
+        users = list(dict.fromkeys(e.user_id for e in labelled)) if s.tpp.enabled and s.wide.term_inputs else []
         learned, stored, raw = await self.store.lookup(
             [(e.event_id, e.user_id, feats[e.event_id]) for e in labelled], [self.state_keys.user_tpp(u) for u in users]
         )
@@ -129,8 +132,6 @@ class WideWriter:
         updates = []
         for k, e in enumerate(todo):
             row = {f: float(column[k]) for f, column in terms.items()}
-            if not self.settings.wide.term_inputs:
-                row = {}
             step = ftrl.learn_one(e.user_id, e.item_id, e.category, int(e.label or 0), float(dsl_logits[k]), row)
             updates.append(WideUpdate(e.event_id, e.user_id, step.deltas, feats[e.event_id]))
         return await self.store.add(updates)

@@ -267,3 +267,51 @@ def test_fast_path_lag_waits_for_ingest_alone(isolated: Settings, tmp_path) -> N
     r = redis.Redis.from_url(isolated.redis_url)  # ingest wrote the served errors (the fast path)
     assert any(True for _ in r.scan_iter(match=f"{isolated.key_prefix}:{KEY_SPACE}:*", count=1000))
     assert "fast path synchronous" in (out / "report.html").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_event_time_lag_scores_each_event_with_what_was_due(isolated: Settings, tmp_path) -> None:
+    """``lag_s``: each event is scored once the fast path (in this process, the worker's ingest
+    code) has learned exactly the events at least ``lag_s`` older, and the peers learned the same;
+    the worker only trains."""
+    out = tmp_path / "report"
+    opts = EvalOptions(
+        namespace=False, progress=False, rank_fraction=0.0, lag_s=1.0, baselines=("ftrl",), per_event_baselines=True
+    )
+    run_evaluation(isolated, "ml-100k", out, limit=1500, options=opts)
+    report = orjson.loads((out / "report.json").read_bytes())
+    run = report["run"]
+    assert run["lag_s"] == 1.0 and run["synchronous"] is False
+    wm = run["worker_metrics"]
+    assert wm.get("driftrec_events_processed_total", 0) == 0  # ingest ran here, not in the worker
+    assert wm['driftrec_learner_events_total{learner="trainer"}'] == 1500
+    records = load_served(out / "served.jsonl")
+    assert len(records) == 1500  # every ML-100K event is labelled: record i is event i
+    ts = [rec["ts"] for rec in records]
+    for i, rec in enumerate(records):
+        due = sum(1 for t in ts[:i] if t <= ts[i] - 1.0)
+        assert rec["published_before"] == due, f"event {i} saw {rec['published_before']} events, {due} were due"
+    # the peer learned exactly those events when the fast path did
+    from driftrec.models.baselines import make_peer
+
+    peer, event_peer, learned = make_peer("ftrl"), make_peer("ftrl"), 0
+    for rec in records:
+        while learned < rec["published_before"]:
+            old = records[learned]
+            peer.learn_one(
+                Interaction(old["user_id"], old["item_id"], 0.0, label=old["label"], category=old["category"])
+            )
+            learned += 1
+        query = Interaction(rec["user_id"], rec["item_id"], 0.0, category=rec["category"])
+        assert rec["scores"]["ftrl"] == pytest.approx(peer.predict_one(query), abs=1e-12)
+        assert rec["scores"]["ftrl@event"] == pytest.approx(event_peer.predict_one(query), abs=1e-12)
+        event_peer.learn_one(
+            Interaction(rec["user_id"], rec["item_id"], 0.0, label=rec["label"], category=rec["category"])
+        )
+    # the fast path wrote the wide layer and the memories; the served score used the layer
+    client = redis.Redis.from_url(isolated.redis_url)
+    assert any(True for _ in client.scan_iter(match=f"{isolated.key_prefix}:*:wide:*", count=1000))
+    assert any(True for _ in client.scan_iter(match=f"{isolated.key_prefix}:{KEY_SPACE}:*", count=1000))
+    assert sum(1 for rec in records if rec["served"]["wide"] != 0.0) > 1000
+    assert "event-time lag of 1.0 s" in (out / "report.html").read_text()

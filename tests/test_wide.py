@@ -230,6 +230,7 @@ async def test_ingest_sees_the_inputs_serving_served(redis: Redis, prefix: str) 
 
     s = make_settings(prefix)  # λ = 0.5, TPP weight 0.5: comp and tpp give ê and the ratio back
     s.memory = s.memory.model_copy(update={"session_capacity": 0})
+    s.wide = s.wide.model_copy(update={"term_inputs": True})
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     items = [f"i{j}" for j in range(12)]
     await write_memory(redis, s, "u3", items * 2, [1, 0, 1] * 8)
@@ -285,6 +286,7 @@ async def test_reused_predictions_are_the_ones_the_writer_would_make(redis: Redi
 
     s = make_settings(prefix)
     s.tpp = s.tpp.model_copy(update={"enabled": False})
+    s.wide = s.wide.model_copy(update={"term_inputs": True})
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     served, wide = fast_path_writers(redis, s)
     assert isinstance(wide, WideWriter) and wide.served is served
@@ -307,6 +309,7 @@ async def test_term_inputs_switch_the_memory_and_tpp_out_of_the_layer(redis: Red
     await write_memory(redis, s, "u3", items, [1] * 12)
     # a learned memory weight: z = -2 with n = 1 gives w_e = 2 / ((1 + 1)/0.5 + 1) = 0.4
     await WideStore(redis, prefix, 3600).add([WideUpdate("seed", "u3", {MEMORY_FEATURE: (-2.0, 1.0)})])
+    s.wide = s.wide.model_copy(update={"term_inputs": True})
     on = Scorer(s, redis)
     await on.refresh()
     res_on = await on.score("u3", items, TS)
