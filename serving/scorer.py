@@ -37,7 +37,8 @@ ingest steps on the DSL logit (``models/wide.py``). Its one-hot weights carry wh
 session and the item did in the last seconds; ``w_m``, ``w_e``, ``w_s``, ``w_t`` weigh the DSL
 logit and, with ``wide.term_inputs`` (off by default: it lost on the dev segment), the two
 memories' estimates ``ê``, ``ĉ`` (as logit deltas ``e``, ``s`` at unit weight) and the TPP log
-ratio ``t``, learned per event, so what the ids already carry is not counted twice. ``compensation`` and ``tpp`` stay the terms as the trainer's weights fuse them (the
+ratio ``t``, learned per event, so what the ids already carry is not counted twice.
+``compensation`` and ``tpp`` stay the terms as the trainer's weights fuse them (the
 ``full-wide`` ablation), and ``wide`` is what the layer changes beyond them, so the four parts
 still add up to the score. Until the layer has learned anything the score is ``base``.
 ``score`` is a probability by construction whatever the inputs (each term is bounded and the

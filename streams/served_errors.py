@@ -36,18 +36,15 @@ from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 log = logging.getLogger(__name__)
 
 
-class ServedErrorWriter:
-    """Follows the served ``dsl`` snapshot and records the served errors of applied events."""
+class FollowsServedModel:
+    """Holds the newest published ``dsl`` snapshot's model and hidden statistics, as serving does."""
 
     def __init__(self, redis: Any, settings: Settings) -> None:
         self.redis = redis
-        self.memories = ServedErrorMemories(redis, settings)
         self.snap_keys = SnapshotKeys(settings.key_prefix, "dsl")
         self.model: SparseScorer | None = None
         self.standardizer: HiddenStandardizer | None = None
         self.version: int | None = None
-        # the last batch's predictions by event id (the wide layer's writer reuses them)
-        self.last: dict[str, tuple[float, np.ndarray]] = {}
 
     async def refresh(self) -> None:
         """Load the newest ``dsl`` snapshot if ``latest`` moved since the last batch."""
@@ -60,6 +57,16 @@ class ServedErrorWriter:
         stats = parts.get("hidden_stats")
         self.standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
         self.version = version
+
+
+class ServedErrorWriter(FollowsServedModel):
+    """Follows the served ``dsl`` snapshot and records the served errors of applied events."""
+
+    def __init__(self, redis: Any, settings: Settings) -> None:
+        super().__init__(redis, settings)
+        self.memories = ServedErrorMemories(redis, settings)
+        # the last batch's predictions by event id (the wide layer's writer reuses them)
+        self.last: dict[str, tuple[float, np.ndarray]] = {}
 
     async def write(self, events: Sequence[Event]) -> int:
         """Write the served errors of the labelled ``events`` (call once ingest applied them);

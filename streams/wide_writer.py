@@ -17,7 +17,6 @@ as in serving.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,44 +25,26 @@ import numpy as np
 from driftrec.contract.events import Event
 from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
-from driftrec.models.dsl import SparseScorer
-from driftrec.models.error_memory import HiddenStandardizer
 from driftrec.models.fusion import tpp_log_ratios
 from driftrec.models.wide import REAL_FEATURES, FTRLParams, WideFTRL, features, offset_logit, term_inputs
 from driftrec.storage.client import mget
 from driftrec.storage.error_memory import ServedErrorMemories
 from driftrec.storage.event_state import StateKeys
-from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.storage.wide import WideStore, WideUpdate
-from driftrec.streams.served_errors import ServedErrorWriter
+from driftrec.streams.served_errors import FollowsServedModel, ServedErrorWriter
 
 
-class WideWriter:
+class WideWriter(FollowsServedModel):
     """Follows the served ``dsl`` snapshot and learns applied labelled events."""
 
     def __init__(self, redis: Any, settings: Settings, served: ServedErrorWriter | None = None) -> None:
+        super().__init__(redis, settings)
         self.settings = settings
         self.served = served  # the batch's served-error writer, whose predictions are reused
-        self.redis = redis
         self.store = WideStore(redis, settings.key_prefix, settings.dedup_ttl_s, settings.state_ttl_s)
         self.params = FTRLParams(**settings.wide.ftrl_params())
         self.memories = ServedErrorMemories(redis, settings) if settings.memory.enabled else None
         self.state_keys = StateKeys(settings.key_prefix)
-        self.snap_keys = SnapshotKeys(settings.key_prefix, "dsl")
-        self.model: SparseScorer | None = None
-        self.standardizer: HiddenStandardizer | None = None
-        self.version: int | None = None
-
-    async def refresh(self) -> None:
-        """Load the newest ``dsl`` snapshot if ``latest`` moved (one GET while it has not)."""
-        found = await load_snapshot(self.redis, self.snap_keys, newer_than=self.version)
-        if found is None or "model" not in found[1]:
-            return
-        version, parts = found
-        self.model = await asyncio.to_thread(SparseScorer.from_bytes, parts["model"])
-        stats = parts.get("hidden_stats")
-        self.standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
-        self.version = version
 
     async def inputs(
         self, events: Sequence[Event], tpp_payloads: dict[str, bytes | None] | None = None
