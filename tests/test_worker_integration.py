@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaConsumer
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings, get_settings
+from driftrec.storage.client import connect_sync
 from driftrec.streams.datasets import ml100k_events, taobao_sample_events
 from driftrec.streams.producer import EventProducer
 from driftrec.streams.replay import publish
@@ -137,5 +138,15 @@ def test_worker_killed_mid_stream_converges_to_the_same_state(isolated: Settings
         assert partial != expected, "the kill must land mid-stream for this test to mean anything"
         worker = WorkerProcess(isolated, log).start()
         wait_for(lambda: state_reaches(isolated, expected), 180, "state after restart", worker, interval=2)
+        # the wide layer learned every labelled event: each has its marker in its user's slot,
+        # which the slot's script sets in the same step that adds the event (so once at most)
+        labelled = {e.event_id for e in events if e.label is not None}
+        client = connect_sync(isolated)
+
+        def wide_learned() -> bool:
+            pattern = f"{isolated.key_prefix}:{{u:*}}:wseen:*"
+            return sum(1 for _ in client.scan_iter(match=pattern, count=2000)) == len(labelled)
+
+        wait_for(wide_learned, 60, "the wide layer to learn every labelled event", worker, interval=1)
     finally:
         worker.stop()
