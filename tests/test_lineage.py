@@ -122,12 +122,24 @@ def active_trainer(trainers: list[WorkerProcess], model: str) -> WorkerProcess |
     return None
 
 
-def publish_slowly(settings: Settings, events: list[Event], seconds: float = 8.0, chunk: int = 250) -> threading.Thread:
-    """Publish ``events`` over about ``seconds`` in the background (so a kill lands mid-stream)."""
+def publish_slowly(
+    settings: Settings,
+    events: list[Event],
+    seconds: float = 8.0,
+    chunk: int = 250,
+    hold: tuple[int, threading.Event] | None = None,
+) -> threading.Thread:
+    """Publish ``events`` over about ``seconds`` in the background (so a kill lands mid-stream).
+
+    ``hold=(n, release)``: after the first ``n`` events, wait until ``release`` is set (at most
+    120 s) before the rest, so a kill meant to land mid-stream does by construction, however
+    slowly a loaded machine lets the learners reach the point the test waits for."""
     pause_s = seconds / max(len(events) // chunk, 1)
 
     def run() -> None:
         for start in range(0, len(events), chunk):
+            if hold is not None and start >= hold[0] > start - chunk:
+                hold[1].wait(120)
             publish(settings, events[start : start + chunk], progress=False)
             time.sleep(pause_s)
 
@@ -154,7 +166,8 @@ def run_failover(settings: Settings, tmp_path: Path, stopper: list[WorkerProcess
         stopper.append(p.start())
     half = n // 2
     with LineageWatch(settings, "dsl") as dsl, LineageWatch(settings, "tpp") as tpp:
-        producer = publish_slowly(settings, events[:half])
+        release = threading.Event()
+        producer = publish_slowly(settings, events[:half], hold=(half // 2, release))
         wait_for(lambda: (s := dsl.latest()) and s.messages >= half // 5, 180, "the DSL lineage into the stream")
         victim = active_trainer(trainers, "dsl")
         assert victim is not None and victim.proc is not None
@@ -163,6 +176,7 @@ def run_failover(settings: Settings, tmp_path: Path, stopper: list[WorkerProcess
         assert producer.is_alive(), "the kill must land while events still stream in"
         victim.kill()
         killed_at = time.monotonic()
+        release.set()
         producer.join(60)
         survivor = next(t for t in trainers if t is not victim)
         # the standby takes the lease and publishes what the victim had not, with no new events
