@@ -201,7 +201,7 @@ def run_failover(settings: Settings, tmp_path: Path, stopper: list[WorkerProcess
                 lambda: (s := tpp.latest()) and s.messages == n, 240, "the TPP lineage to learn every event", survivor
             )
         expected = expected_state(events, settings.key_prefix, settings.user_seq_len)
-        wait_for(lambda: redis_state(settings) == expected, 120, "ingest state equal to the single-worker reference")
+        wait_for(lambda: redis_state(settings) == expected, 240, "ingest state equal to the single-worker reference")
         for model, watch in (("dsl", dsl), ("tpp", tpp)) if settings.tpp.enabled else (("dsl", dsl),):
             final = cast(Seen, watch.latest())
             # every valid event learned exactly once: the offsets account for each message once
