@@ -12,9 +12,11 @@ user never seen before on an item whose category is known. For each probe:
   ``/v1/score`` for that user and item answers a different ``compensation`` than just before the
   publish — the probe's served error has reached the session memory and is read back. Polled
   every 5 ms.
-* **wide** (``wide_*``): the same until ``/v1/score`` answers a different ``wide`` term: the
-  probe has stepped the per-event wide model (``models/wide.py``) and its new user feature is read
-  back. Measured in the same polls as the fast path.
+* **wide** (``wide_*``): from the same publish until the probe's step of the wide layer
+  (``models/wide.py``) is in Redis: its new user's feature key exists. The scorer reads that key
+  in every request's round trip (no cache), so the next request is scored with it. (Watching the
+  served ``wide`` term instead would be fooled: the background stream moves the shared bias and
+  item weights all the time.) Measured in the same polls as the fast path.
 * **model** (``model_*``): from the same publish until ``/v1/score`` answers with a
   ``model_version`` whose snapshot's recorded offsets cover the probe's offset — the DSL model
   serving has loaded has learned the probe. Polled every 50 ms.
@@ -59,6 +61,7 @@ from driftrec.procs import serving_url, start_server
 from driftrec.storage.client import connect
 from driftrec.storage.event_state import StateKeys
 from driftrec.storage.snapshots import SnapshotKeys
+from driftrec.storage.wide import WideKeys
 from driftrec.streams.kafka_client import aiokafka_options
 from driftrec.streams.producer import EventProducer
 from driftrec.streams.replay import publish, source_items
@@ -126,8 +129,8 @@ async def run_probe(
 ) -> None:
     e = probe.event
     body = {"user_id": e.user_id, "candidates": [e.item_id], "ts": e.ts + 1}
-    first = (await client.post("/v1/score", json=body)).json()["items"][0]
-    before, wide_before = first["compensation"], first["wide"]
+    before = (await client.post("/v1/score", json=body)).json()["items"][0]["compensation"]
+    wide_key = WideKeys(settings.key_prefix).feature(e.user_id, f"u:{e.user_id}")
     t0 = time.perf_counter()
     md = await producer.send_and_wait(settings.events_topic, e.to_bytes(), key=e.user_id.encode())
     sent = time.perf_counter()
@@ -136,9 +139,9 @@ async def run_probe(
     while time.perf_counter() < deadline:
         if probe.applied_s is None and await redis.exists(counts_key):
             probe.applied_s = time.perf_counter() - t0
-        item = (await client.post("/v1/score", json=body)).json()["items"][0]
-        if probe.wide_s is None and abs(item["wide"] - wide_before) > 1e-12:
+        if probe.wide_s is None and await redis.exists(wide_key):
             probe.wide_s = time.perf_counter() - t0
+        item = (await client.post("/v1/score", json=body)).json()["items"][0]
         if probe.fast_s is None and abs(item["compensation"] - before) > 1e-12:
             probe.fast_s = time.perf_counter() - t0
         if probe.fast_s is not None and probe.wide_s is not None:
