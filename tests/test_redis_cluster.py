@@ -21,7 +21,7 @@ from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.error_memory import ErrorMemory, RandomProjectionLSH, ServedSample
 from driftrec.serving.app import create_app
-from driftrec.storage.client import connect, is_cluster
+from driftrec.storage.client import connect, connect_sync, is_cluster
 from driftrec.storage.error_memory import MemoryKeys, read_estimates, write_errors, write_session_errors
 from driftrec.storage.event_state import EventState, StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, StaleEpoch, acquire_lease, load_snapshot, publish_snapshot
@@ -114,6 +114,17 @@ def test_worker_trainer_and_scoring_service_end_to_end(on_cluster: Settings, tmp
         )
         # ingest state is exactly the single-server state, spread over the cluster's slots
         assert redis_state(settings) == expected_state(events, settings.key_prefix, settings.user_seq_len)
+        # the wide layer learned every labelled event across the slots (its writer's failures
+        # are only logged, so the markers are what prove its scripts ran on the cluster)
+        labelled = {e.event_id for e in events if e.label is not None}
+        client = connect_sync(settings)
+        pattern = f"{settings.key_prefix}:{{u:*}}:wseen:*"
+        wait_for(
+            lambda: sum(1 for _ in client.scan_iter(match=pattern, count=2000)) == len(labelled),
+            60,
+            "the wide layer to learn every labelled event on the cluster",
+            worker,
+        )
         wait_for(lambda: asyncio.run(_latest(settings)) is not None, 60, "a DSL snapshot", worker)
     finally:
         worker.stop()
