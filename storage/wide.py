@@ -139,21 +139,15 @@ class WideStore:
         """Of ``(event_id, user_id, features)``, the events every slot of which already has its
         deltas: a redelivery the batch must not learn again. An event that reached only some of
         its slots (a crash between them) is learned again; the slots that have it skip it."""
-        if not events:
-            return set()
-        per_event = [[self.keys.marker(t, eid) for t in sorted(self.tags(user, fs))] for eid, user, fs in events]
-        keys = [k for ks in per_event for k in ks]
-        multi = MultiGet(keys, self.cluster)
-        pipe = self.redis.pipeline(transaction=False)
-        multi.queue(pipe)
-        found = dict(zip(keys, multi.values(await pipe.execute())))
-        return {eid for (eid, _, _), ks in zip(events, per_event) if all(found[k] is not None for k in ks)}
+        done, _, _ = await self.lookup(events)
+        return done
 
     async def lookup(
         self, events: Sequence[tuple[str, str, Sequence[str]]], extra: Sequence[str] = ()
     ) -> tuple[set[str], dict[tuple[str, str], tuple[float, float]], list[bytes | None]]:
-        """:meth:`applied`, :meth:`read` of every feature of ``events`` and an ``MGET`` of the
-        ``extra`` keys, in one round trip (ingest's read per batch)."""
+        """Which events are learned everywhere (:meth:`applied`), the ``(z, n)`` of every feature
+        of ``events``, and an ``MGET`` of the ``extra`` keys, in one round trip (ingest's read per
+        batch)."""
         per_event = [[self.keys.marker(t, eid) for t in sorted(self.tags(user, fs))] for eid, user, fs in events]
         markers = [k for ks in per_event for k in ks]
         wanted = list(dict.fromkeys((user, f) for _, user, fs in events for f in fs))
