@@ -5,8 +5,10 @@ against the same model dense, in one run (``python -m benchmarks.dsl --product``
 * one user's 1,000 candidates scored from the served snapshot, timed side by side: the sparse
   model through ``SparseScorer`` (its serving layout) and the dense model through the same
   scorer with every table held dense (numpy ``take``; the head is dense in both: the best dense
-  path, not a CSR of full rows). Timed with the ids hashed (what a request costs) and on
-  pre-hashed rows (the model alone);
+  path, not a CSR of full rows). Both take the one-user path (``SparseScorer.score_user_rows``:
+  the user's part of the first layer folded in once per request). Timed with the ids hashed (what
+  a request costs), on pre-hashed rows (the model alone), and on 1,000 of ML-100K's own items
+  (``catalogue``: rows both models learned in full);
 * memory: the snapshot's bytes and the scorer's resident tables;
 * the same three figures on untrained models whose hashed tables have 1e4, 1e5 and 1e6 rows
   (a catalogue of that many ids with one row each; synthetic weights, as the issue allows).
@@ -72,8 +74,20 @@ def _median_ms(fns: dict[str, Callable[[int], object]], repeats: int, block: int
     return {name: round(float(np.median(t)) * 1e3, 4) for name, t in times.items()}
 
 
-def serving_figures(dense: DSLRecommender, sparse: DSLRecommender, seed: int, repeats: int, tag: str = "") -> dict:
-    """Latency of 1,000 candidates and memory, dense vs s90, from the models' own snapshots."""
+def serving_figures(
+    dense: DSLRecommender,
+    sparse: DSLRecommender,
+    seed: int,
+    repeats: int,
+    tag: str = "",
+    catalogue: dict[str, str | None] | None = None,
+) -> dict:
+    """Latency of 1,000 candidates and memory, dense vs s90, from the models' own snapshots.
+
+    Candidates are random ids (most land on rows the stream never touched, which a 90 %-sparse
+    table keeps sparse); with ``catalogue`` (item id -> category) also 1,000 of its items with
+    their categories (``catalogue_*``: rows the models learned, which grow on touch keeps full).
+    """
     rng = np.random.default_rng(seed)
     blobs = {"dense": dense.to_bytes(), "s90": sparse.to_bytes()}
     scorers = {"dense": dense_scorer(blobs["dense"]), "s90": SparseScorer.from_bytes(blobs["s90"])}
@@ -81,7 +95,7 @@ def serving_figures(dense: DSLRecommender, sparse: DSLRecommender, seed: int, re
     id_sets = [[f"i{x}" for x in rng.integers(0, 10 * n_rows, CANDIDATES)] for _ in range(32)]
     row_sets = [
         (
-            np.full(CANDIDATES, int(rng.integers(n_rows)), dtype=np.int32),
+            int(rng.integers(n_rows)),
             rng.integers(0, n_rows, CANDIDATES).astype(np.int32),
             rng.integers(0, n_rows, CANDIDATES).astype(np.int32),
         )
@@ -95,11 +109,23 @@ def serving_figures(dense: DSLRecommender, sparse: DSLRecommender, seed: int, re
         return lambda i: scorer.score_candidates(f"u{i % 97}", id_sets[i % len(id_sets)])
 
     def by_rows(scorer: SparseScorer) -> Callable[[int], object]:
-        return lambda i: scorer._score_rows(*row_sets[i % len(row_sets)])
+        return lambda i: scorer.score_user_rows(*row_sets[i % len(row_sets)])
+
+    real_sets: list[tuple[list[str], list[str | None]]] = []
+    if catalogue:
+        known = sorted(catalogue)
+        for _ in range(32):
+            picked = [known[k] for k in rng.choice(len(known), size=min(CANDIDATES, len(known)), replace=False)]
+            real_sets.append((picked, [catalogue[x] for x in picked]))
+
+    def by_catalogue(scorer: SparseScorer) -> Callable[[int], object]:
+        return lambda i: scorer.score_candidates(f"u{i % 97}", *real_sets[i % len(real_sets)])
 
     fns: dict[str, Callable[[int], object]] = {}
     for name, scorer in scorers.items():
         fns[f"ids_{name}"], fns[f"rows_{name}"] = by_ids(scorer), by_rows(scorer)
+        if real_sets:
+            fns[f"catalogue_{name}"] = by_catalogue(scorer)
     ms = _median_ms(fns, repeats)
     out: dict[str, Any] = {}
     for name in scorers:
@@ -109,6 +135,10 @@ def serving_figures(dense: DSLRecommender, sparse: DSLRecommender, seed: int, re
         out[f"{tag}resident_bytes_{name}"] = resident_bytes(scorers[name])
     out[f"{tag}speedup_{CANDIDATES}"] = round(ms["ids_dense"] / ms["ids_s90"], 3)
     out[f"{tag}speedup_{CANDIDATES}_rows_only"] = round(ms["rows_dense"] / ms["rows_s90"], 3)
+    if real_sets:
+        for name in scorers:
+            out[f"{tag}infer_ms_{CANDIDATES}_catalogue_{name}"] = ms[f"catalogue_{name}"]
+        out[f"{tag}speedup_{CANDIDATES}_catalogue"] = round(ms["catalogue_dense"] / ms["catalogue_s90"], 3)
     out[f"{tag}snapshot_ratio"] = round(len(blobs["dense"]) / len(blobs["s90"]), 2)
     out[f"{tag}resident_ratio"] = round(resident_bytes(scorers["dense"]) / resident_bytes(scorers["s90"]), 2)
     return out
@@ -148,7 +178,8 @@ def prequential(stream: list[Any], seed: int) -> tuple[dict[str, float], dict[st
 def product_figures(stream: list[Any], seed: int, repeats: int, catalogues: tuple[int, ...]) -> dict[str, Any]:
     result, models = prequential(stream, seed)
     log("serving the trained models' snapshots: 1,000 candidates, dense vs s90")
-    result.update(serving_figures(models["dense"], models["s90"], seed, repeats))
+    catalogue = {x.item_id: x.category for x in stream}
+    result.update(serving_figures(models["dense"], models["s90"], seed, repeats, catalogue=catalogue))
     for n in catalogues:
         log(f"catalogue of {n:,} rows (untrained, synthetic weights)")
         result.update(serving_figures(*_pair(n, seed), seed=seed, repeats=repeats, tag=f"rows{n}_"))

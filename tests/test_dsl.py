@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from driftrec.contract.interaction import Interaction
-from driftrec.models.dsl import CSRTable, DSLRecommender, SparseScorer, SupportTable, sample_negatives, sparse_table
+from driftrec.contract.interaction import Interaction, stable_hash
+from driftrec.models.dsl import (
+    CSRTable,
+    DSLRecommender,
+    RowHasher,
+    SparseScorer,
+    SupportTable,
+    sample_negatives,
+    sparse_table,
+)
 from driftrec.models.ell import EllTable
 from driftrec.models.sparse import DSLSchedule, RowAdagrad, RowAdam, SparseParameterSet, cosine_update_fraction
 from tests.conftest import SHARED_DATA
@@ -176,6 +184,40 @@ def test_recommender_snapshot_round_trip_and_sparse_storage() -> None:
     np.testing.assert_allclose(probs_s, probs, atol=1e-6)
     single = [Interaction(user_id="u3", item_id=i, ts=123.0, category=c) for i, c in zip(items, cats)]
     np.testing.assert_allclose(model.predict_many(single), probs)
+
+
+def test_row_hasher_matches_stable_hash_and_stays_bounded() -> None:
+    hasher = RowHasher(1000, "i", max_ids=8)
+    ids: list[str | None] = [f"x{k}" for k in range(20)]
+    ids += [None, "x3"]
+    rows = hasher.rows(ids)
+    assert rows.dtype == np.int32 and rows.shape == (22,)
+    assert rows.tolist() == [stable_hash(x if x is not None else "", 1000, "i") for x in ids]
+    assert len(hasher._known) <= 8  # the memo is a bound on memory
+    assert hasher.rows(ids).tolist() == rows.tolist()  # known and re-hashed ids agree
+
+
+def test_one_user_path_equals_the_general_path_with_mixed_categories() -> None:
+    """``score_user_rows`` folds the user into the first layer; it must serve the same numbers."""
+    model = DSLRecommender(n_rows=2048, dim=16, density=0.1, hidden=16, prune_every=5, seed=2)
+    data = _synthetic(600)
+    for s in range(0, len(data), 50):
+        model.learn_many(data[s : s + 50])
+    scorer = SparseScorer.from_bytes(model.to_bytes())
+    items = [f"i{k}" for k in range(60)] + ["never-seen"]
+    cats = [None if k % 3 == 0 else f"c{k % 4}" for k in range(len(items))]
+    for candidates, categories in ((items, cats), (items, None), (items[:1], ["c1"]), ([], [])):
+        probs, hidden = scorer.score_candidates("u3", candidates, categories)
+        rows = [
+            Interaction(user_id="u3", item_id=i, ts=0.0, category=c)
+            for i, c in zip(candidates, categories or [None] * len(candidates))
+        ]
+        want_p, want_h = scorer.predict_with_hidden(rows) if rows else (np.zeros(0), np.zeros((0, 16), np.float32))
+        assert hidden.shape == (len(candidates), 16) and hidden.dtype == np.float32
+        np.testing.assert_allclose(probs, want_p, atol=1e-6)
+        np.testing.assert_allclose(hidden, want_h, atol=1e-5)
+        if rows:
+            np.testing.assert_allclose(probs, model.predict_many(rows), atol=1e-6)
 
 
 def test_unknown_ids_are_scored_and_unlabelled_events_skipped() -> None:
