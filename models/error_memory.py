@@ -189,8 +189,9 @@ class RandomProjectionLSH:
             h = h[None, :]
         if h.shape[1] != self.dim:
             raise ValueError(f"hidden has {h.shape[1]} columns, the LSH expects {self.dim}")
-        bits = (h @ self._planes > 0.0).reshape(h.shape[0], self.n_tables, self.n_bits)
-        return np.asarray((bits.astype(np.int64) * self._weights).sum(axis=2), dtype=np.int64)
+        bits = (h @ self._planes > 0.0).reshape(h.shape[0] * self.n_tables, self.n_bits)
+        # one integer matvec per (row, table) instead of a broadcast product and a sum
+        return np.asarray(bits.astype(np.int64) @ self._weights, dtype=np.int64).reshape(h.shape[0], self.n_tables)
 
 
 def errors(labels: np.ndarray | Sequence[int], probs: np.ndarray) -> np.ndarray:

@@ -395,15 +395,9 @@ def plan_buckets(names: BucketNames, hidden: np.ndarray) -> BucketPlan:
 def plan_session_buckets(keys: MemoryKeys, pairs: Sequence[tuple[str, str | None]]) -> BucketPlan:
     """The session memory's keys for ``(user, category)`` pairs (a candidate list, or a trainer
     batch): one bucket each, every distinct pair fetched once (``models.error_memory.SessionMemory``)."""
-    names: list[bytes] = []
-    where: dict[tuple[str, str | None], int] = {}
-    rows = np.zeros((len(pairs), 1), dtype=np.int64)
-    for i, pair in enumerate(pairs):
-        pos = where.get(pair)
-        if pos is None:
-            pos = where[pair] = len(names)
-            names.append(keys.session_bucket(session_code(*pair))[1].encode())
-        rows[i, 0] = pos
+    where = {pair: j for j, pair in enumerate(dict.fromkeys(pairs))}  # a candidate list has few distinct pairs
+    names = [keys.session_bucket(session_code(*pair))[1].encode() for pair in where]
+    rows = np.fromiter(map(where.__getitem__, pairs), dtype=np.int64, count=len(pairs)).reshape(-1, 1)
     return BucketPlan(names, rows)
 
 

@@ -125,11 +125,25 @@ class WideStore:
         self.state_ttl_s = state_ttl_s
         self.cluster = is_cluster(redis)
         self._scripts = Scripts(_ADD_SCRIPT)
+        self._shared_keys: dict[str, bytes] = {}
 
     def reads(self, user_id: str, features: Iterable[str]) -> tuple[list[str], MultiGet]:
         """The features and the ``MultiGet`` that reads them (queue it into a pipeline)."""
         names = list(features)
-        return names, MultiGet([self.keys.feature(user_id, f) for f in names], self.cluster)
+        return names, MultiGet([self._key(user_id, f) for f in names], self.cluster)
+
+    def _key(self, user_id: str, feature: str) -> str | bytes:
+        """``keys.feature``, remembered for shared features (bias, items, categories): their key
+        does not depend on the user, and building it (a hash for the item shard) per candidate was
+        a tenth of a 1,000-candidate request. Bounded like ``_shared_tag``'s cache."""
+        if feature.startswith(("u:", "uc:")):
+            return self.keys.feature(user_id, feature)
+        key = self._shared_keys.get(feature)
+        if key is None:
+            if len(self._shared_keys) >= 1 << 18:
+                self._shared_keys.clear()
+            key = self._shared_keys[feature] = self.keys.feature(user_id, feature).encode()  # sent as is
+        return key
 
     def tags(self, user_id: str, features: Iterable[str]) -> set[str]:
         """The slots an event with these features writes (its user's slot always: the marker)."""

@@ -252,7 +252,9 @@ async def test_ingest_sees_the_inputs_serving_served(redis: Redis, prefix: str) 
     base, comp, tpp = res.base[order], res.compensation[order], res.tpp[order]
     assert (comp != 0).any() and (tpp != 0).any()  # both terms take part
     eps = s.serving.eps
-    np.testing.assert_allclose(dsl_logits, offset_logit(base, eps), atol=1e-12)
+    # serving folds the user into the first layer (SparseScorer.score_user_rows), ingest scores a
+    # mixed batch: the same float32 sums in another order
+    np.testing.assert_allclose(dsl_logits, offset_logit(base, eps), atol=1e-6)
     e_hat = comp / 0.5  # no clipping here: base + comp stays inside (eps, 1 - eps)
     np.testing.assert_allclose(
         terms[MEMORY_FEATURE], offset_logit(base + e_hat, eps) - offset_logit(base, eps), atol=1e-9
