@@ -8,10 +8,15 @@ than a dense gather + BLAS matvec at 1,000 candidates (~20 µs each, cold rows).
 few rows longer than ``width`` keep their extra entries in a CSR overflow. ``width`` holds nine
 rows in ten whole unless that would pad more than half the entries (``default_width``).
 
-The overflow is indexed by the rows that have one (``ov_rows``, sorted, with ``ov_ptr`` over
-them), not by every row: a pointer per row cost 4 bytes a row, a sixth of a 90 %-sparse table of
-width 32, to serve the one row in ten that overflows. A bit per row (``ov_bits``) says whether to
-look, so the other nine rows never search.
+The overflow is indexed by the rows that have one, not by every row: a pointer per row cost 4
+bytes a row, a sixth of a 90 %-sparse table of width 32, to serve the one row in ten that
+overflows. A bit per row (``ov_bits``) says whether a row has one, and a count per 64 rows
+(``ov_rank``: overflowing rows before each block) turns that bit into the row's place in
+``ov_ptr`` with at most eight byte popcounts (rank over a bit vector, as succinct indexes do).
+That costs 1/16 byte a row. It replaced a sorted list of the overflowing rows, searched per row:
+4 bytes per overflowing row, and ~17 dependent cache misses per look-up in a table of 1e6 rows,
+which made the 90 %-sparse model there slower than dense (0.54x on pre-hashed rows,
+``benchmarks/dsl_product.py``).
 
 The kernels are compiled with numba (``cache=True``: compiled once per machine, then loaded).
 """
@@ -21,13 +26,26 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+_POPCOUNT8 = np.array([bin(b).count("1") for b in range(256)], dtype=np.int32)
+
+
+@numba.njit(cache=True, inline="always", boundscheck=False, nogil=True)
+def _overflow_slot(ov_bits: np.ndarray, ov_rank: np.ndarray, r: int) -> int:
+    """Row ``r``'s place among the overflowing rows: the block's count plus the set bits before
+    ``r`` in its block (``ov_bits`` is little-endian: row ``r`` is bit ``r & 7`` of byte ``r >> 3``)."""
+    o: int = ov_rank[r >> 6]
+    for byte in range((r >> 6) << 3, r >> 3):
+        o += _POPCOUNT8[ov_bits[byte]]
+    o += _POPCOUNT8[ov_bits[r >> 3] & ((1 << (r & 7)) - 1)]
+    return o
+
 
 @numba.njit(cache=True, fastmath=True, boundscheck=False, nogil=True)
 def _ell_dot(
     cols: np.ndarray,
     vals: np.ndarray,
     ov_bits: np.ndarray,
-    ov_rows: np.ndarray,
+    ov_rank: np.ndarray,
     ov_ptr: np.ndarray,
     ov_cols: np.ndarray,
     ov_vals: np.ndarray,
@@ -41,8 +59,8 @@ def _ell_dot(
         acc = np.float32(0.0)
         for j in range(width):
             acc += vals[r, j] * vector[cols[r, j]]
-        if (ov_bits[r >> 3] >> (r & 7)) & 1:  # a bit per row (L1-sized): most rows never search
-            o = np.searchsorted(ov_rows, r)
+        if (ov_bits[r >> 3] >> (r & 7)) & 1:  # a bit per row: most rows never look further
+            o = _overflow_slot(ov_bits, ov_rank, r)
             for j in range(ov_ptr[o], ov_ptr[o + 1]):
                 acc += ov_vals[j] * vector[ov_cols[j]]
         out[k] = acc
@@ -53,7 +71,7 @@ def _ell_rows_dense(
     cols: np.ndarray,
     vals: np.ndarray,
     ov_bits: np.ndarray,
-    ov_rows: np.ndarray,
+    ov_rank: np.ndarray,
     ov_ptr: np.ndarray,
     ov_cols: np.ndarray,
     ov_vals: np.ndarray,
@@ -66,7 +84,7 @@ def _ell_rows_dense(
         for j in range(width):
             out[k, cols[r, j]] += vals[r, j]  # padding adds 0 to column 0
         if (ov_bits[r >> 3] >> (r & 7)) & 1:
-            o = np.searchsorted(ov_rows, r)
+            o = _overflow_slot(ov_bits, ov_rank, r)
             for j in range(ov_ptr[o], ov_ptr[o + 1]):
                 out[k, ov_cols[j]] += ov_vals[j]
 
@@ -104,7 +122,7 @@ def _col_dtype(dim: int) -> type:
 class EllTable:
     """A sparse ``(rows, dim)`` table: fixed-width ELL part plus a CSR overflow (module docstring)."""
 
-    __slots__ = ("cols", "nnz", "ov_bits", "ov_cols", "ov_ptr", "ov_rows", "ov_vals", "shape", "vals")
+    __slots__ = ("cols", "nnz", "ov_bits", "ov_cols", "ov_ptr", "ov_rank", "ov_vals", "shape", "vals")
 
     def __init__(
         self,
@@ -118,10 +136,13 @@ class EllTable:
         nnz: int,
     ) -> None:
         self.cols, self.vals = cols, vals
-        self.ov_rows, self.ov_ptr, self.ov_cols, self.ov_vals = ov_rows, ov_ptr, ov_cols, ov_vals
+        self.ov_ptr, self.ov_cols, self.ov_vals = ov_ptr, ov_cols, ov_vals
         has = np.zeros(int(shape[0]), dtype=bool)
         has[ov_rows] = True
         self.ov_bits = np.packbits(has, bitorder="little")  # rows with an overflow
+        per_block = np.add.reduceat(has, np.arange(0, has.size, 64)) if has.size else np.zeros(0, np.int64)
+        self.ov_rank = np.zeros(per_block.size + 1, dtype=np.int32)  # overflowing rows before each block of 64
+        np.cumsum(per_block, out=self.ov_rank[1:])
         self.shape = (int(shape[0]), int(shape[1]))
         self.nnz = int(nnz)
 
@@ -162,7 +183,13 @@ class EllTable:
         w = default_width(lengths)
         over = np.clip(lengths - w, 0, None)
         beyond, n_over = int(over.sum()), int(np.count_nonzero(over))
-        return (lengths.size * w + beyond) * (col_bytes + 4) + (2 * n_over + 1) * 4 + (lengths.size + 7) // 8
+        ranks = (lengths.size + 63) // 64 + 1
+        return (lengths.size * w + beyond) * (col_bytes + 4) + (n_over + 1 + ranks) * 4 + (lengths.size + 7) // 8
+
+    @property
+    def ov_rows(self) -> np.ndarray:
+        """The rows with an overflow, ascending (derived from ``ov_bits``; not stored)."""
+        return np.flatnonzero(np.unpackbits(self.ov_bits, bitorder="little")[: self.shape[0]]).astype(np.int32)
 
     @property
     def width(self) -> int:
@@ -170,7 +197,7 @@ class EllTable:
 
     @property
     def nbytes(self) -> int:
-        parts = (self.cols, self.vals, self.ov_bits, self.ov_rows, self.ov_ptr, self.ov_cols, self.ov_vals)
+        parts = (self.cols, self.vals, self.ov_bits, self.ov_rank, self.ov_ptr, self.ov_cols, self.ov_vals)
         return int(sum(a.nbytes for a in parts))
 
     def dot(self, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
@@ -181,7 +208,7 @@ class EllTable:
             self.cols,
             self.vals,
             self.ov_bits,
-            self.ov_rows,
+            self.ov_rank,
             self.ov_ptr,
             self.ov_cols,
             self.ov_vals,
@@ -195,6 +222,6 @@ class EllTable:
         rows = _index_array(np.atleast_1d(rows))
         out = np.zeros((rows.size, self.shape[1]), dtype=np.float32)
         _ell_rows_dense(
-            self.cols, self.vals, self.ov_bits, self.ov_rows, self.ov_ptr, self.ov_cols, self.ov_vals, rows, out
+            self.cols, self.vals, self.ov_bits, self.ov_rank, self.ov_ptr, self.ov_cols, self.ov_vals, rows, out
         )
         return out
