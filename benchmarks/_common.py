@@ -45,7 +45,7 @@ def private_settings(tag: str, **overrides: Any) -> Any:
     import uuid
 
     from driftrec.contract.settings import Settings
-    from tests.infra import free_port
+    from driftrec.harness import free_port
 
     run = uuid.uuid4().hex[:6]
     fields: dict[str, Any] = {

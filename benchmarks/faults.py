@@ -45,12 +45,12 @@ from benchmarks._common import RESULTS, emit, private_settings, quiet_logging
 from driftrec import embedded
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, free_port
 from driftrec.procs import RedisServer
 from driftrec.storage.client import connect_sync
 from driftrec.streams.producer import EventProducer
 from driftrec.streams.replay import source_items
 from driftrec.streams.topics import ensure_topics
-from tests.infra import WorkerProcess, free_port
 
 log = logging.getLogger("bench.faults")
 OUTAGE_S = 10.0

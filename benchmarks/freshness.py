@@ -57,6 +57,7 @@ from benchmarks._common import emit, private_settings, quiet_logging
 from driftrec import embedded
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, free_port, wait_for
 from driftrec.procs import serving_url, start_server
 from driftrec.storage.client import connect
 from driftrec.storage.event_state import StateKeys
@@ -66,7 +67,6 @@ from driftrec.streams.kafka_client import aiokafka_options
 from driftrec.streams.producer import EventProducer
 from driftrec.streams.replay import publish, source_items
 from driftrec.streams.topics import ensure_topics
-from tests.infra import WorkerProcess, free_port, wait_for
 
 log = logging.getLogger("bench.freshness")
 FAST_POLL_S = 0.005

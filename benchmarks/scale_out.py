@@ -41,11 +41,11 @@ from benchmarks.worker_throughput import raw_consume
 from driftrec import embedded
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, delete_prefix, free_port, wait_for
 from driftrec.storage.client import connect, connect_sync
 from driftrec.storage.snapshots import SnapshotKeys
 from driftrec.streams.replay import publish, source_items
 from driftrec.streams.topics import ensure_topics
-from tests.infra import WorkerProcess, delete_prefix, free_port, wait_for
 
 log = logging.getLogger("bench.scale_out")
 
@@ -250,7 +250,7 @@ def main() -> None:
     finally:
         embedded.down(settings)
     figures["scoring_p99_ms_100_redis"] = round(scoring_p99(None, args.scoring_duration), 3)
-    from tests.cluster import local_cluster
+    from driftrec.local_cluster import local_cluster
 
     with local_cluster(home / "cluster") as url:
         figures["scoring_p99_ms_100_cluster"] = round(scoring_p99(url, args.scoring_duration), 3)

@@ -203,7 +203,7 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
 
 
 def cleanup(settings) -> None:
-    from tests.infra import delete_prefix
+    from driftrec.harness import delete_prefix
 
     delete_prefix(settings)
 
@@ -242,7 +242,7 @@ def main() -> None:
     import httpx
 
     from driftrec.contract.settings import get_settings
-    from tests.infra import free_port
+    from driftrec.harness import free_port
 
     base = get_settings()
     settings = base.model_copy(update={"key_prefix": f"bench-serving-{uuid.uuid4().hex[:8]}"})

@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from benchmarks._common import emit
 from driftrec import embedded
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, delete_prefix, free_port, wait_for
 from driftrec.streams.replay import publish, source_items
-from tests.infra import WorkerProcess, delete_prefix, free_port, wait_for
 
 log = logging.getLogger("bench.worker")
 

@@ -2,7 +2,7 @@
 
 Why here and not in ``tests/``: the evaluation and the demo start the very same processes the
 integration tests do, so the environment that makes a subprocess see a settings object lives in
-one place (``tests/infra.py`` re-exports :func:`settings_env`).
+one place (``driftrec.harness`` builds the tests' and benchmarks' worker processes on it).
 """
 
 from __future__ import annotations

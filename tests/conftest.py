@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from driftrec.contract.settings import Settings
+from driftrec.harness import delete_prefix, free_port
 from driftrec.streams.topics import ensure_topics
-from tests.infra import delete_prefix, free_port, infrastructure
+from tests.infra import infrastructure
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SERVICE_FIXTURES = {"infra", "isolated", "redis", "prefix", "client", "server", "service", "cluster"}
@@ -58,7 +59,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real local 3-master Redis Cluster for the session (DB 0 only: tests isolate by prefix)."""
-    from tests.cluster import local_cluster
+    from driftrec.local_cluster import local_cluster
 
     with local_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
         yield url

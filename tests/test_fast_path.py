@@ -12,6 +12,7 @@ import numpy as np
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, wait_for
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import session_code
 from driftrec.storage.client import connect, connect_sync
@@ -19,7 +20,6 @@ from driftrec.storage.error_memory import ENTRY_BYTES, MemoryKeys
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
 from driftrec.streams.replay import publish
 from driftrec.streams.trainer import new_model
-from tests.infra import WorkerProcess, wait_for
 
 T0 = 1_700_000_000.0
 

@@ -14,6 +14,7 @@ import orjson
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, free_port, wait_for
 from driftrec.procs import RedisServer
 from driftrec.storage.client import connect
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
@@ -23,7 +24,6 @@ from driftrec.streams.log_identity import BrokerLog
 from driftrec.streams.producer import EventProducer
 from driftrec.streams.replay import publish
 from tests.conftest import SHARED_DATA
-from tests.infra import WorkerProcess, free_port, wait_for
 from tests.state_model import expected_state, redis_state
 from tests.test_worker_integration import read_dlq
 

@@ -9,12 +9,12 @@ import httpx
 import pytest
 
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, free_port, wait_for
 from driftrec.procs import RedisServer
 from driftrec.serving.app import create_app
 from driftrec.streams.datasets import taobao_sample_events
 from driftrec.streams.replay import publish
 from tests.conftest import SHARED_DATA
-from tests.infra import WorkerProcess, free_port, wait_for
 
 
 def _lags(metrics: dict[str, float], topic: str) -> dict[str, float]:

@@ -23,11 +23,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings, get_settings
+from driftrec.harness import WorkerProcess, delete_prefix, free_port, wait_for
 from driftrec.storage.client import connect_sync
 from driftrec.storage.snapshots import SnapshotKeys
 from driftrec.streams.datasets import ml100k_events
 from driftrec.streams.replay import publish
-from tests.infra import WorkerProcess, delete_prefix, free_port, wait_for
 from tests.state_model import expected_state, redis_state
 
 pytestmark = pytest.mark.integration

@@ -19,6 +19,7 @@ from redis.crc import key_slot
 
 from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, delete_prefix, wait_for
 from driftrec.models.error_memory import ErrorMemory, RandomProjectionLSH, ServedSample
 from driftrec.serving.app import create_app
 from driftrec.storage.client import connect, connect_sync, is_cluster
@@ -30,7 +31,6 @@ from driftrec.streams.propensity import PropensityWriter
 from driftrec.streams.replay import publish
 from driftrec.streams.tpp_agent import TPPLearner
 from tests.conftest import SHARED_DATA
-from tests.infra import WorkerProcess, delete_prefix, wait_for
 from tests.state_model import expected_state, redis_state
 
 

@@ -10,8 +10,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from redis.asyncio import Redis
 
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
-from tests.infra import WorkerProcess
 from tests.test_serving import TS, snapshot_parts
 
 GOOD: list[dict[str, Any]] = [

@@ -12,8 +12,9 @@ import pytest
 
 from driftrec.contract.events import MIN_TS
 from driftrec.contract.settings import Settings
+from driftrec.harness import free_port
 from driftrec.procs import ChildProcess, serving_healthy
-from tests.infra import TEST_REDIS_DB, free_port
+from tests.infra import TEST_REDIS_DB
 
 pytestmark = pytest.mark.integration  # a real Redis, and a real uvicorn for the deadlines
 

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from driftrec.harness import free_port
 from driftrec.serving.app import create_app
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
-from tests.infra import free_port
 from tests.test_serving import REDIS_URL, make_settings, snapshot_parts
 
 pytestmark = pytest.mark.integration  # a real uvicorn server and Redis

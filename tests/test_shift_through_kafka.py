@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings, get_settings
+from driftrec.harness import WorkerProcess, wait_for
 from driftrec.models import metrics
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH
@@ -32,7 +33,6 @@ from driftrec.storage.error_memory import MemoryKeys, read_compensation
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.streams.datasets import ml100k_events
 from driftrec.streams.replay import publish
-from tests.infra import WorkerProcess, wait_for
 
 N_EVENTS, FLIP_AT, WINDOW = 16_000, 0.6, 400
 EARLY = 2_000

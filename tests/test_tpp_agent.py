@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings
+from driftrec.harness import WorkerProcess, wait_for
 from driftrec.models.prompt_tpp import PromptTPP
 from driftrec.models.tpp import collate
 from driftrec.storage.event_state import EventState, StateKeys
@@ -29,7 +30,6 @@ from driftrec.streams.propensity import PropensityWriter, encode_sequence, prope
 from driftrec.streams.replay import publish
 from driftrec.streams.tpp_agent import TPPLearner
 from tests.conftest import SHARED_DATA
-from tests.infra import WorkerProcess, wait_for
 
 torch.set_num_threads(1)
 

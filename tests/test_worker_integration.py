@@ -10,12 +10,12 @@ from aiokafka import AIOKafkaConsumer
 
 from driftrec.contract.events import Event
 from driftrec.contract.settings import Settings, get_settings
+from driftrec.harness import WorkerProcess, wait_for
 from driftrec.storage.client import connect_sync
 from driftrec.streams.datasets import ml100k_events, taobao_sample_events
 from driftrec.streams.producer import EventProducer
 from driftrec.streams.replay import publish
 from tests.conftest import SHARED_DATA
-from tests.infra import WorkerProcess, wait_for
 from tests.state_model import expected_state, redis_state
 
 BAD_MESSAGES: list[tuple[bytes | None, bytes, str]] = [

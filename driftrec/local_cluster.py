@@ -1,4 +1,6 @@
-"""A real local Redis Cluster for the tests: three masters on loopback ports, no replicas.
+"""A real local Redis Cluster: three masters on loopback ports, no replicas.
+
+The integration tests and ``benchmarks/scale_out.py`` run the Redis Cluster path against it.
 
 Started with ``redis-server --cluster-enabled yes`` and joined with ``redis-cli --cluster
 create``, in a temporary folder the caller owns; stopped (SHUTDOWN NOSAVE) on exit.
