@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
 
@@ -54,19 +53,38 @@ REAL_FEATURES = (MODEL_FEATURE, *TERM_FEATURES)
 BIAS_FEATURE = "b"
 
 
+USER_FEATURE_PREFIXES = ("u:", "uc:")  # features stored beside the user's state (storage/wide.py)
+
+
+def user_feature(user_id: str) -> str:
+    return f"u:{user_id}"
+
+
+def item_feature(item_id: str) -> str:
+    return f"i:{item_id}"
+
+
+def category_feature(category: str) -> str:
+    return f"c:{category}"
+
+
+def user_category_feature(user_id: str, category: str) -> str:
+    return f"uc:{user_id}|{category}"
+
+
 def user_features(user_id: str, category: str | None) -> list[str]:
     """The features that belong to the user (stored beside the user's state)."""
-    out = [f"u:{user_id}"]
+    out = [user_feature(user_id)]
     if category:
-        out.append(f"uc:{user_id}|{category}")
+        out.append(user_category_feature(user_id, category))
     return out
 
 
 def shared_features(item_id: str, category: str | None) -> list[str]:
     """The features shared by every user (bias, item, category); the model feature is separate."""
-    out = [BIAS_FEATURE, f"i:{item_id}"]
+    out = [BIAS_FEATURE, item_feature(item_id)]
     if category:
-        out.append(f"c:{category}")
+        out.append(category_feature(category))
     return out
 
 
@@ -212,15 +230,14 @@ def wide_terms(
         weight = dict(zip(names, params.weights(zn[:, 0], zn[:, 1]).tolist()))
     else:
         weight = {}
-    item_weight = {f[2:]: w for f, w in weight.items() if f.startswith("i:")}
     by_category = {
-        c: weight.get(f"c:{c}", 0.0) + weight.get(f"uc:{user_id}|{c}", 0.0) if c else 0.0
+        c: weight.get(category_feature(c), 0.0) + weight.get(user_category_feature(user_id, c), 0.0) if c else 0.0
         for c in dict.fromkeys(categories)
     }
-    constant = weight.get(BIAS_FEATURE, 0.0) + weight.get(f"u:{user_id}", 0.0)
+    constant = weight.get(BIAS_FEATURE, 0.0) + weight.get(user_feature(user_id), 0.0)
     n = len(items)
     out: np.ndarray = weight.get(MODEL_FEATURE, 0.0) * np.asarray(dsl_logits, dtype=np.float64)[:n] + constant
-    out += np.fromiter(map(item_weight.get, items, repeat(0.0)), dtype=np.float64, count=n)
+    out += np.fromiter((weight.get(item_feature(x), 0.0) for x in items), dtype=np.float64, count=n)
     out += np.fromiter(map(by_category.__getitem__, categories), dtype=np.float64, count=n)
     for f, column in (terms or {}).items():
         out += weight.get(f, 0.0) * np.asarray(column, dtype=np.float64)
@@ -248,9 +265,9 @@ def features_of_request(user_id: str, items: Iterable[str], categories: Iterable
     items, categories = list(items), list(categories)
     seen: dict[str, None] = dict.fromkeys(REAL_FEATURES)
     seen.setdefault(BIAS_FEATURE, None)
-    seen.update(dict.fromkeys(f"i:{x}" for x in items))
+    seen.update(dict.fromkeys(map(item_feature, items)))
     for cat in dict.fromkeys(categories):
         if cat:
-            seen.update(dict.fromkeys((f"c:{cat}", f"uc:{user_id}|{cat}")))
-    seen.setdefault(f"u:{user_id}", None)
+            seen.update(dict.fromkeys((category_feature(cat), user_category_feature(user_id, cat))))
+    seen.setdefault(user_feature(user_id), None)
     return list(seen)

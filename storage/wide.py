@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from driftrec.contract.interaction import stable_hash
+from driftrec.models.wide import USER_FEATURE_PREFIXES
 from driftrec.storage.client import MultiGet, Scripts, is_cluster
 from driftrec.storage.event_state import ITEM_SHARDS
 
@@ -87,7 +88,7 @@ class WideKeys:
     prefix: str
 
     def tag(self, user_id: str, feature: str) -> str:
-        if feature.startswith(("u:", "uc:")):
+        if feature.startswith(USER_FEATURE_PREFIXES):
             return f"u:{user_id}"
         return _shared_tag(feature)
 
@@ -136,7 +137,7 @@ class WideStore:
         """``keys.feature``, remembered for shared features (bias, items, categories): their key
         does not depend on the user, and building it (a hash for the item shard) per candidate was
         a tenth of a 1,000-candidate request. Bounded like ``_shared_tag``'s cache."""
-        if feature.startswith(("u:", "uc:")):
+        if feature.startswith(USER_FEATURE_PREFIXES):
             return self.keys.feature(user_id, feature)
         key = self._shared_keys.get(feature)
         if key is None:
