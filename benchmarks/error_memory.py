@@ -13,8 +13,11 @@ What it does, in one run, on the default real dataset (ML-100K, time order, rati
    filled memory; write rate (labelled samples/s through ``write_errors``); Redis bytes per stored
    error from ``MEMORY USAGE`` over every key (and the ``INFO used_memory`` delta, noisier because
    the server is shared).
-Nothing is tuned on the evaluation stream: λ, tables, bits, capacity and prior are the
-``MemorySettings`` defaults (chosen before any run, not from results).
+Nothing is tuned on the evaluation stream: tables, bits, capacity and prior are the
+``MemorySettings`` defaults (chosen before any run, not from results). λ is fixed per run
+(``--lam``, default 1: the paper's ``clip(ŷ + ê)``, which the served fusion reaches at a learned
+memory weight of 1); the product learns its weight per event (``models/served.py``), which this
+in-process replay does not reproduce.
 
 The paper's main table (ReLoop2, KDD 2023, arXiv:2306.08808)
 ------------------------------------------------------------
@@ -176,7 +179,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         batch_size=args.batch_size,
         capacity=mem.bucket_capacity,
         ttl_s=mem.ttl_s,
-        lam=mem.lambda_,
+        lam=args.lam,
         gamma=mem.gamma,
         prior=mem.prior,
         half_life_s=mem.half_life_s,
@@ -184,7 +187,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     result: dict[str, object] = {
         "model": args.model,
         "events": len(stream),
-        "lambda": mem.lambda_,
+        "lambda": args.lam,
         "gamma": mem.gamma,
         "n_tables": mem.n_tables,
         "n_bits": mem.n_bits,
@@ -307,6 +310,7 @@ def main() -> None:
     parser.add_argument("--lookup-reps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lam", type=float, default=1.0, help="the compensation's weight λ (module doc)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = asyncio.run(run(args))

@@ -123,9 +123,9 @@ def main() -> None:
     }
     names = {
         "base": "base",
-        "base+memory": "memory",
-        "base+tpp": "tpp",
-        "full-wide": "full_without_wide",
+        "full-no-memory": "full_no_memory",
+        "full-no-tpp": "full_no_tpp",
+        "full-no-wide": "full_no_wide",
         "full": "full",
         "river-lr": "river_lr",
         "river-fm": "river_fm",
@@ -149,6 +149,9 @@ def main() -> None:
     figures["window"] = run["window"]
     figures["lag_s"] = run.get("lag_s")
     figures["runs"] = len(reports)
+    # the fusion layer's term weights at the end of each run (m: DSL logit, e: LSH memory,
+    # s: session memory, t: TPP), under the lag protocol
+    figures["term_weights_final"] = [(r["run"].get("term_weights") or [None])[-1] for r in reports]
     figures["wall_s"] = round(time.perf_counter() - started, 1)
     emit("evaluate", figures)
 

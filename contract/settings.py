@@ -57,11 +57,6 @@ class MemorySettings(Section):
     n_shards: int = 16  # hash-tag shards per table (slots per table on a Redis Cluster)
     bucket_capacity: int = 32  # errors kept per LSH bucket, newest first (FIFO)
     ttl_s: int = 0  # 0 = no TTL; FIFO capacity alone bounds memory
-    # the starting λ when learn_lambda (0: no evidence yet, no correction; chosen on a cold start of
-    # ML-100K events 25,000-50,000, see models/fusion.py), else the λ served
-    lambda_: float = Field(0.0, alias="lambda")
-    # learn λ from served predictions (models/fusion.MemoryLambda) and serve the learned one
-    learn_lambda: bool = True
     prior: float = 1.0  # shrinkage of the error estimate toward 0 where few neighbours were found
     # 1 = neighbours' labels vs the query's current prediction (the paper's experiments); 0 =
     # neighbours' own served errors (goes stale as the model learns); see models/error_memory.py
@@ -72,7 +67,6 @@ class MemorySettings(Section):
     # capacity 0 turns it off; chosen on ML-100K events 25,000-50,000 (see that module)
     session_capacity: int = Field(8, ge=0)
     session_gamma: float = Field(0.0, ge=0.0, le=1.0)  # as gamma, for the session memory
-    session_lambda: float = Field(0.0, ge=0.0, le=1.0)  # the starting μ when learn_lambda, else the μ served
 
 
 class DSLSettings(Section):
@@ -109,15 +103,12 @@ class DSLSettings(Section):
 
 
 class WideSettings(Section):
-    """The fast path's per-event FTRL layer on the DSL logit (models/wide.py). Its four
+    """The fusion layer: a per-event FTRL at ingest that learns every term's weight in the served
+    score (models/served.py) and, as its wide term, one-hot id weights (models/wide.py). Its four
     hyper-parameters were chosen on ML-100K events 25,000-50,000 only (research/fast_path_dev.md
     lists every setting tried)."""
 
-    enabled: bool = True  # learned at ingest per event and added by the scorer; off: neither
-    # the layer also weighs the memories' estimates and the TPP ratio per event (models/wide.py);
-    # off (chosen on ML-100K events 25,000-50,000: AUC 0.7238 off vs 0.7211 on), it learns on the
-    # DSL logit and the ids alone and the served score leaves those terms out
-    term_inputs: bool = False
+    enabled: bool = True  # the one-hot ids (the wide term): learned at ingest and read by the scorer; off: neither
     alpha: float = Field(0.5, gt=0)  # FTRL's learning rate (Vowpal Wabbit's default)
     beta: float = Field(1.0, ge=0)  # smoothing of the per-feature rate (1: the paper's value)
     l1: float = Field(0.0, ge=0)  # L1 strength (0: every feature keeps a weight)
@@ -155,7 +146,7 @@ class TPPSettings(Section):
 
 
 class ServingSettings(Section):
-    """Scoring service (issue 6); the fusion rule is documented in ``serving/scorer.py``."""
+    """Scoring service (issue 6); the fusion rule is documented in ``models/served.py``."""
 
     host: str = "127.0.0.1"  # address the scoring service binds (0.0.0.0 serves other hosts: see Security)
     port: int = 8000  # scoring service port
@@ -163,15 +154,12 @@ class ServingSettings(Section):
     # (httpx: 5 s), else a client can reuse a connection the server is closing (a ReadError)
     keep_alive_s: float = Field(30.0, gt=0)
     max_candidates: int = 2000  # most candidates one request may carry (more: 422)
-    tpp_weight: float = 0.0  # the TPP term's starting weight (0, like λ); the trainer learns it (below)
-    # learn the TPP term's weight from labelled events (models/fusion.py) and serve the learned one
-    learn_tpp_weight: bool = True
     # TPP term decays with the time since the user's last event: a propensity learned an hour ago
     # says little about what the user does next week.
     tpp_tau_s: float = 3600.0
-    tpp_clip: float = 2.0  # |tpp term| bound, logit units
+    tpp_clip: float = 2.0  # |t| bound, the TPP log ratio at unit weight (models/served.py)
     cold_start_base: float = 0.5  # base probability before any DSL snapshot exists (or DSL off)
-    eps: float = 1e-4  # base + compensation is kept in [eps, 1 - eps] so the logit is finite
+    eps: float = 1e-4  # probabilities are kept in [eps, 1 - eps] before a logit, so it is finite
     reload_every_s: float = 1.0  # <= 0: no background reload (call Scorer.refresh yourself)
     max_body_bytes: int = 1 << 20  # requests larger than this are refused with 413 before parsing
     # a request body not read within this long is answered 408 (a client trickling bytes holds a slot)

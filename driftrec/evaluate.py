@@ -25,11 +25,11 @@ own schedule: the served state is then ``window + max_lag`` events plus one snap
 behind at worst, as in a deployment that scores while it learns. Each record keeps
 ``published_before`` and ``model_version`` so the lag is visible.
 
-Variants, all from the *same served responses*: ``base`` = base, ``base+memory`` =
-clip(base + compensation), ``base+tpp`` = sigmoid(logit(clip(base)) + tpp), ``full-wide`` = the score without the
-per-event wide layer (the terms fused with the trainer's learned weights), ``full`` = score.
-The wide layer alone is the ``ftrl`` peer: the same FTRL (``models/wide.py``) without the DSL
-and the other terms, learning what the served state learns at the same lag.
+Variants, all from the *same served responses* (``models.served.ablations``, the served rule):
+``full`` = the score, ``full-no-memory`` / ``full-no-tpp`` / ``full-no-wide`` = the score with
+that term's logit part left out (leave-one-out: the other weights as learned), ``base`` = the DSL
+alone. The wide term alone is the ``ftrl`` peer: the same FTRL (``models/wide.py``) without the
+DSL and the other terms, learning what the served state learns at the same lag.
 External peers (``river-lr``, ``river-fm``, ``vw``, see ``models/baselines.py``) are learned
 test-then-train in-process on the same events and score the same candidates. The named peers
 learn each window right after it is scored, so they have exactly the information the served
@@ -80,6 +80,7 @@ from driftrec.contract.events import Event
 from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models import metrics
+from driftrec.models.served import ablations
 from driftrec.procs import ChildProcess, serving_healthy, serving_url, start_server, start_worker, worker_metrics
 from driftrec.provenance import stamp
 from driftrec.report import PER_EVENT, SERVED_VARIANTS, plot_series, summarize, write_html
@@ -156,28 +157,14 @@ class _Run:
     serving_s: float = 0.0
     lag_waits_s: float = 0.0
     max_observed_lag: int = 0
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    return np.log(p) - np.log1p(-p)
+    term_weights: list[dict[str, float]] = field(default_factory=list)  # the fusion's, as the run went
 
 
 def served_variants(
-    base: np.ndarray, comp: np.ndarray, tpp: np.ndarray, wide: np.ndarray, score: np.ndarray, eps: float
+    base: np.ndarray, comp: np.ndarray, tpp: np.ndarray, wide: np.ndarray, eps: float
 ) -> dict[str, np.ndarray]:
-    """The ablations from one served response (see the module doc)."""
-    corrected = np.clip(base + comp, eps, 1.0 - eps)
-    return {
-        "base": base,
-        "base+memory": corrected,
-        "base+tpp": _sigmoid(_logit(np.clip(base, eps, 1.0 - eps)) + tpp),
-        "full-wide": _sigmoid(_logit(corrected) + tpp),
-        "full": score,
-    }
+    """The ablations from one served response (the rule's own, ``models.served.ablations``)."""
+    return ablations(base, wide, tpp, comp, eps)
 
 
 class _Sampler:
@@ -431,8 +418,10 @@ async def _event_time_loop(
     Events scored between two such batches are scored together (a few requests in flight); the
     state they see is the same, so nothing depends on the order they are answered in.
     """
+    from driftrec.models.wide import FTRLParams
     from driftrec.storage.client import connect as connect_redis
     from driftrec.storage.client import is_transient
+    from driftrec.storage.wide import WideStore
     from driftrec.streams.fast_path import ingest_batch
     from driftrec.streams.ingest import RawMessage
 
@@ -443,6 +432,8 @@ async def _event_time_loop(
 
     redis = connect_redis(settings)
     batch = ingest_batch(redis, settings, no_letters, is_transient=is_transient)
+    store = WideStore(redis, settings.key_prefix, settings.dedup_ttl_s)
+    params = FTRLParams(**settings.wide.ftrl_params())
     pending: list[tuple[Event, _Plan | None]] = []  # taken in order of time, not yet learned
     group: list[_Plan] = []
     first_pending = 0
@@ -472,6 +463,7 @@ async def _event_time_loop(
                     producer.flush()
                     since_bound = 0
                     lag = await bound_lag(False)
+                    run.term_weights.append({"events": float(run.published), **await store.weights(params)})
                     if run.records:
                         bar.set_postfix(v=run.records[-1]["model_version"], lag=lag, refresh=False)
                 if first_pending > 4096:  # keep the list short
@@ -492,6 +484,7 @@ async def _event_time_loop(
                 producer.send(d)
             run.published += len(rest)
         producer.flush()
+        run.term_weights.append({"events": float(run.published), **await store.weights(params)})
     finally:
         await redis.aclose()
 
@@ -533,7 +526,7 @@ def _record(plan: _Plan, resp: dict[str, Any], eps: float, published_before: int
     tpp = np.array([r["tpp"] for r in ordered], dtype=np.float64)
     wide = np.array([r.get("wide", 0.0) for r in ordered], dtype=np.float64)
     score = np.array([r["score"] for r in ordered], dtype=np.float64)
-    variants = served_variants(base, comp, tpp, wide, score, eps)
+    variants = served_variants(base, comp, tpp, wide, eps)
     e = plan.event
     rec: dict[str, Any] = {
         "event_id": e.event_id,
@@ -763,6 +756,9 @@ def _write_report(
             "last_model_version": versions[-1] if versions else None,
             "events_with_compensation": sum(1 for r in records if r["served"]["compensation"] != 0.0),
             "events_with_tpp": sum(1 for r in records if r["served"]["tpp"] != 0.0),
+            # the fusion layer's term weights (m: DSL logit, e: LSH memory, s: session memory,
+            # t: TPP) as the run went (the event-time lag protocol, where ingest runs in this process)
+            "term_weights": run.term_weights,
             "worker_metrics": {
                 k: v
                 for k, v in (final_metrics or {}).items()

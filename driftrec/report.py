@@ -15,8 +15,9 @@ import numpy as np
 import orjson
 
 from driftrec.models import metrics
+from driftrec.models.served import ABLATIONS
 
-SERVED_VARIANTS = ("base", "base+memory", "base+tpp", "full-wide", "full")
+SERVED_VARIANTS = ABLATIONS  # base, full-no-memory, full-no-tpp, full-no-wide, full
 K = 20
 
 
@@ -83,9 +84,9 @@ METRICS = (  # (key, label, higher is better)
 PER_EVENT = "@event"  # name suffix of the per-event (no-lag) reference peers
 MEANINGS = {
     "base": "the DSL model alone (the newest served snapshot)",
-    "base+memory": "base corrected by the error memory (LSH buckets + the user's session), learned weights",
-    "base+tpp": "base plus the PromptTPP propensity of the item's category, learned weight",
-    "full-wide": "the terms fused with the trainer's weights, without the per-event wide layer",
+    "full-no-memory": "the served score without the error memories' correction (LSH and session)",
+    "full-no-tpp": "the served score without the PromptTPP term",
+    "full-no-wide": "the served score without the fusion layer's id weights",
     "full": "everything fused: the score the service returns",
     "river-lr": "River logistic regression, learning what the served state learns, at the same lag",
     "river-fm": "River factorization machine, learning what the served state learns, at the same lag",
@@ -94,9 +95,9 @@ MEANINGS = {
 }
 _SERVED_COLOURS = {
     "base": "#1f77b4",
-    "base+memory": "#2ca02c",
-    "base+tpp": "#9467bd",
-    "full-wide": "#bcbd22",
+    "full-no-memory": "#2ca02c",
+    "full-no-tpp": "#9467bd",
+    "full-no-wide": "#bcbd22",
     "full": "#d62728",
 }
 _PEER_COLOURS = ("#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#000000", "#aec7e8")

@@ -237,6 +237,28 @@ def estimate_from_sums(
     return out
 
 
+@dataclass(frozen=True)
+class ErrorSums:
+    """What a memory holds for each query: the neighbours' weighted sums ``Σw``, ``Σw·y``,
+    ``Σw·ŷ_served``. ``estimate`` turns them into ``ê`` for the query's served score, which is
+    only known once the other terms are fused (``models/served.py``)."""
+
+    weight: np.ndarray
+    labels: np.ndarray
+    served: np.ndarray
+    gamma: float = DEFAULT_GAMMA
+    prior: float = DEFAULT_PRIOR
+
+    def estimate(self, query_probs: np.ndarray) -> np.ndarray:
+        return estimate_from_sums(
+            self.weight, self.labels, self.served, query_probs, gamma=self.gamma, prior=self.prior
+        )
+
+    def take(self, index: np.ndarray | list[int]) -> ErrorSums:
+        """The sums of a subset of the queries."""
+        return ErrorSums(self.weight[index], self.labels[index], self.served[index], self.gamma, self.prior)
+
+
 def estimate_error(
     entry_labels: np.ndarray,
     entry_served: np.ndarray,

@@ -1,11 +1,12 @@
-"""The fast path's last layer: a per-event FTRL-Proximal logistic model over ids and the other terms.
+"""The fusion layer: a per-event FTRL-Proximal logistic model over the ids and every term's input.
 
 Why it exists: the deep sparse model learns in micro-batches and reaches serving once per
 snapshot, so within a user's session (ML-100K: half of a user's consecutive events share a
 timestamp, 84 % are under 60 s apart) it has not seen the session yet. A per-event learner has,
 and a per-event FTRL over one-hot ids is as strong as Vowpal Wabbit on this data
-(``research/fast_path_dev.md``). This is ReLoop2's slow-fast split with a second fast learner
-beside the error memory: ingest steps it per event, the scorer reads it in its one round trip.
+(``research/fast_path_dev.md``). It is also where the served score's weights are learned: its
+real-valued inputs are the DSL logit and the other terms at unit weight, so each term's weight is
+learned per event from what was served (``models/served.py`` has the rule and why).
 
 Form (McMahan et al., "Ad Click Prediction: a View from the Trenches", KDD 2013, algorithm 1)::
 
@@ -14,19 +15,9 @@ Form (McMahan et al., "Ad Click Prediction: a View from the Trenches", KDD 2013,
           = −(z − sign(z)·L1) / ((β + √n)/α + L2)                 otherwise, per feature
 
 with ``base`` the DSL probability that was served (its logit is the offset, so with no data the
-layer serves the DSL as it is) and real-valued inputs: ``m`` the DSL logit itself (how far to
-trust the model beside the ids), and, with ``wide.term_inputs``, ``e`` and ``s`` the error and
-session memories' estimates at unit weight as logit deltas (``logit(base + ê) − logit(base)``)
-and ``t`` the TPP log ratio at unit weight, so the layer would also learn per event what each
-term adds beside the ids (off by default: on the dev segment, events 25,000-50,000 at an
-event-time lag of 1 s, AUC 0.7238 without them vs 0.7211 with them).
-
-This form is the dev study's (``research/fast_path_dev.md``: on the dev segment the DSL plus an
-FTRL with a learned weight on the DSL logit gave 0.7245 / 0.6005, the plain sum 0.7250 / 0.6115).
-Two detours were measured on the demo slice before returning to it, and are reported as such,
-not used to choose: the layer added to the terms as the trainer fuses them (0.7169 AUC) and
-stacked on them with the term inputs (0.7345); a per-event learner beside terms weighed without
-it double counts what both carry.
+layer serves the DSL as it is), ``e`` and ``s`` the memories' corrections and ``t`` the TPP log
+ratio (``models/served.py``). The one-hot ids are the *wide* term; ``wide.enabled`` off leaves
+them out and the layer learns the term weights alone.
 
 One-hot features: ``b`` (bias), ``u:<user>``, ``i:<item>``, ``c:<category>``, ``uc:<user>|<category>``.
 State is ``(z, n)`` per feature; an update adds ``(Δz, Δn)``, so redelivered or concurrent
@@ -44,12 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MODEL_FEATURE = "m"  # the DSL logit
-MEMORY_FEATURE = "e"  # the error memory's correction, logit delta at unit weight
-SESSION_FEATURE = "s"  # the session memory's, likewise
-TPP_FEATURE = "t"  # the TPP log ratio at unit weight
-TERM_FEATURES = (MEMORY_FEATURE, SESSION_FEATURE, TPP_FEATURE)
-REAL_FEATURES = (MODEL_FEATURE, *TERM_FEATURES)
+from driftrec.models.served import MODEL_FEATURE, REAL_FEATURES, logit
+
 BIAS_FEATURE = "b"
 
 
@@ -94,9 +81,8 @@ def features(user_id: str, item_id: str, category: str | None) -> list[str]:
 
 
 def offset_logit(base: np.ndarray, eps: float) -> np.ndarray:
-    """The DSL logit the wide part adds to (``base`` kept in ``[eps, 1 − eps]``, as serving does)."""
-    p = np.clip(np.asarray(base, dtype=np.float64), eps, 1.0 - eps)
-    return np.log(p) - np.log1p(-p)
+    """The DSL logit the layer adds to (``base`` kept in ``[eps, 1 − eps]``, as serving does)."""
+    return logit(base, eps)
 
 
 def _sigmoid(t: float) -> float:
@@ -139,19 +125,25 @@ class WideFTRL:
     (so later events of the batch see earlier ones) and returns the deltas to write back.
     """
 
-    def __init__(self, params: FTRLParams | None = None, state: Mapping[str, tuple[float, float]] | None = None):
+    def __init__(
+        self,
+        params: FTRLParams | None = None,
+        state: Mapping[str, tuple[float, float]] | None = None,
+        ids: bool = True,
+    ):
         self.params = params or FTRLParams()
         self.state: dict[str, tuple[float, float]] = dict(state or {})
+        self.ids = ids  # the one-hot ids (the wide term); off: the term weights alone
 
     def weight(self, feature: str) -> float:
         z, n = self.state.get(feature, (0.0, 0.0))
         return self.params.weight(z, n)
 
-    @staticmethod
     def _inputs(
-        user_id: str, item_id: str, category: str | None, offset: float, terms: Mapping[str, float] | None
+        self, user_id: str, item_id: str, category: str | None, offset: float, terms: Mapping[str, float] | None
     ) -> list[tuple[str, float]]:
-        out = [(f, 1.0) for f in features(user_id, item_id, category)] + [(MODEL_FEATURE, offset)]
+        ids = features(user_id, item_id, category) if self.ids else []
+        out = [(f, 1.0) for f in ids] + [(MODEL_FEATURE, offset)]
         return out + [(f, float(v)) for f, v in (terms or {}).items()]
 
     def logit_one(
@@ -208,62 +200,43 @@ class WideFTRL:
         return WideStep(p, deltas)
 
 
-def wide_terms(
-    params: FTRLParams,
-    values: Mapping[str, tuple[float, float]],
-    user_id: str,
-    items: Sequence[str],
-    categories: Sequence[str | None],
-    dsl_logits: np.ndarray,
-    terms: Mapping[str, np.ndarray] | None = None,
+def layer_weights(params: FTRLParams, values: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """Feature → weight from the stored ``(z, n)`` of the features read."""
+    names = list(values)
+    if not names:
+        return {}
+    zn = np.array([values[f] for f in names], dtype=np.float64)
+    return dict(zip(names, params.weights(zn[:, 0], zn[:, 1]).tolist()))
+
+
+def id_logits(
+    weight: Mapping[str, float], user_id: str, items: Sequence[str], categories: Sequence[str | None]
 ) -> np.ndarray:
-    """The layer's logit per candidate beyond its offset (the DSL logit): ``w_m·logit(base) +
-    Σ w_r·r + Σ w_f`` (``values``: the stored ``(z, n)`` of the features read, missing ones 0;
-    ``terms``: each term input per candidate).
+    """The one-hot ids' summed weight per candidate (the wide term beyond ``w_m·logit(base)``).
 
     Summed by kind rather than per feature string: a candidate's item weight is one dict lookup,
     and the category and user × category weights are taken once per distinct category (building
     ``features(...)`` per candidate was the scorer's largest cost at 1,000 candidates)."""
-    names = list(values)
-    if names:
-        zn = np.array([values[f] for f in names], dtype=np.float64)
-        weight = dict(zip(names, params.weights(zn[:, 0], zn[:, 1]).tolist()))
-    else:
-        weight = {}
     by_category = {
         c: weight.get(category_feature(c), 0.0) + weight.get(user_category_feature(user_id, c), 0.0) if c else 0.0
         for c in dict.fromkeys(categories)
     }
     constant = weight.get(BIAS_FEATURE, 0.0) + weight.get(user_feature(user_id), 0.0)
     n = len(items)
-    out: np.ndarray = weight.get(MODEL_FEATURE, 0.0) * np.asarray(dsl_logits, dtype=np.float64)[:n] + constant
-    out += np.fromiter((weight.get(item_feature(x), 0.0) for x in items), dtype=np.float64, count=n)
+    out: np.ndarray = np.fromiter((weight.get(item_feature(x), 0.0) for x in items), dtype=np.float64, count=n)
     out += np.fromiter(map(by_category.__getitem__, categories), dtype=np.float64, count=n)
-    for f, column in (terms or {}).items():
-        out += weight.get(f, 0.0) * np.asarray(column, dtype=np.float64)
-    return out
+    return out + constant
 
 
-def term_inputs(
-    base: np.ndarray, e_hat: np.ndarray, c_hat: np.ndarray, tpp_ratio: np.ndarray, eps: float
-) -> dict[str, np.ndarray]:
-    """The other terms as this layer's inputs: the memories' estimates as logit deltas at unit
-    weight (``base + ê`` kept in ``[eps, 1 − eps]``) and the TPP log ratio (already clipped)."""
-    b = np.clip(np.asarray(base, dtype=np.float64), eps, 1.0 - eps)
-    lb = np.log(b) - np.log1p(-b)
-
-    def delta(est: np.ndarray) -> np.ndarray:
-        p = np.clip(b + np.asarray(est, dtype=np.float64), eps, 1.0 - eps)
-        out: np.ndarray = np.log(p) - np.log1p(-p) - lb
-        return out
-
-    return {MEMORY_FEATURE: delta(e_hat), SESSION_FEATURE: delta(c_hat), TPP_FEATURE: np.asarray(tpp_ratio, float)}
-
-
-def features_of_request(user_id: str, items: Iterable[str], categories: Iterable[str | None]) -> list[str]:
-    """Every feature a request's candidates need, each once (plus the model feature)."""
-    items, categories = list(items), list(categories)
+def features_of_request(
+    user_id: str, items: Iterable[str], categories: Iterable[str | None], ids: bool = True
+) -> list[str]:
+    """Every feature a request's candidates need, each once (the real-valued ones first; the
+    one-hot ids only where ``ids``)."""
     seen: dict[str, None] = dict.fromkeys(REAL_FEATURES)
+    if not ids:
+        return list(seen)
+    items, categories = list(items), list(categories)
     seen.setdefault(BIAS_FEATURE, None)
     seen.update(dict.fromkeys(map(item_feature, items)))
     for cat in dict.fromkeys(categories):

@@ -76,21 +76,22 @@ class ScoreRequest(BaseModel):
 
 
 class ScoredItem(BaseModel):
-    """One candidate's score and its four parts (serving/README.md: the fusion rule)."""
+    """One candidate's score and its parts: ``logit(score) = logit(base) + compensation + tpp + wide``
+    (the rule: ``models/served.py``)."""
 
     item_id: str = Field(description="the candidate's id", examples=["302"])
     score: float = Field(description="fused probability in [0, 1]", examples=[0.83])
     base: float = Field(description="DSL model probability (cold-start constant before any snapshot)", examples=[0.61])
     compensation: float = Field(
-        description="error-memory correction, probability space: base + compensation "
-        "is the corrected probability, kept in [eps, 1 - eps]",
-        examples=[0.19],
+        description="the error memories' correction of the score served before it (ReLoop2), at its "
+        "learned weight, logit space",
+        examples=[0.52],
     )
-    tpp: float = Field(description="TPP propensity term, logit space", examples=[0.03])
+    tpp: float = Field(description="the TPP propensity term at its learned weight, logit space", examples=[0.1])
     wide: float = Field(
-        description="the per-event wide model's term, logit space: "
-        "score = sigmoid(logit(base + compensation) + tpp + wide)",
-        examples=[0.12],
+        description="the fusion layer's id weights and its weight on the DSL logit, logit space: "
+        "score = sigmoid(logit(base) + compensation + tpp + wide)",
+        examples=[0.55],
     )
 
 
@@ -108,17 +109,17 @@ class ScoreResponse(BaseModel):
                             "item_id": "302",
                             "score": 0.83,
                             "base": 0.61,
-                            "compensation": 0.19,
-                            "tpp": 0.03,
-                            "wide": 0.12,
+                            "compensation": 0.52,
+                            "tpp": 0.1,
+                            "wide": 0.55,
                         },
                         {
                             "item_id": "242",
                             "score": 0.55,
                             "base": 0.58,
-                            "compensation": -0.04,
+                            "compensation": -0.05,
                             "tpp": 0.02,
-                            "wide": -0.2,
+                            "wide": -0.09,
                         },
                     ],
                     "took_ms": 1.2,

@@ -1,60 +1,24 @@
-"""The scoring core (no HTTP): newest DSL snapshot + ReLoop2 error memory + TPP propensity.
+"""The scoring core (no HTTP): the newest DSL snapshot plus one pipelined Redis read, fused by
+``models/served.py`` -- the one rule the ingest fusion writer learns with and the evaluation
+ablates -- so what is served has one home.
 
-Fusion rule (per candidate ``i`` of user ``u`` at request time ``ts``)
-----------------------------------------------------------------------
-::
+Per request: the DSL scores the candidates in process (``base`` and the hidden vectors the error
+memory is keyed by), then one pipelined round trip reads the fusion layer's weights (the term
+weights and, with ``wide.enabled``, the ids' weights: one ``MGET`` per slot), the LSH memory's
+buckets, the session memory's (one per distinct candidate category) and the user's TPP
+propensity. A term switched off by the settings is not read, and neither is a term whose learned
+weight was exactly 0 in the last answer (the weights are read on every request, so a term is read
+again from the request after its weight moves). ``compensation``, ``tpp`` and ``wide`` are logit
+parts: ``logit(score) = logit(base) + compensation + tpp + wide``.
 
-    base_i = DSL probability of (u, i, category(i))            if settings.dsl.enabled and a snapshot
-           = settings.serving.cold_start_base (0.5)            otherwise
-    comp_i = clip(base_i + λ·ê_i + μ·ĉ_i, eps, 1 − eps) − base_i
-                                                               if settings.memory.enabled and a snapshot
-           = 0                                                 otherwise           (probability space)
-    tpp_i  = clip(w · exp(−max(ts − tpp.ts, 0)/τ) · ln(K · p_u(category(i))), −c, c)
-                                                               if settings.tpp.enabled, the user has a
-                                                               propensity and it names category(i)
-           = 0                                                 otherwise                 (logit space)
-    wide_i = layer_i − (logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i)
-                                                               if settings.wide.enabled (0 otherwise)
-    layer_i = logit(base_i) + w_m·logit(base_i) + w_e·e_i + w_s·s_i + w_t·t_i + Σ_f w_f(u, i, category(i))
-    score_i = sigmoid(logit(clip(base_i + comp_i, eps, 1 − eps)) + tpp_i + wide_i)
+Cold start: before the trainer publishes any snapshot, ``base`` is ``serving.cold_start_base``
+and the memories are not read (nothing was written: there was no hidden vector). Item
+categories come from the catalog shipped with the snapshot; unknown items have no category (DSL
+"unknown category" row, TPP input 0). With the DSL switched off but the memory on, the snapshot is
+still used for its hidden vectors and ``base`` is the constant.
 
-with ``λ`` the error memory's weight the trainer learned and published with the snapshot
-(``models/fusion.MemoryLambda``; ``memory.lambda`` before any is learned or when
-``memory.learn_lambda`` is off), ``ê`` the memory's shrunk error estimate (see
-``models/error_memory.py``), ``ĉ`` the session memory's estimate from this user's recent served
-errors in category(i) and ``μ`` its learned weight (``models/error_memory.py``; ``memory.session_lambda``
-before any is learned), ``w`` the TPP weight, learned likewise (``serving.tpp_weight`` before
-any is learned or when ``serving.learn_tpp_weight`` is off), ``τ = serving.tpp_tau_s``,
-``c = serving.tpp_clip``, ``K`` the TPP's number of event types.
-
-Why these spaces: the error memory estimates ``y − ŷ`` in probability units, so its correction is
-added there (ReLoop2's formulation). The TPP says how much *more likely than uniform* the user's
-next event is of this category (``K·p`` = 1 for a uniform guess, so ``ln`` is 0 then); that is a
-likelihood ratio, which composes additively with a logit. The decay forgets a propensity as the
-user's last event recedes, and the clip keeps one confident TPP from overriding the CTR model.
-With the wide layer on (the default), the served score is the layer's: a per-event FTRL that
-ingest steps on the DSL logit (``models/wide.py``). Its one-hot weights carry what the user's
-session and the item did in the last seconds; ``w_m``, ``w_e``, ``w_s``, ``w_t`` weigh the DSL
-logit and, with ``wide.term_inputs`` (off by default: it lost on the dev segment), the two
-memories' estimates ``ê``, ``ĉ`` (as logit deltas ``e``, ``s`` at unit weight) and the TPP log
-ratio ``t``, learned per event, so what the ids already carry is not counted twice.
-``compensation`` and ``tpp`` stay the terms as the trainer's weights fuse them (the
-``full-wide`` ablation), and ``wide`` is what the layer changes beyond them, so the four parts
-still add up to the score. Until the layer has learned anything the score is ``base``.
-``score`` is a probability by construction whatever the inputs (each term is bounded and the
-logit argument is kept in ``[eps, 1 − eps]``).
-
-Cold start: before the trainer publishes any snapshot, ``base`` is a constant, so the ranking
-comes from the TPP alone (and is flat for unknown users). Item categories come from the catalog
-shipped with the snapshot; unknown items have no category (DSL "unknown category" row, tpp 0).
-With the DSL switched off but the memory on, the snapshot is still used for its hidden vectors
-(the memory is keyed by them) and ``base`` is the constant.
-
-Per request the Redis work is one pipelined round trip: the error-memory ``MGET``, the session
-memory's ``MGET`` (one bucket per distinct candidate category), the user's TPP ``GET`` and the
-wide model's features (``MGET`` per slot: the user's, and the item shards'). If
-Redis fails, the request is still answered from the in-process model
-(compensation and tpp 0) and the failure is counted; scoring must not go down with the cache.
+If Redis fails, the request is still answered from the in-process model (``base`` alone), flagged
+degraded, and the failure is counted: scoring must not go down with the cache.
 """
 
 from __future__ import annotations
@@ -73,16 +37,17 @@ from redis.asyncio import Redis
 
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
-from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH, compensation_delta
-from driftrec.models.fusion import MemoryLambda, TPPWeight, read_fusion, tpp_log_ratios
-from driftrec.models.wide import FTRLParams, features_of_request, offset_logit, term_inputs, wide_terms
+from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH
+from driftrec.models.fusion import tpp_log_ratios
+from driftrec.models.served import TermWeights, assemble
+from driftrec.models.wide import FTRLParams, features_of_request, id_logits, layer_weights
 from driftrec.storage.client import REDIS_ERRORS, MultiGet, connect, is_cluster
 from driftrec.storage.error_memory import (
     BucketNames,
     MemoryKeys,
-    estimates_from_values,
     plan_buckets,
     plan_session_buckets,
+    sums_from_values,
 )
 from driftrec.storage.event_state import StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
@@ -100,9 +65,6 @@ class LoadedSnapshot:
     catalog: dict[str, str]  # item_id → category, the items the trainer has seen
     names: BucketNames | None  # error-memory key table for this model's hidden dim
     standardizer: HiddenStandardizer | None = None  # hidden statistics the memory was hashed with
-    tpp_weight: float | None = None  # learned by the trainer (models/fusion.py); None: use the setting
-    memory_lambda: float | None = None  # likewise for the error memory's λ
-    session_lambda: float | None = None  # and for the session memory's μ
 
 
 @dataclass
@@ -150,7 +112,7 @@ class ScoreResult:
         return orjson.dumps(self.to_dict())
 
 
-REDIS_DOWN = "redis unreachable: no error-memory or TPP correction"
+REDIS_DOWN = "redis unreachable: the model's score alone, no fusion layer, memory or TPP term"
 READ_FAILURES: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TimeoutError)  # a failed or too slow read
 
 
@@ -177,15 +139,6 @@ class ScorerStats:
         return reasons
 
 
-def fuse(
-    base: np.ndarray, compensation: np.ndarray, tpp: np.ndarray, eps: float, wide: np.ndarray | float = 0.0
-) -> np.ndarray:
-    """``sigmoid(logit(clip(base + compensation)) + tpp + wide)``, a probability for any finite inputs."""
-    p = np.clip(base + compensation, eps, 1.0 - eps)
-    z = np.log(p) - np.log1p(-p) + tpp + wide
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free sigmoid
-
-
 class Scorer:
     """Holds the newest snapshot and scores candidate lists with one Redis round trip each.
 
@@ -205,6 +158,7 @@ class Scorer:
         self.wide_store = WideStore(self.redis, settings.key_prefix, settings.dedup_ttl_s, settings.state_ttl_s)
         self.wide_params = FTRLParams(**settings.wide.ftrl_params())
         self.current: LoadedSnapshot | None = None
+        self.term_weights: TermWeights | None = None  # the fusion weights the last answer read
         self.stats = ScorerStats()
         self._bad_version: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -290,20 +244,7 @@ class Scorer:
             names = BucketNames(self.memory_keys, lsh)
         stats = parts.get("hidden_stats")
         standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
-        fusion = read_fusion(parts.get("fusion"))
-        tpp = TPPWeight.from_dict(fusion) if self.settings.serving.learn_tpp_weight else None
-        lam = MemoryLambda.from_dict(fusion) if self.settings.memory.learn_lambda else None
-        mu = MemoryLambda.from_dict(fusion, key="session") if self.settings.memory.learn_lambda else None
-        return LoadedSnapshot(
-            version=version,
-            model=model,
-            catalog=catalog,
-            names=names,
-            standardizer=standardizer,
-            tpp_weight=tpp.w if tpp else None,
-            memory_lambda=lam.lam if lam else None,
-            session_lambda=mu.lam if mu else None,
-        )
+        return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names, standardizer=standardizer)
 
     async def redis_answers(self, timeout_s: float = 1.0) -> bool:
         """Whether Redis answers a PING now (the health check's truthful part)."""
@@ -313,8 +254,13 @@ class Scorer:
             return False
 
     # ---- scoring -------------------------------------------------------------------------------
+    def _reads_term(self, weight: float) -> bool:
+        """Whether to read a term's state: not while its learned weight is exactly 0 (the weights
+        of the last answer; the fusion layer at ingest still learns it, so the weight can move)."""
+        return self.term_weights is None or weight != 0.0
+
     async def score(self, user_id: str, candidates: Sequence[str], ts: float | None = None) -> ScoreResult:
-        """Fused scores of the distinct candidates, best first (see the module doc for the rule)."""
+        """Fused scores of the distinct candidates, best first (``models/served.py`` has the rule)."""
         started = time.perf_counter()
         now = time.time() if ts is None else float(ts)
         s = self.settings
@@ -323,6 +269,7 @@ class Scorer:
         items = list(dict.fromkeys(candidates))
         n = len(items)
         cats: list[str | None] = [snap.catalog.get(i) for i in items] if snap else [None] * n
+        last = self.term_weights or TermWeights()
 
         use_model = snap is not None and (s.dsl.enabled or s.memory.enabled)
         hidden = None
@@ -330,94 +277,87 @@ class Scorer:
             probs, hidden = snap.model.score_candidates(user_id, items, cats)
         base = probs if (use_model and s.dsl.enabled) else np.full(n, s.serving.cold_start_base, dtype=np.float64)
 
-        # one pipelined round trip: memory buckets + the user's TPP propensity (on a Redis Cluster
-        # one MGET per slot, sent to each node in parallel by the cluster pipeline)
-        plan = None
+        # one pipelined round trip: the fusion layer's weights, the memory buckets and the user's
+        # TPP propensity (on a Redis Cluster one MGET per slot, sent to each node in parallel)
         reads: list[MultiGet] = []
-        if s.memory.enabled and snap is not None and snap.names is not None and hidden is not None and n:
+        wide_names, wide_multi = self.wide_store.reads(
+            user_id, features_of_request(user_id, items, cats, ids=s.wide.enabled)
+        )
+        reads.append(wide_multi)
+        plan = None
+        memory_on = s.memory.enabled and snap is not None and n > 0
+        if (
+            memory_on
+            and snap is not None
+            and snap.names is not None
+            and hidden is not None
+            and self._reads_term(last.memory)
+        ):
             keyed = snap.standardizer.transform(hidden) if snap.standardizer is not None else hidden
             plan = plan_buckets(snap.names, keyed)
             reads.append(MultiGet(plan.names, self.cluster))
         session_plan = None
-        if plan is not None and s.memory.session_capacity > 0:
+        if memory_on and s.memory.session_capacity > 0 and self._reads_term(last.session):
             session_plan = plan_session_buckets(self.memory_keys, [(user_id, c) for c in cats])
             reads.append(MultiGet(session_plan.names, self.cluster))
-        tpp_read = None
-        if s.tpp.enabled:
-            tpp_read = len(reads)
+        tpp_read = s.tpp.enabled and self._reads_term(last.tpp)
+        if tpp_read:
             reads.append(MultiGet([self.state_keys.user_tpp(user_id)], self.cluster))
-        wide_read: int | None = None
-        wide_names: list[str] = []
-        if s.wide.enabled and n:
-            wide_read = len(reads)
-            wide_names, wide_multi = self.wide_store.reads(user_id, features_of_request(user_id, items, cats))
-            reads.append(wide_multi)
         replies: list[list[bytes | None]] = []
         redis_ok = True
-        if reads:
-            pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
+        for read in reads:
+            read.queue(pipe)
+        try:
+            raw = await asyncio.wait_for(pipe.execute(), s.serving.redis_deadline_s)
+        except READ_FAILURES as exc:
+            redis_ok = False
+            self.stats.redis_errors += 1
+            self.stats.last_redis_error_at = time.time()
+            log.warning("redis read failed, scoring with the model alone: %s", exc)
+        else:
+            at = 0
             for read in reads:
-                read.queue(pipe)
-            try:
-                raw = await asyncio.wait_for(pipe.execute(), s.serving.redis_deadline_s)
-            except READ_FAILURES as exc:
-                redis_ok = False
-                self.stats.redis_errors += 1
-                self.stats.last_redis_error_at = time.time()
-                log.warning("redis read failed, scoring without memory/tpp: %s", exc)
-            else:
-                at = 0
-                for read in reads:
-                    replies.append(read.values(raw[at : at + len(read)]))
-                    at += len(read)
+                replies.append(read.values(raw[at : at + len(read)]))
+                at += len(read)
 
-        compensation = np.zeros(n)
-        tpp = np.zeros(n)
-        wide = np.zeros(n)
-        e_hat, c_hat, ratios = np.zeros(n), np.zeros(n), np.zeros(n)  # the wide layer's term inputs
+        weight: dict[str, float] = {}
+        ids = np.zeros(n)
+        memory = session = None
+        ratios = None
         if replies:
-            if plan is not None and snap is not None:  # a plan is only made from a snapshot's hidden vectors
-                m = s.memory
-                e_hat, _ = estimates_from_values(
-                    replies[0], plan, base, gamma=m.gamma, prior=m.prior, half_life_s=m.half_life_s, now=now
+            got = iter(replies)
+            wide_values = next(got)
+            try:
+                weight = layer_weights(
+                    self.wide_params, {f: unpack(v) for f, v in zip(wide_names, wide_values) if v is not None}
                 )
-                lam = snap.memory_lambda if snap.memory_lambda is not None else m.lambda_
-                correction = lam * e_hat
-                if session_plan is not None:
-                    c_hat, _ = estimates_from_values(
-                        replies[1], session_plan, base, gamma=m.session_gamma, prior=m.prior
-                    )
-                    mu = snap.session_lambda if snap.session_lambda is not None else m.session_lambda
-                    correction = correction + mu * c_hat
-                compensation = compensation_delta(base, correction, 1.0, eps)
-            if tpp_read is not None:
+                self.term_weights = TermWeights.of(weight)
+                if s.wide.enabled:
+                    ids = id_logits(weight, user_id, items, cats)
+            except ValueError as exc:
+                weight = {}
+                self.stats.wide_parse_errors += 1
+                log.warning("unreadable fusion weights for user %r: %s", user_id, exc)
+            m = s.memory
+            if plan is not None:
+                memory = sums_from_values(
+                    next(got), plan, gamma=m.gamma, prior=m.prior, half_life_s=m.half_life_s, now=now
+                ).estimate
+            if session_plan is not None:
+                session = sums_from_values(next(got), session_plan, gamma=m.session_gamma, prior=m.prior).estimate
+            if tpp_read:
+                sv = s.serving
                 try:
-                    weight = (
-                        snap.tpp_weight if snap is not None and snap.tpp_weight is not None else s.serving.tpp_weight
-                    )
-                    sv = s.serving
                     ratios = np.clip(
-                        tpp_log_ratios(replies[tpp_read][0], cats, now, tau_s=sv.tpp_tau_s), -sv.tpp_clip, sv.tpp_clip
+                        tpp_log_ratios(next(got)[0], cats, now, tau_s=sv.tpp_tau_s), -sv.tpp_clip, sv.tpp_clip
                     )
-                    tpp = np.clip(weight * ratios, -sv.tpp_clip, sv.tpp_clip)  # = tpp_terms(...)
                 except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
                     self.stats.tpp_parse_errors += 1
                     log.warning("unreadable tpp propensity for user %r: %s", user_id, exc)
 
-            if wide_read is not None:
-                try:
-                    values = {f: unpack(v) for f, v in zip(wide_names, replies[wide_read]) if v is not None}
-                    terms = term_inputs(base, e_hat, c_hat, ratios, eps) if s.wide.term_inputs else None
-                    dsl_logits = offset_logit(base, eps)
-                    layer = dsl_logits + wide_terms(self.wide_params, values, user_id, items, cats, dsl_logits, terms)
-                    # reported beyond the other terms as the trainer's weights fuse them, so the
-                    # parts still add up to the score (module doc)
-                    wide = layer - (offset_logit(base + compensation, eps) + tpp)
-                except ValueError as exc:
-                    self.stats.wide_parse_errors += 1
-                    log.warning("unreadable wide features for user %r: %s", user_id, exc)
-
-        score = fuse(base, compensation, tpp, eps, wide)
+        terms = assemble(base, ids, TermWeights.of(weight), eps, tpp_ratio=ratios, memory=memory, session=session)
+        score = terms.score
         order = np.argsort(-score, kind="stable")
         return ScoreResult(
             user_id=user_id,
@@ -425,9 +365,9 @@ class Scorer:
             item_ids=[items[j] for j in order.tolist()],
             score=score[order],
             base=base[order],
-            compensation=compensation[order],
-            tpp=tpp[order],
-            wide=wide[order],
+            compensation=terms.compensation[order],
+            tpp=terms.tpp[order],
+            wide=terms.wide[order],
             took_ms=(time.perf_counter() - started) * 1000.0,
             redis_ok=redis_ok,
         )

@@ -1,9 +1,9 @@
 """The ReLoop2 error memory and the session memory in Redis: key layout, write script, read path.
 
 The math is ``driftrec.models.error_memory``; this module is its Redis home, written at ingest
-(``ServedErrorMemories.write``, from ``streams.served_errors``), read by the scoring service
-(``plan_buckets`` / ``estimates_from_values``, inside its one pipelined round trip) and read as of
-each event's time by the trainer's fusion weights (``ServedErrorMemories.estimates_before``).
+(``ServedErrorMemories.write``, from ``streams.fusion_writer``), read by the scoring service
+(``plan_buckets`` / ``sums_from_values``, inside its one pipelined round trip) and read as of
+each event's time by that same writer, which learns the fusion (``ServedErrorMemories.sums_before``).
 
 Write side
 ----------
@@ -33,31 +33,34 @@ Why this shape:
 
 Read side
 ---------
-The correction is returned in **probability space** and already includes the clip, i.e.
-``score = base + compensation`` exactly, with ``score`` strictly inside (0, 1). All candidates ×
+What is read is each query's neighbour sums (``models.error_memory.ErrorSums``); the estimate
+``ê`` follows once the query's served score is known, and ``models/served.py`` turns it into the
+correction the fusion weighs. All candidates ×
 tables are fetched in **one round trip**: a single ``MGET`` of the distinct buckets' snapshot keys
 (on a Redis Cluster client, ``mget_nonatomic``, which sends one MGET per slot in one pipeline).
 The estimate is the same function the in-process reference ``models.error_memory.ErrorMemory``
 uses, so both give the same answers.
 
 The read is split in two plain steps — :func:`plan_buckets` (which keys) and
-:func:`estimates_from_values` (what they say) — so the scoring service can put the ``MGET`` into
+:func:`sums_from_values` (what they hold) — so the scoring service can put the ``MGET`` into
 the same pipeline as its other reads (one round trip per request in total).
 
 Who writes
 ----------
 The ingest worker that owns the user's partition, in the batch that applies the event: the
 memories are ReLoop2's fast loop and must not wait for the trainer's micro-batches
-(``streams.served_errors`` says how it follows the served snapshot). The errors must be those of
-the snapshot serving had loaded *before* the model learned the events — an error taken from a
-snapshot that already learned its event was never made (we measured compensation turning harmful
-that way) — so ingest scores with the newest *published* snapshot, which the trainer publishes
-only after learning what it holds. Writes are idempotent per event id (see the write side above).
+(``streams.fusion_writer`` says how it follows the served snapshot). The errors must be those of
+the score served *before* anything learned the events — an error taken from a snapshot that
+already learned its event was never made (we measured compensation turning harmful that way) — so
+ingest scores with the newest *published* snapshot, which the trainer publishes only after
+learning what it holds, and the fusion layer's state before the event. ``ŷ_served`` is the fused
+score before the memories' own correction (``models/served.py`` says why). Writes are
+idempotent per event id (see the write side above).
 
 Reads as of a time: each bucket's entries are in event-time order, so "what the memory held when
 the event at ``t`` was served" is the prefix of entries with ``ts < t``
-(``estimates_from_values(before=...)``). The trainer learns its fusion weights from that, so an
-event's own error, which ingest may already have written, never leaks into its estimate.
+(``sums_from_values(before=...)``). The fusion writer learns from that, so an event's own
+error, which a redelivery may already have written, never leaks into its estimate.
 """
 
 from __future__ import annotations
@@ -78,11 +81,11 @@ from driftrec.models.error_memory import (
     DEFAULT_GAMMA,
     DEFAULT_LAMBDA,
     DEFAULT_PRIOR,
+    ErrorSums,
     HiddenPredictor,
     HiddenStandardizer,
     RandomProjectionLSH,
     compensation_delta,
-    estimate_from_sums,
     recency_weights,
     session_code,
 )
@@ -401,36 +404,32 @@ def plan_session_buckets(keys: MemoryKeys, pairs: Sequence[tuple[str, str | None
     return BucketPlan(names, rows)
 
 
-def estimates_from_values(
+def sums_from_values(
     values: list[bytes | None],
     plan: BucketPlan,
-    base_probs: np.ndarray,
     *,
     gamma: float = DEFAULT_GAMMA,
     prior: float = DEFAULT_PRIOR,
     half_life_s: float = 0.0,
     now: float | None = None,
     before: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(ê, neighbour weight)`` per candidate (served ``base_probs``) from the MGET reply of
-    ``plan.names``.
+) -> ErrorSums:
+    """What the buckets of ``plan`` (the MGET reply ``values``) hold for each query.
 
-    ``before`` (one event time per candidate): count only the entries of strictly earlier events,
-    i.e. what the memory held when that event was served, whoever has written since (the trainer
-    learns its fusion weights this way from buckets ingest may already have written the batch
-    into). A value whose length is not a whole number of entries (e.g. a bucket written in an
-    older format) is read as empty rather than misparsed.
+    ``before`` (one event time per query): count only the entries of strictly earlier events,
+    i.e. what the memory held when that event was served, whoever has written since (ingest's
+    fusion writer learns this way from buckets another worker may already have written). A value
+    whose length is not a whole number of entries (e.g. a bucket written in an older format) is
+    read as empty rather than misparsed.
     """
     n = plan.rows.shape[0]
-    if n == 0:
-        return np.zeros(0), np.zeros(0)
     counts = np.fromiter(
         (len(v) // ENTRY_BYTES if v and len(v) % ENTRY_BYTES == 0 else 0 for v in values),
         dtype=np.int64,
         count=len(values),
     )
-    if not counts.any():
-        return np.zeros(n), np.zeros(n)
+    if n == 0 or not counts.any():
+        return ErrorSums(np.zeros(n), np.zeros(n), np.zeros(n), gamma, prior)
     blob = b"".join(v for v, c in zip(values, counts) if c and v is not None)
     entries = np.frombuffer(blob, dtype=_ENTRY).reshape(-1, 3)  # columns: ts, y, ŷ_served
     owner = np.repeat(np.arange(len(values)), counts)
@@ -449,8 +448,24 @@ def estimates_from_values(
         sum_p = bucket_wp[plan.rows].sum(axis=1)
     else:
         support, sum_y, sum_p = _sums_before(entries, owner, counts, w, plan.rows, np.asarray(before, dtype=np.float64))
-    e_hat = estimate_from_sums(support, sum_y, sum_p, base_probs, gamma=gamma, prior=prior)
-    return e_hat, support
+    return ErrorSums(support, sum_y, sum_p, gamma, prior)
+
+
+def estimates_from_values(
+    values: list[bytes | None],
+    plan: BucketPlan,
+    query_probs: np.ndarray,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    prior: float = DEFAULT_PRIOR,
+    half_life_s: float = 0.0,
+    now: float | None = None,
+    before: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ê, neighbour weight)`` per query whose served score is ``query_probs``
+    (:func:`sums_from_values`, then the estimate)."""
+    sums = sums_from_values(values, plan, gamma=gamma, prior=prior, half_life_s=half_life_s, now=now, before=before)
+    return sums.estimate(np.asarray(query_probs, dtype=np.float64)), sums.weight
 
 
 def _sums_before(
@@ -530,11 +545,11 @@ async def read_compensation(
 
 # ---- the writer (ingest) and the as-of reader (the trainer's fusion weights) ------------------
 @dataclass(frozen=True)
-class MemoryEstimates:
-    """What both memories said of each sample when it was served: the fusion weights learn from it."""
+class MemorySums:
+    """What both memories held for each sample when it was served (``session`` None: it is off)."""
 
-    lsh: np.ndarray  # ê per sample (0 where the memory knew nothing)
-    session: np.ndarray  # ĉ per sample (0 where off or empty)
+    lsh: ErrorSums
+    session: ErrorSums | None
 
 
 class ServedErrorMemories:
@@ -584,20 +599,14 @@ class ServedErrorMemories:
             ttls += [self.session_ttl_s or c.ttl_s] * len(session_calls)
         return int(sum(await _run_scripts(self.redis, calls, ttls))) if calls else 0
 
-    async def estimates_before(
-        self,
-        labelled: Sequence[Interaction],
-        probs: np.ndarray,
-        hidden: np.ndarray,
-        standardizer: HiddenStandardizer | None,
-    ) -> MemoryEstimates:
-        """ê and ĉ per labelled interaction from the entries of strictly earlier events: what
-        serving read for it, whether or not ingest has written it (or later events) since. One
-        round trip for both memories."""
-        n = len(labelled)
-        if n == 0:
-            return MemoryEstimates(np.zeros(0), np.zeros(0))
+    async def sums_before(
+        self, labelled: Sequence[Interaction], hidden: np.ndarray, standardizer: HiddenStandardizer | None
+    ) -> MemorySums:
+        """What both memories held for each labelled interaction from the entries of strictly
+        earlier events: what serving read for it, whether or not ingest has written it (or later
+        events) since. One round trip for both memories."""
         c = self.cfg
+        n = len(labelled)
         _, names = self._lsh(hidden.shape[1])
         keyed = standardizer.transform(hidden) if standardizer is not None else hidden
         before = np.fromiter((x.ts for x in labelled), dtype=np.float64, count=n)
@@ -607,28 +616,30 @@ class ServedErrorMemories:
         if session:
             session_plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
             reads.append(MultiGet(session_plan.names, is_cluster(self.redis)))
-        pipe = self.redis.pipeline(transaction=False)
-        for read in reads:
-            read.queue(pipe)
-        replies = await pipe.execute()
-        e_hat, _ = estimates_from_values(
+        replies: list[Any] = []
+        if n:
+            pipe = self.redis.pipeline(transaction=False)
+            for read in reads:
+                read.queue(pipe)
+            replies = await pipe.execute()
+        else:
+            return MemorySums(sums_from_values([], plan), None)
+        lsh = sums_from_values(
             reads[0].values(replies[: len(reads[0])]),
             plan,
-            probs,
             gamma=c.gamma,
             prior=c.prior,
             half_life_s=c.half_life_s,
             now=labelled[-1].ts,
             before=before,
         )
-        c_hat = np.zeros(n)
+        sessions = None
         if session:
-            c_hat, _ = estimates_from_values(
+            sessions = sums_from_values(
                 reads[1].values(replies[len(reads[0]) :]),
                 session_plan,
-                probs,
                 gamma=c.session_gamma,
                 prior=c.prior,
                 before=before,
             )
-        return MemoryEstimates(e_hat, c_hat)
+        return MemorySums(lsh, sessions)

@@ -28,7 +28,8 @@ from typing import Any
 import orjson
 
 from driftrec.contract.interaction import stable_hash
-from driftrec.models.wide import USER_FEATURE_PREFIXES
+from driftrec.models.served import REAL_FEATURES
+from driftrec.models.wide import USER_FEATURE_PREFIXES, FTRLParams, layer_weights
 from driftrec.storage.client import MultiGet, Scripts, is_cluster
 from driftrec.storage.event_state import ITEM_SHARDS
 
@@ -180,6 +181,16 @@ class WideStore:
         done = {eid for (eid, _, _), ks in zip(events, per_event) if all(found[k] is not None for k in ks)}
         stored = {uf: unpack(raw) for uf, raw in zip(wanted, values[1]) if raw is not None}
         return done, stored, values[2]
+
+    async def weights(self, params: FTRLParams, features: Sequence[str] = REAL_FEATURES) -> dict[str, float]:
+        """The current weights of shared features (by default the served score's term weights)."""
+        names, read = self.reads("", features)
+        pipe = self.redis.pipeline(transaction=False)
+        read.queue(pipe)
+        raw = read.values(await pipe.execute())
+        return layer_weights(params, {f: unpack(v) for f, v in zip(names, raw) if v is not None}) | {
+            f: 0.0 for f, v in zip(names, raw) if v is None
+        }
 
     async def add(self, updates: Sequence[WideUpdate]) -> int:
         """Add each event's deltas once per slot; returns how many events were new in their

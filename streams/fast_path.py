@@ -5,9 +5,10 @@ Why one builder: the worker's ingest agent and ``driftrec evaluate``'s event-tim
 (which steps the fast path itself, per event, at the measured freshness) must apply *the same*
 writers in the same order, so the protocol measures the code that is deployed.
 
-Order: claim ids, apply per-user and per-item state, then the derived writers: the served
-errors into the memories (``streams.served_errors``), the wide model's per-event step
-(``streams.wide_writer``), the touched users' TPP propensities (``streams.propensity``).
+Order: claim ids, apply per-user and per-item state, then the derived writers: the fusion
+layer's per-event step with the served errors into the memories (``streams.fusion_writer``), then
+the touched users' TPP propensities (``streams.propensity``), so the step sees the propensity that
+served the event, not one that already knows it.
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ from driftrec.streams.ingest import AppliedEventsWriter, IngestBatch, SendLetter
 
 def fast_path_writers(redis: Any, settings: Settings) -> list[AppliedEventsWriter]:
     """The derived writers the settings switch on, in the order they run."""
-    writers: list[AppliedEventsWriter] = []
-    served = None
-    if settings.memory.enabled:  # served errors into the memories, per event
-        from driftrec.streams.served_errors import ServedErrorWriter
+    from driftrec.streams.fusion_writer import FusionWriter
 
-        served = ServedErrorWriter(redis, settings)
-        writers.append(served)
-    if settings.wide.enabled:  # the per-event FTRL on the DSL logit (models/wide.py)
-        from driftrec.streams.wide_writer import WideWriter
-
-        writers.append(WideWriter(redis, settings, served))
+    # the served score's weights are learned here whichever terms are on (models/served.py)
+    writers: list[AppliedEventsWriter] = [FusionWriter(redis, settings)]
     if settings.tpp.enabled:
         from driftrec.streams.propensity import PropensityWriter
 

@@ -6,13 +6,10 @@ returns when ``due`` says so (every ``snapshot_every_steps`` steps or ``snapshot
 seconds, whichever comes first) or when the stream goes idle. A trainer that takes over
 ``restore``s the newest snapshot, so a crash costs only re-learning the unpublished steps.
 
-Test-then-train around each batch: the *served* snapshot (the one last published) scores
-the labelled events first, and the fusion weights learn from those predictions and from what the
-memories held when each event was served (``streams.fusion``); only then does the model take its
-gradient steps. The forward passes and gradient steps run in a thread (``asyncio.to_thread``):
-ingest shares the worker's event loop, and a trainer batch must not hold the fast path up. The
-memories themselves are written at ingest, per event (the fast path,
-``streams.served_errors``); the trainer reads them as of each event's time.
+The gradient steps run in a thread (``asyncio.to_thread``): ingest shares the worker's event
+loop, and a trainer batch must not hold the fast path up. The served score's weights and the
+memories are learned at ingest, per event, from what was served (``streams.fusion_writer``); the
+trainer is the slow loop alone.
 
 Implicit feedback: an event with a label trains on that label; an unlabelled event whose kind is
 one of ``dsl.positive_kinds`` is a positive and gets ``dsl.negatives`` sampled items from the
@@ -38,9 +35,6 @@ from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import DSLRecommender, SparseScorer, sample_negatives
 from driftrec.models.error_memory import HiddenStandardizer
-from driftrec.models.fusion import read_fusion
-from driftrec.storage.error_memory import MemoryEstimates, ServedErrorMemories
-from driftrec.streams.fusion import FusionLearner
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +77,8 @@ def new_model(settings: Settings) -> DSLRecommender:
 
 
 class DSLTrainer:
-    """The ``dsl`` lineage's learner (``streams.lineage.LineageLearner``): the model and the
-    fusion weights (the slow loop; the memories are the fast one, written at ingest)."""
+    """The ``dsl`` lineage's learner (``streams.lineage.LineageLearner``): the slow loop (the
+    fusion layer and the memories are the fast one, learned at ingest)."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -95,8 +89,6 @@ class DSLTrainer:
         self.served: SparseScorer | None = None  # what the scoring service has loaded: the last publish
         self.standardizer: HiddenStandardizer | None = None  # the served snapshot's hidden statistics
         self.recent: deque[Interaction] = deque(maxlen=self.cfg.hidden_stats_sample)  # fits those at publish
-        self.memory = ServedErrorMemories(redis, settings) if settings.memory.enabled else None
-        self.fusion = FusionLearner(redis, settings)
         self.catalog: OrderedDict[str, str] = OrderedDict()  # least recently seen first
         self.item_pool: deque[str] = deque(maxlen=self.cfg.negative_pool)
         self.version: int | None = None
@@ -113,7 +105,6 @@ class DSLTrainer:
             self.served = SparseScorer.from_bytes(parts["model"])
             if "hidden_stats" in parts:
                 self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"])
-            self.fusion.weights.resume(read_fusion(parts.get("fusion")))
             self.catalog = OrderedDict(orjson.loads(parts.get("catalog", b"{}")))
             log.info("trainer resumed (step %d)", self.model.step)
         else:
@@ -135,15 +126,6 @@ class DSLTrainer:
                 self.catalog.move_to_end(e.item_id)
         while len(self.catalog) > self.cfg.catalog_size:
             self.catalog.popitem(last=False)
-        labelled = [e for e in events if e.label is not None]
-        if self.served is not None and labelled and self.fusion.enabled:
-            # test-then-train: what the served snapshot predicted, before the model learns the batch
-            interactions = [e.to_interaction() for e in labelled]
-            probs, hidden = await asyncio.to_thread(self.served.predict_with_hidden, interactions)
-            estimates: MemoryEstimates | None = None
-            if self.memory is not None:
-                estimates = await self.memory.estimates_before(interactions, probs, hidden, self.standardizer)
-            await self.fusion.learn(labelled, probs, estimates)
         c = self.cfg
         examples = training_examples(events, self.rng, list(self.item_pool), c.negatives, c.positive_kinds)
         self.item_pool.extend(e.item_id for e in events)
@@ -172,8 +154,6 @@ class DSLTrainer:
         blob = model.to_bytes()
         self._next_served = SparseScorer.from_bytes(blob)
         parts = {"model": blob, "catalog": orjson.dumps(self.catalog)}
-        if self.fusion.enabled:
-            parts["fusion"] = self.fusion.weights.to_bytes()
         self._next_standardizer = None
         if recent:
             self._next_standardizer = HiddenStandardizer.fit(self._next_served.predict_with_hidden(recent)[1])

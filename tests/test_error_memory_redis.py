@@ -228,8 +228,8 @@ async def test_compensation_cuts_logloss_after_an_injected_genre_flip(redis: Red
     assert seg["logloss_memory"] < seg["logloss_base"], seg
 
 
-async def test_estimates_before_count_only_earlier_events(redis: Redis, prefix: str) -> None:
-    """The trainer's as-of read: whatever was written since (the event itself, later events), an
+async def test_sums_before_count_only_earlier_events(redis: Redis, prefix: str) -> None:
+    """The fusion writer's as-of read: whatever was written since (the event itself, later events), an
     event's estimate is the one its buckets gave from strictly earlier entries."""
     s = Settings(key_prefix=prefix)
     # capacities above the batch: what a FIFO has evicted since cannot be read as of any time
@@ -243,13 +243,18 @@ async def test_estimates_before_count_only_earlier_events(redis: Redis, prefix: 
     ]
     first, later = xs[:30], xs[30:]
     await memories.write(first, probs[:30], hidden[:30], None)
-    expected = await memories.estimates_before(later[:1], probs[30:31], hidden[30:31], None)
+    q = probs[30:31]
+    sums = await memories.sums_before(later[:1], hidden[30:31], None)
+    assert sums.session is not None
+    expected_lsh, expected_session = sums.lsh.estimate(q), sums.session.estimate(q)
     await memories.write(later, probs[30:], hidden[30:], None)  # the event itself and later ones land
-    got = await memories.estimates_before(later[:1], probs[30:31], hidden[30:31], None)
-    assert np.abs(expected.session).sum() > 0 and np.abs(expected.lsh).sum() > 0
-    np.testing.assert_allclose(got.session, expected.session, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(got.lsh, expected.lsh, rtol=0, atol=1e-12)
+    got = await memories.sums_before(later[:1], hidden[30:31], None)
+    assert got.session is not None
+    assert np.abs(expected_session).sum() > 0 and np.abs(expected_lsh).sum() > 0
+    np.testing.assert_allclose(got.session.estimate(q), expected_session, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.lsh.estimate(q), expected_lsh, rtol=0, atol=1e-12)
     # and an event after all of them sees all 60 (the as-of prefix is not stuck at the first write)
     tail = [Interaction(user_id="u", item_id="x", ts=1e6, label=1, event_id="z", category="c")]
-    everything = await memories.estimates_before(tail, probs[:1], hidden[:1], None)
-    assert everything.session[0] != got.session[0]
+    everything = await memories.sums_before(tail, hidden[:1], None)
+    assert everything.session is not None
+    assert everything.session.estimate(probs[:1])[0] != got.session.estimate(q)[0]

@@ -99,17 +99,22 @@ def test_sliding_windows() -> None:
     assert ranked[0] == (1, 1.0, 1.0) and ranked[1][1] == 0.5
 
 
-def test_served_variants_follow_the_fusion_rule() -> None:
+def test_served_variants_are_the_leave_one_out_ablations() -> None:
     base, comp, tpp = np.array([0.3, 0.9]), np.array([0.2, 0.2]), np.array([0.5, -1.0])
     wide = np.array([-0.25, 0.75])
     eps = 1e-4
-    p = np.clip(base + comp, eps, 1 - eps)
-    score = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + tpp + wide)))
-    v = served_variants(base, comp, tpp, wide, score, eps)
-    assert v["base+memory"] == pytest.approx([0.5, 1 - eps])
-    assert v["base+tpp"][0] == pytest.approx(1 / (1 + np.exp(-(np.log(0.3 / 0.7) + 0.5))))
-    assert v["full-wide"] == pytest.approx(1 / (1 + np.exp(-(np.log(p / (1 - p)) + tpp))))
-    assert v["full"] is score
+    lb = np.log(base / (1 - base))
+
+    def sig(z: np.ndarray) -> np.ndarray:
+        return np.asarray(1 / (1 + np.exp(-z)))
+
+    v = served_variants(base, comp, tpp, wide, eps)
+    assert list(v) == ["base", "full-no-memory", "full-no-tpp", "full-no-wide", "full"]
+    assert v["full"] == pytest.approx(sig(lb + comp + tpp + wide))
+    assert v["full-no-memory"] == pytest.approx(sig(lb + tpp + wide))
+    assert v["full-no-tpp"] == pytest.approx(sig(lb + comp + wide))
+    assert v["full-no-wide"] == pytest.approx(sig(lb + comp + tpp))
+    assert v["base"] == pytest.approx(base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +201,9 @@ def test_prequential_harness_end_to_end(isolated: Settings, tmp_path) -> None:
     assert report["variants"]["full"]["recall20"] == pytest.approx(rec20, abs=1e-6)
     for v in (
         "base",
-        "base+memory",
-        "base+tpp",
+        "full-no-memory",
+        "full-no-tpp",
+        "full-no-wide",
         "full",
         "river-lr",
         "river-fm",

@@ -17,7 +17,6 @@ from driftrec.models.base import OnlineLearner, Snapshottable
 from driftrec.models.baselines import make_peer
 from driftrec.models.dsl import DSLRecommender
 from driftrec.models.error_memory import ErrorMemory, RandomProjectionLSH, ServedSample, SessionMemory
-from driftrec.models.fusion import FusionSample, FusionWeights, MemoryLambda, TPPWeight
 from driftrec.models.prompt_tpp import PromptTPP
 from driftrec.models.tpp import HomogeneousPoisson, NeuralTPP
 
@@ -64,23 +63,6 @@ def _served(seed: int) -> list[ServedSample]:
     ]
 
 
-def _fusion(seed: int) -> list[FusionSample]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(200):
-        y = int(rng.integers(2))
-        out.append(
-            FusionSample(
-                base=float(rng.uniform(0.2, 0.8)),
-                label=y,
-                memory=0.3 * (y - 0.5),
-                session=float(rng.normal(0, 0.1)),
-                tpp=float(rng.normal(0, 1)),
-            )
-        )
-    return out
-
-
 def _sequences(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [(np.cumsum(rng.exponential(1.0, 10)), rng.integers(0, 4, 10)) for _ in range(12)]
@@ -95,12 +77,6 @@ CASES: dict[str, Case] = {
     "dsl": Case(lambda: DSLRecommender(n_rows=256, dim=8, hidden=8, seed=0), _interactions),
     "error-memory": Case(lambda: ErrorMemory(RandomProjectionLSH(8, 4, 4, seed=0), capacity=8), _served),
     "session-memory": Case(lambda: SessionMemory(capacity=4), _served),
-    "fusion-weights": Case(
-        lambda: FusionWeights(
-            tpp=TPPWeight(w=0.0), memory=MemoryLambda(lam=0.0), session=MemoryLambda(lam=0.0, key="session")
-        ),
-        _fusion,
-    ),
     "neural-tpp": Case(lambda: NeuralTPP(4, hidden=8, seed=0), _sequences),
     "prompt-tpp": Case(lambda: PromptTPP(4, hidden=8, pool_size=4, top_n=2, prompt_len=2, seed=0), _sequences),
     "poisson": Case(lambda: HomogeneousPoisson(4), _sequences),
@@ -157,7 +133,7 @@ def test_same_seed_same_stream_same_predictions(case: Case) -> None:
     np.testing.assert_allclose(_predict(a, query), _predict(b, query), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["dsl", "fusion-weights", "neural-tpp", "prompt-tpp"])
+@pytest.mark.parametrize("name", ["dsl", "neural-tpp", "prompt-tpp"])
 def test_snapshots_predict_like_the_learner(name: str) -> None:
     case = CASES[name]
     learner = case.make()

@@ -13,7 +13,7 @@ from driftrec import __version__
 from driftrec.report import colours, plot_series, summarize, write_html
 
 STAMP = {"version": __version__, "commit": "abc1234", "date": "2026-12-03T00:00:00+00:00"}
-VARIANTS = ["base", "base+memory", "base+tpp", "full", "vw", "vw@event"]
+VARIANTS = ["base", "full-no-memory", "full-no-tpp", "full", "vw", "vw@event"]
 
 
 def _records(n: int = 400, seed: int = 0) -> list[dict]:
@@ -35,7 +35,7 @@ def test_report_marks_directions_best_values_meanings_and_provenance(tmp_path: P
     records = _records()
     overall, series = summarize(records, VARIANTS, 100, 50)
     for v in VARIANTS:
-        overall[v]["events_per_s"] = 80.0 if v in ("base", "base+memory", "base+tpp", "full") else 5000.0
+        overall[v]["events_per_s"] = 80.0 if v in ("base", "full-no-memory", "full-no-tpp", "full") else 5000.0
     run = {
         "source": "synthetic",
         "n_scored": len(records),

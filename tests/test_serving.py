@@ -27,12 +27,15 @@ from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import DSLRecommender, SparseScorer
 from driftrec.models.error_memory import RandomProjectionLSH
-from driftrec.models.fusion import tpp_terms
+from driftrec.models.fusion import tpp_log_ratios
+from driftrec.models.served import MEMORY_FEATURE, MODEL_FEATURE, SESSION_FEATURE, TPP_FEATURE, logit, sigmoid
+from driftrec.models.wide import FTRLParams
 from driftrec.serving.app import create_app
-from driftrec.serving.scorer import Scorer, fuse
-from driftrec.storage.error_memory import MemoryKeys, read_compensation, write_errors
+from driftrec.serving.scorer import Scorer
+from driftrec.storage.error_memory import MemoryKeys, read_estimates, write_errors, write_session_errors
 from driftrec.storage.event_state import StateKeys
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
+from driftrec.storage.wide import WideKeys, pack
 
 REDIS_URL = "redis://127.0.0.1:6379/4"
 N_ITEMS = 60
@@ -64,12 +67,31 @@ def snapshot_parts(steps: int = 4) -> dict[str, bytes]:
 
 
 def make_settings(prefix: str, redis_url: str = REDIS_URL, **serving: object) -> Settings:
-    """Configured weights λ = w = 0.5 (the defaults start at 0 and are learned), so every term
-    shows in a score before any weight has been learned."""
     s = Settings(redis_url=redis_url, key_prefix=prefix)
-    s.serving = s.serving.model_copy(update={"reload_every_s": 0.0, "tpp_weight": 0.5, **serving})
-    s.memory = s.memory.model_copy(update={"lambda_": 0.5})
+    s.serving = s.serving.model_copy(update={"reload_every_s": 0.0, **serving})
     return s
+
+
+async def set_weights(
+    redis: Redis, s: Settings, memory: float = 0.5, session: float = 0.5, tpp: float = 0.5, model: float = 0.0
+) -> None:
+    """Store the fusion layer's state so its term weights are these (all start at 0 and are
+    learned at ingest), so every term shows in a score before any weight has been learned."""
+    p = FTRLParams(**s.wide.ftrl_params())
+    scale = p.beta / p.alpha + p.l2  # the FTRL denominator at n = 0: weight = -z / scale
+    keys = WideKeys(s.key_prefix)
+    for feature, w in (
+        (MODEL_FEATURE, model),
+        (MEMORY_FEATURE, memory),
+        (SESSION_FEATURE, session),
+        (TPP_FEATURE, tpp),
+    ):
+        await redis.set(keys.feature("", feature), pack(-w * scale, 0.0))
+
+
+def tpp_terms(payload: bytes, cats: list[str | None], now: float, weight: float, tau_s: float, clip: float):
+    """The TPP term as served: the clipped log ratio at its weight."""
+    return weight * np.clip(tpp_log_ratios(payload, cats, now, tau_s=tau_s), -clip, clip)
 
 
 def with_enabled(s: Settings, dsl: bool = True, memory: bool = True, tpp: bool = True) -> Settings:
@@ -84,12 +106,15 @@ def tpp_payload(probs: dict[str, float], ts: float = TS, n_types: int = 4) -> by
     return orjson.dumps({"ts": ts, "version": 1, "probs": probs, "n_types": n_types})
 
 
-async def write_memory(redis: Redis, s: Settings, user: str, items: list[str], labels: list[int]) -> None:
-    """Errors of (user, item) events as the worker would write them for the published model."""
+async def write_memory(
+    redis: Redis, s: Settings, user: str, items: list[str], labels: list[int], ids: str = "e"
+) -> None:
+    """Errors of (user, item) events as the worker would write them for the published model, into
+    both memories (event ids ``<ids><k>``)."""
     scorer = SparseScorer.from_bytes(model_blob())
     cat = catalog()
     xs = [
-        Interaction(user, i, TS - 10, label=y, category=cat.get(i), event_id=f"e{k}")
+        Interaction(user, i, TS - 10, label=y, category=cat.get(i), event_id=f"{ids}{k}")
         for k, (i, y) in enumerate(zip(items, labels))
     ]
     probs, hidden = scorer.predict_with_hidden(xs)
@@ -102,6 +127,7 @@ async def write_memory(redis: Redis, s: Settings, user: str, items: list[str], l
     )
     keys = MemoryKeys.from_settings(s.key_prefix, s.dsl.generation, s.memory.n_shards)
     await write_errors(redis, keys, lsh, xs, probs, hidden, capacity=s.memory.bucket_capacity)
+    await write_session_errors(redis, keys, xs, probs, capacity=s.memory.session_capacity)
 
 
 @pytest.fixture
@@ -123,7 +149,7 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
 
 # ---- the fusion rule, by hand ---------------------------------------------------------------
 def test_fusion_rule_hand_worked() -> None:
-    # tpp: w=0.5, one tau of age → decay e^-1; K=4, p=0.5 → ln 2
+    # tpp: one tau of age → decay e^-1; K=4, p=0.5 → ln 2
     term = tpp_terms(
         tpp_payload({"c1": 0.5, "c2": 0.0}, ts=TS - 3600),
         ["c1", "c2", "zz", None],
@@ -133,7 +159,7 @@ def test_fusion_rule_hand_worked() -> None:
         clip=2.0,
     )
     assert term[0] == pytest.approx(0.5 * math.exp(-1) * math.log(2.0), abs=1e-12)
-    assert term[1] == -2.0  # p = 0: the clip bounds ln 0
+    assert term[1] == -1.0  # p = 0: the clip bounds ln 0 (at unit weight), then the weight
     assert term[2] == 0.0 and term[3] == 0.0  # unknown / missing category
     # a request older than the user's last event is not "un-decayed" beyond 1
     assert tpp_terms(tpp_payload({"c1": 0.5}, ts=TS + 100), ["c1"], TS, weight=0.5, tau_s=3600, clip=2)[
@@ -141,17 +167,12 @@ def test_fusion_rule_hand_worked() -> None:
     ] == pytest.approx(0.5 * math.log(2.0))
     # a uniform propensity (K·p = 1) says nothing
     assert tpp_terms(tpp_payload({"c1": 0.25}), ["c1"], TS, weight=1.0, tau_s=3600, clip=2)[0] == 0.0
-    # score = sigmoid(logit(base + comp) + tpp)
-    base, comp, t = np.array([0.3]), np.array([0.1]), np.array([0.127])
-    expected = 1 / (1 + math.exp(-(math.log(0.4 / 0.6) + 0.127)))
-    assert fuse(base, comp, t, 1e-4)[0] == pytest.approx(expected, abs=1e-12)
-    assert fuse(np.array([0.3]), np.zeros(1), np.zeros(1), 1e-4)[0] == pytest.approx(0.3, abs=1e-12)
 
 
 @hsettings(max_examples=200, deadline=None)
-@given(base=st.floats(0, 1), comp=st.floats(-1, 1), tpp=st.floats(-1e6, 1e6), eps=st.sampled_from([1e-12, 1e-4]))
+@given(base=st.floats(0, 1), comp=st.floats(-1e3, 1e3), tpp=st.floats(-1e6, 1e6), eps=st.sampled_from([1e-12, 1e-4]))
 def test_score_is_always_a_probability(base: float, comp: float, tpp: float, eps: float) -> None:
-    s = fuse(np.array([base]), np.array([comp]), np.array([tpp]), eps)[0]
+    s = sigmoid(logit(np.array([base]), eps) + comp + tpp)[0]
     assert 0.0 <= s <= 1.0 and math.isfinite(s)
 
 
@@ -170,12 +191,14 @@ def test_tpp_term_is_bounded_for_any_payload(p: object, k: int, w: float, age: f
         else orjson.dumps({"ts": TS, "probs": {"c1": None}})
     )
     term = tpp_terms(payload, ["c1"], TS, weight=w, tau_s=60.0, clip=2.0)
-    assert np.isfinite(term).all() and (np.abs(term) <= 2.0).all()
+    assert np.isfinite(term).all() and (np.abs(term) <= 2.0 * abs(w)).all()
 
 
 # ---- the scorer end to end against Redis ----------------------------------------------------
 async def test_components_match_their_sources(redis: Redis, prefix: str) -> None:
     s = make_settings(prefix)
+    s.memory = s.memory.model_copy(update={"session_capacity": 0})  # the LSH memory alone here
+    await set_weights(redis, s, memory=0.7, tpp=0.5, model=0.2)
     version = await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     items = [f"i{j}" for j in range(20)]
     await write_memory(redis, s, "u3", items * 2, [1] * 20 + [1] * 20)
@@ -191,7 +214,14 @@ async def test_components_match_their_sources(redis: Redis, prefix: str) -> None
     model = SparseScorer.from_bytes(model_blob())
     cats = [catalog()[i] for i in items]
     probs, hidden = model.score_candidates("u3", items, cats)
+    eps = s.serving.eps
     np.testing.assert_allclose(res.base[order], probs, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.wide[order], 0.2 * logit(probs, eps), rtol=0, atol=1e-9)  # no id weights yet
+    decay = math.exp(-600 / s.serving.tpp_tau_s)
+    lut = {c: 0.5 * decay * math.log(4 * p) for c, p in {"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}.items()}
+    np.testing.assert_allclose(res.tpp[order], [lut[c] for c in cats], rtol=0, atol=1e-9)
+    # the memory corrects the score served before it (ReLoop2), at its learned weight
+    pre = sigmoid(logit(probs, eps) + res.wide[order] + res.tpp[order])
     lsh = RandomProjectionLSH(
         dim=model.hidden,
         n_tables=s.memory.n_tables,
@@ -200,26 +230,21 @@ async def test_components_match_their_sources(redis: Redis, prefix: str) -> None
         version=s.dsl.generation,
     )
     keys = MemoryKeys.from_settings(prefix, s.dsl.generation, s.memory.n_shards)
-    comp = await read_compensation(
-        redis, keys, lsh, hidden, probs, lam=s.memory.lambda_, prior=s.memory.prior, eps=s.serving.eps
-    )
-    np.testing.assert_allclose(res.compensation[order], comp, rtol=0, atol=1e-12)
+    e_hat, _ = await read_estimates(redis, keys, lsh, hidden, pre, gamma=s.memory.gamma, prior=s.memory.prior)
+    expected = 0.7 * (logit(pre + e_hat, eps) - logit(pre, eps))
+    np.testing.assert_allclose(res.compensation[order], expected, rtol=0, atol=1e-9)
     assert (res.compensation > 0).all()  # every label was 1: the memory pushes up
-    decay = math.exp(-600 / s.serving.tpp_tau_s)
-    lut = {
-        c: min(max(s.serving.tpp_weight * decay * math.log(4 * p), -2), 2)
-        for c, p in {"c0": 0.7, "c1": 0.1, "c2": 0.1, "c3": 0.1}.items()
-    }
-    np.testing.assert_allclose(res.tpp[order], [lut[c] for c in cats], rtol=0, atol=1e-12)
+    # the parts add up to the score
     np.testing.assert_allclose(
-        res.score, fuse(res.base, res.compensation, res.tpp, s.serving.eps, res.wide), atol=1e-12
+        res.score, sigmoid(logit(res.base, eps) + res.compensation + res.tpp + res.wide), atol=1e-12
     )
     assert list(res.score) == sorted(res.score, reverse=True)
     await scorer.close()
 
 
 async def test_extreme_state_still_yields_probabilities(redis: Redis, prefix: str) -> None:
-    s = make_settings(prefix, tpp_weight=1e6, tpp_clip=50.0)
+    s = make_settings(prefix, tpp_clip=50.0)
+    await set_weights(redis, s, memory=1e6, session=-1e6, tpp=1e6, model=1e3)
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     await redis.set(StateKeys(prefix).user_tpp("u1"), tpp_payload({"c0": 1.0, "c1": 0.0, "c2": 1e-300}, n_types=10**6))
     await redis.set(StateKeys(prefix).user_tpp("u2"), b"not json at all")
@@ -229,8 +254,7 @@ async def test_extreme_state_still_yields_probabilities(redis: Redis, prefix: st
     for user in ("u1", "u2", "nobody"):
         res = await scorer.score(user, [f"i{j}" for j in range(N_ITEMS)] + ["never-seen"], TS)
         assert ((res.score >= 0) & (res.score <= 1)).all() and np.isfinite(res.score).all()
-        p = res.base + res.compensation
-        assert ((p >= s.serving.eps) & (p <= 1 - s.serving.eps)).all()
+        assert np.isfinite(res.compensation).all() and np.isfinite(res.tpp).all() and np.isfinite(res.wide).all()
     assert scorer.stats.tpp_parse_errors == 1  # u2's garbage was counted, not raised
     await scorer.close()
 
@@ -243,6 +267,7 @@ async def test_each_contribution_can_be_switched_off(
     redis: Redis, prefix: str, dsl: bool, memory: bool, tpp: bool
 ) -> None:
     s = with_enabled(make_settings(prefix), dsl, memory, tpp)
+    await set_weights(redis, s)
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     await write_memory(redis, s, "u1", [f"i{j}" for j in range(10)], [1] * 10)
     await redis.set(StateKeys(prefix).user_tpp("u1"), tpp_payload({"c0": 0.9, "c1": 0.05, "c2": 0.05}))
@@ -324,6 +349,7 @@ class CountingConnection(Connection):
 
 async def test_one_redis_round_trip_per_request(redis: Redis, prefix: str) -> None:
     s = make_settings(prefix)
+    await set_weights(redis, s)
     await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     await write_memory(redis, s, "u1", [f"i{j}" for j in range(N_ITEMS)], [1, 0] * (N_ITEMS // 2))
     await redis.set(StateKeys(prefix).user_tpp("u1"), tpp_payload({"c0": 0.9, "c1": 0.1}))

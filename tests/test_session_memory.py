@@ -6,13 +6,12 @@ from __future__ import annotations
 from typing import cast
 
 import numpy as np
-import orjson
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from driftrec.contract.interaction import Interaction
-from driftrec.models.error_memory import ServedSample, SessionMemory, compensation_delta, session_code
-from driftrec.models.fusion import MemoryLambda, TPPWeight
+from driftrec.models.error_memory import ServedSample, SessionMemory, session_code
+from driftrec.models.served import correction_input
 from driftrec.serving.scorer import Scorer
 from driftrec.storage.error_memory import (
     MemoryKeys,
@@ -22,7 +21,7 @@ from driftrec.storage.error_memory import (
     write_session_errors,
 )
 from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
-from tests.test_serving import TS, catalog, make_settings, prefix, redis, snapshot_parts  # noqa: F401
+from tests.test_serving import TS, catalog, make_settings, prefix, redis, set_weights, snapshot_parts  # noqa: F401
 
 
 def test_hand_worked_estimate_capacity_and_redelivery() -> None:
@@ -84,25 +83,21 @@ async def test_redis_buckets_answer_like_the_reference(redis: Redis, prefix: str
 
 async def test_scorer_adds_the_session_term(redis: Redis, prefix: str) -> None:  # noqa: F811
     s = make_settings(prefix)
-    fusion = {
-        **TPPWeight(w=0.0).to_dict(),
-        **MemoryLambda(lam=0.0).to_dict(),
-        **MemoryLambda(lam=0.4, key="session").to_dict(),
-    }
-    await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), {**snapshot_parts(), "fusion": orjson.dumps(fusion)})
+    await set_weights(redis, s, memory=0.0, session=0.4, tpp=0.0)
+    await publish_snapshot(redis, SnapshotKeys(prefix, "dsl"), snapshot_parts())
     cat = catalog()
     keys = MemoryKeys.from_settings(prefix, s.dsl.generation, s.memory.n_shards)
     # user u3 was served 0.2 on four c0 items and liked them all: the c0 candidates go up, others not
     seen = [Interaction("u3", f"i{j}", TS - 5, label=1, category="c0", event_id=f"s{j}") for j in (0, 4, 8, 12)]
     await write_session_errors(redis, keys, seen, np.full(4, 0.2), capacity=s.memory.session_capacity)
     scorer = Scorer(s, redis)
-    assert await scorer.refresh() and scorer.current is not None and scorer.current.session_lambda == 0.4
+    assert await scorer.refresh()
     items = [f"i{j}" for j in range(8)]
     res = await scorer.score("u3", items, TS)
     order = [res.item_ids.index(i) for i in items]
     c_hat = np.array([4 * 0.8 / 5 if cat[i] == "c0" else 0.0 for i in items])
     np.testing.assert_allclose(
-        res.compensation[order], compensation_delta(res.base[order], 0.4 * c_hat, 1.0, s.serving.eps), atol=1e-12
+        res.compensation[order], 0.4 * correction_input(res.base[order], c_hat, s.serving.eps), atol=1e-12
     )
     assert (res.compensation[order][c_hat > 0] > 0).all() and (res.compensation[order][c_hat == 0] == 0).all()
     other = await scorer.score("u4", items, TS)

@@ -11,7 +11,6 @@ import pytest
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import DSLRecommender
 from driftrec.models.error_memory import ErrorMemory, SessionMemory
-from driftrec.models.fusion import MemoryLambda, TPPWeight
 from driftrec.models.prompt_tpp import PromptTPP
 
 
@@ -27,14 +26,14 @@ def test_a_misspelt_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_known_variables_are_read_into_their_sections(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DRIFTREC_MEMORY__LAMBDA", "0.3")
+    monkeypatch.setenv("DRIFTREC_MEMORY__PRIOR", "0.3")
     monkeypatch.setenv("DRIFTREC_DSL__POSITIVE_KINDS", '["click", "like"]')
     monkeypatch.setenv("DRIFTREC_DEDUP_TTL_S", "60")
     monkeypatch.setenv("DRIFTREC_TEST_ANYTHING", "the test suite's own namespace")
     s = Settings()
-    assert s.memory.lambda_ == 0.3 and s.dsl.positive_kinds == {"click", "like"} and s.dedup_ttl_s == 60
+    assert s.memory.prior == 0.3 and s.dsl.positive_kinds == {"click", "like"} and s.dedup_ttl_s == 60
     with pytest.raises(ValueError):
-        Settings(memory={"lamda": 0.3})  # a section refuses unknown keys given in code too
+        Settings(memory={"priorr": 0.3})  # a section refuses unknown keys given in code too
 
 
 def test_model_defaults_agree_with_the_settings_defaults() -> None:
@@ -57,8 +56,8 @@ def test_model_defaults_agree_with_the_settings_defaults() -> None:
     for key in ("hidden", "pool_size", "top_n", "prompt_len", "key_weight", "freeze", "lr", "batch_size", "seed"):
         assert tpp[key] == getattr(s.tpp, key), key
     memory = _defaults(ErrorMemory)
-    # (λ is left out on purpose: the reference's λ is a fixed weight in the paper's range, the
-    # setting is the starting point of the λ learned from the stream)
+    # (λ is left out on purpose: the reference's λ is a fixed weight in the paper's range; the
+    # served weight is learned by the fusion layer, models/served.py)
     assert (memory["capacity"], memory["prior"], memory["gamma"], memory["half_life_s"], memory["eps"]) == (
         s.memory.bucket_capacity,
         s.memory.prior,
@@ -68,8 +67,6 @@ def test_model_defaults_agree_with_the_settings_defaults() -> None:
     )
     session = _defaults(SessionMemory)
     assert (session["capacity"], session["gamma"]) == (s.memory.session_capacity, s.memory.session_gamma)
-    assert TPPWeight().w == s.serving.tpp_weight and TPPWeight().clip == s.serving.tpp_clip
-    assert MemoryLambda().lam == s.memory.lambda_ == s.memory.session_lambda and MemoryLambda().eps == s.serving.eps
 
 
 def test_the_readme_lists_every_setting_as_generated() -> None:
