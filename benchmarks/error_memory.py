@@ -14,10 +14,14 @@ What it does, in one run, on the default real dataset (ML-100K, time order, rati
    error from ``MEMORY USAGE`` over every key (and the ``INFO used_memory`` delta, noisier because
    the server is shared).
 Nothing is tuned on the evaluation stream: tables, bits, capacity and prior are the
-``MemorySettings`` defaults (chosen before any run, not from results). λ is fixed per run
-(``--lam``, default 1: the paper's ``clip(ŷ + ê)``, which the served fusion reaches at a learned
-memory weight of 1); the product learns its weight per event (``models/served.py``), which this
-in-process replay does not reproduce.
+``MemorySettings`` defaults (chosen before any run, not from results). The memory is measured at
+the weight it serves (``--lam learned``, the default): the product's fusion (``models/served.py``)
+with the LSH memory alone -- the model's logit and the memory's correction weighed by a per-event
+FTRL, the memory storing the errors of the score served before its correction -- so ``base`` is
+that score and ``memory`` the served one; ``memory_weight_final`` is the learned weight. ``--lam
+X`` fixes λ instead (the paper's ``clip(ŷ + λ·ê)``; 1 is the paper's correction at full weight).
+The session memory is not part of this replay (the evaluation's ``full-no-memory`` ablation
+drops both memories).
 
 The paper's main table (ReLoop2, KDD 2023, arXiv:2306.08808)
 ------------------------------------------------------------
@@ -60,6 +64,7 @@ from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import get_settings
 from driftrec.models import metrics
 from driftrec.models.error_memory import RandomProjectionLSH
+from driftrec.models.wide import FTRLParams, WideFTRL
 from driftrec.shift import (
     PrequentialTrace,
     ServedLearner,
@@ -179,11 +184,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         batch_size=args.batch_size,
         capacity=mem.bucket_capacity,
         ttl_s=mem.ttl_s,
-        lam=args.lam,
+        lam=0.0 if args.lam == "learned" else float(args.lam),
         gamma=mem.gamma,
         prior=mem.prior,
         half_life_s=mem.half_life_s,
     )
+
+    def fusion() -> WideFTRL | None:
+        """The served weights, learned per event (``--lam learned``), or None for a fixed λ."""
+        return WideFTRL(FTRLParams(**settings.wide.ftrl_params()), ids=False) if args.lam == "learned" else None
+
     result: dict[str, object] = {
         "model": args.model,
         "events": len(stream),
@@ -204,11 +214,20 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         used_before = int((await redis.info("memory"))["used_memory"])
         t0 = time.perf_counter()
         trace = await prequential_with_memory(
-            redis, keys, lsh, model, stream, **common, progress=progress_logger(len(stream), "prequential")
+            redis,
+            keys,
+            lsh,
+            model,
+            stream,
+            **common,
+            progress=progress_logger(len(stream), "prequential"),
+            fusion=fusion(),
         )
         wall = time.perf_counter() - t0
         used_after = int((await redis.info("memory"))["used_memory"])
         y, pb, pm = trace.arrays()
+        if trace.memory_weight:
+            result["memory_weight_final"] = trace.memory_weight[-1]
         result.update(
             auc_base=metrics.auc(y, pb),
             auc_memory=metrics.auc(y, pm),
@@ -260,8 +279,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         shifted = inject_genre_flip(stream, flip)
         model = make_model(args.model, args.seed)
         trace = await prequential_with_memory(
-            redis, keys_shift, lsh, model, shifted, **common, progress=progress_logger(len(shifted), "genre-flip")
+            redis,
+            keys_shift,
+            lsh,
+            model,
+            shifted,
+            **common,
+            progress=progress_logger(len(shifted), "genre-flip"),
+            fusion=fusion(),
         )
+        if trace.memory_weight:
+            at = int(np.searchsorted([x.ts for x in shifted[:: args.batch_size]], flip.after_ts))
+            result["shift_memory_weight_before"] = trace.memory_weight[max(at - 1, 0)]
+            result["shift_memory_weight_final"] = trace.memory_weight[-1]
         y, pb, pm = trace.arrays()
         early = segment_metrics(y, pb, pm, shifted_mask(shifted, flip, args.shift_horizon))
         whole = segment_metrics(y, pb, pm, shifted_mask(shifted, flip))
@@ -310,7 +340,9 @@ def main() -> None:
     parser.add_argument("--lookup-reps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lam", type=float, default=1.0, help="the compensation's weight λ (module doc)")
+    parser.add_argument(
+        "--lam", default="learned", help="the compensation's weight: 'learned' (as served) or a fixed λ (module doc)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = asyncio.run(run(args))

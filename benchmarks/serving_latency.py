@@ -192,6 +192,13 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
             ),
         )
     await pipe.execute()
+    # every term weight non-zero, so every request reads every term (the scorer skips a term
+    # whose learned weight is exactly 0): the most a request reads
+    from driftrec.models.served import REAL_FEATURES
+    from driftrec.storage.wide import WideStore, WideUpdate
+
+    store = WideStore(redis, settings.key_prefix, settings.dedup_ttl_s)
+    await store.add([WideUpdate("bench-weights", users[0], {f: (-1.0, 1.0) for f in REAL_FEATURES})])
     await redis.aclose()
     print(
         f"state ready: snapshot v{version}, memory for {len(mem)} events, tpp for {len(users)} users "

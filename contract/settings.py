@@ -113,10 +113,12 @@ class WideSettings(Section):
     beta: float = Field(1.0, ge=0)  # smoothing of the per-feature rate (1: the paper's value)
     l1: float = Field(0.0, ge=0)  # L1 strength (0: every feature keeps a weight)
     l2: float = Field(1.0, ge=0)  # L2 strength
+    # FTRL's learning rate for the four term weights (DSL logit, memories, TPP), each shared by every event
+    term_alpha: float = Field(0.5, gt=0)
 
     def ftrl_params(self) -> dict[str, float]:
         """The model's hyper-parameters as ``models.wide.FTRLParams`` takes them."""
-        return {"alpha": self.alpha, "beta": self.beta, "l1": self.l1, "l2": self.l2}
+        return {"alpha": self.alpha, "beta": self.beta, "l1": self.l1, "l2": self.l2, "term_alpha": self.term_alpha}
 
 
 class TPPSettings(Section):

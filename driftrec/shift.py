@@ -30,7 +30,9 @@ from driftrec.models.error_memory import (
     HiddenPredictor,
     RandomProjectionLSH,
 )
-from driftrec.storage.error_memory import BucketNames, MemoryKeys, read_compensation, write_errors
+from driftrec.models.served import MEMORY_FEATURE, MODEL_FEATURE, TermWeights, assemble
+from driftrec.models.wide import WideFTRL
+from driftrec.storage.error_memory import BucketNames, MemoryKeys, read_compensation, read_estimates, write_errors
 
 
 class ServedLearner(HiddenPredictor, Protocol):
@@ -88,6 +90,7 @@ class PrequentialTrace:
     read_s: float = 0.0
     learn_s: float = 0.0
     written: int = 0
+    memory_weight: list[float] = field(default_factory=list)  # the learned weight after each batch
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.array(self.y), np.array(self.p_base), np.array(self.p_memory)
@@ -110,11 +113,20 @@ async def prequential_with_memory(
     eps: float = DEFAULT_EPS,
     write_from: int = 0,
     progress: Callable[[int, PrequentialTrace], None] | None = None,
+    fusion: WideFTRL | None = None,
 ) -> PrequentialTrace:
     """Score each micro-batch with the served state (model + memory), then write its errors, then
     let the model learn it. ``model`` needs ``predict_with_hidden`` and ``learn_many``.
     ``write_from`` skips memory writes (not scoring) for the first events, to save time where a
-    caller only evaluates a later segment."""
+    caller only evaluates a later segment.
+
+    ``fusion``: serve as the product does (``models/served.py``) -- the memory's weight and the
+    weight on the model's logit learned per event by this FTRL (ids off), the memory holding the
+    errors of the score served before its correction -- instead of a fixed ``lam``."""
+    if fusion is not None:
+        return await _served_prequential(
+            redis, keys, lsh, model, interactions, fusion, batch_size, capacity, ttl_s, gamma, prior, eps, progress
+        )
     trace = PrequentialTrace()
     names = BucketNames(keys, lsh)
     for start in range(0, len(interactions), batch_size):
@@ -149,6 +161,61 @@ async def prequential_with_memory(
         trace.y.extend(int(x.label or 0) for x in batch)  # the batch holds labelled events only
         trace.p_base.extend(probs.tolist())
         trace.p_memory.extend((probs + delta).tolist())
+        if progress is not None:
+            progress(start + len(batch), trace)
+    return trace
+
+
+def _known(values: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """An estimate already read for the served ``pre`` (the query it was read with)."""
+    return lambda _pre: values
+
+
+async def _served_prequential(
+    redis: Redis,
+    keys: MemoryKeys,
+    lsh: RandomProjectionLSH,
+    model: ServedLearner,
+    interactions: Sequence[Interaction],
+    fusion: WideFTRL,
+    batch_size: int,
+    capacity: int,
+    ttl_s: int,
+    gamma: float,
+    prior: float,
+    eps: float,
+    progress: Callable[[int, PrequentialTrace], None] | None,
+) -> PrequentialTrace:
+    """The product's fusion with the LSH memory alone: ``p_base`` is the score served before the
+    memory (the model at its learned weight), ``p_memory`` the served score."""
+    trace = PrequentialTrace()
+    names = BucketNames(keys, lsh)
+    for start in range(0, len(interactions), batch_size):
+        batch = [x for x in interactions[start : start + batch_size] if x.label is not None]
+        if not batch:
+            continue
+        probs, hidden = model.predict_with_hidden(batch)
+        t0 = time.perf_counter()
+        weights = TermWeights.of({f: fusion.weight(f) for f in (MODEL_FEATURE, MEMORY_FEATURE)})
+        pre = assemble(probs, np.zeros(len(batch)), weights, eps).pre
+        e_hat, _ = await read_estimates(
+            redis, keys, lsh, hidden, pre, gamma=gamma, prior=prior, now=batch[0].ts, names=names
+        )
+        terms = assemble(probs, np.zeros(len(batch)), weights, eps, memory=_known(e_hat))
+        t1 = time.perf_counter()
+        trace.written += await write_errors(redis, keys, lsh, batch, terms.pre, hidden, capacity=capacity, ttl_s=ttl_s)
+        t2 = time.perf_counter()
+        for x, lb, e in zip(batch, terms.inputs[MODEL_FEATURE], terms.inputs[MEMORY_FEATURE]):
+            fusion.learn_one(x.user_id, x.item_id, None, int(x.label or 0), float(lb), {MEMORY_FEATURE: float(e)})
+        model.learn_many(batch)
+        t3 = time.perf_counter()
+        trace.read_s += t1 - t0
+        trace.write_s += t2 - t1
+        trace.learn_s += t3 - t2
+        trace.y.extend(int(x.label or 0) for x in batch)
+        trace.p_base.extend(terms.pre.tolist())
+        trace.p_memory.extend(terms.score.tolist())
+        trace.memory_weight.append(fusion.weight(MEMORY_FEATURE))
         if progress is not None:
             progress(start + len(batch), trace)
     return trace

@@ -63,8 +63,10 @@ How this implementation maps onto the paper
 * **Shrinkage** ``prior`` (our addition, default 1): pulls the estimate toward 0 where a query
   found few neighbours, so one stray error cannot swing a prediction.
 * **Compensation space**: probability space, ``ŷ' = clip(ŷ + λ·ê, eps, 1 − eps)`` as the brief and
-  the paper state it; ``eps = 1e-4`` keeps log-loss finite. λ default 0.5 (between the paper's
-  0.4 and 0.9; not tuned on any evaluation stream).
+  the paper state it; ``eps = 1e-4`` keeps log-loss finite. This module's in-process reference
+  takes a fixed λ (default 0.5, between the paper's 0.4 and 0.9); the served score applies the
+  correction to the score served before it, as a logit delta whose weight the fusion layer learns
+  (``models/served.py``: at weight 1 it is exactly ``clip(ŷ + ê)``).
 * **Versioning**: a bucket is identified by ``(model version, table, code)``; a new model version
   has a new hidden space, so it must never read errors written under the old one.
 
@@ -87,7 +89,7 @@ So the session memory keys a bucket by the exact pair ``(user, category)`` -- th
 where "similar" means "same user, same genre" -- and keeps its ``capacity`` newest
 ``(ts, y, ŷ_served)`` entries in a FIFO. The estimate is ReLoop2's (``estimate_from_sums``) with
 its own γ and λ. Choices made on that validation segment by replaying the pipeline's timing
-offline (window of 250, λ learned by :class:`models.fusion.MemoryLambda` from 0.5), AUC /
+offline (window of 250, λ learned by the fusion weights of 0.5.x, since removed, from 0.5), AUC /
 log-loss, base 0.7125 / 0.6109:
 
 * key (user, category) vs user alone: 0.7153 / 0.6085 vs 0.7133 / 0.6103 (capacity 8);

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -98,6 +98,15 @@ class FTRLParams:
     beta: float = 1.0
     l1: float = 0.0
     l2: float = 1.0
+    # the rate of the real-valued term weights (m, e, s, t; None: alpha): each is one weight
+    # shared by every event, where the ids are many weights each seen by few
+    term_alpha: float | None = None
+
+    def for_feature(self, feature: str) -> FTRLParams:
+        """The parameters that ``feature``'s weight is learned with."""
+        if self.term_alpha is None or feature not in REAL_FEATURES:
+            return self
+        return replace(self, alpha=self.term_alpha, term_alpha=None)
 
     def weight(self, z: float, n: float) -> float:
         if abs(z) <= self.l1:
@@ -137,7 +146,7 @@ class WideFTRL:
 
     def weight(self, feature: str) -> float:
         z, n = self.state.get(feature, (0.0, 0.0))
-        return self.params.weight(z, n)
+        return self.params.for_feature(feature).weight(z, n)
 
     def _inputs(
         self, user_id: str, item_id: str, category: str | None, offset: float, terms: Mapping[str, float] | None
@@ -192,8 +201,9 @@ class WideFTRL:
             if gi == 0.0:
                 continue
             z, n = self.state.get(f, (0.0, 0.0))
-            w = self.params.weight(z, n)
-            sigma = (math.sqrt(n + gi * gi) - math.sqrt(n)) / self.params.alpha
+            fp = self.params.for_feature(f)
+            w = fp.weight(z, n)
+            sigma = (math.sqrt(n + gi * gi) - math.sqrt(n)) / fp.alpha
             dz, dn = gi - sigma * w, gi * gi
             self.state[f] = (z + dz, n + dn)
             deltas[f] = (dz, dn)
@@ -201,12 +211,19 @@ class WideFTRL:
 
 
 def layer_weights(params: FTRLParams, values: Mapping[str, tuple[float, float]]) -> dict[str, float]:
-    """Feature → weight from the stored ``(z, n)`` of the features read."""
-    names = list(values)
-    if not names:
-        return {}
-    zn = np.array([values[f] for f in names], dtype=np.float64)
-    return dict(zip(names, params.weights(zn[:, 0], zn[:, 1]).tolist()))
+    """Feature → weight from the stored ``(z, n)`` of the features read (Redis is input too: a
+    value that is not finite reads as 0, so a crafted key cannot make every score NaN)."""
+    out: dict[str, float] = {}
+    for real in (True, False):
+        names = [f for f in values if (f in REAL_FEATURES) == real]
+        if names:
+            p = params.for_feature(names[0])
+            zn = np.array([values[f] for f in names], dtype=np.float64)
+            with np.errstate(invalid="ignore"):
+                w = p.weights(zn[:, 0], zn[:, 1])
+            # a stored state no step could have made (non-finite, negative n) weighs nothing
+            out.update(zip(names, np.where(np.isfinite(w), w, 0.0).tolist()))
+    return out
 
 
 def id_logits(

@@ -279,3 +279,21 @@ async def test_the_layer_serves_the_dsl_until_it_learns(redis: Redis, prefix: st
     res = await scorer.score("u3", items, TS)
     assert (res.compensation == 0).all() and (res.tpp == 0).all() and (res.wide == 0).all()
     np.testing.assert_allclose(res.score, np.clip(res.base, s.serving.eps, 1 - s.serving.eps), atol=1e-12)
+
+
+def test_term_weights_learn_at_their_own_rate_and_every_reader_agrees() -> None:
+    slow, fast = WideFTRL(FTRLParams(term_alpha=0.05)), WideFTRL(FTRLParams())
+    for k in range(200):
+        for model in (slow, fast):
+            model.learn_one(f"u{k}", "i", "c", label=k % 3 == 0, dsl_logit=0.5, terms={MEMORY_FEATURE: 1.0})
+    assert 0 < abs(slow.weight(MEMORY_FEATURE)) < abs(fast.weight(MEMORY_FEATURE))
+    weight = layer_weights(slow.params, slow.state)
+    for f in slow.state:
+        assert weight[f] == pytest.approx(slow.weight(f), abs=1e-15)
+
+
+def test_a_stored_state_no_step_could_make_weighs_nothing() -> None:
+    values = {MEMORY_FEATURE: (float("nan"), 1.0), "i:x": (-2.0, -4.0), "i:y": (float("inf"), 0.0), "b": (-1.0, 0.0)}
+    weight = layer_weights(FTRLParams(), values)
+    assert weight[MEMORY_FEATURE] == 0.0 and weight["i:x"] == 0.0 and weight["i:y"] == 0.0
+    assert weight["b"] == pytest.approx(1.0 / 3.0)
