@@ -92,10 +92,11 @@ log = logging.getLogger(__name__)
 # The demo must finish in < 10 minutes on a fresh 2-core machine. It runs the event-time lag
 # protocol at DEMO_LAG_S: the fast path is fresh within 0.1-0.4 s (benchmarks/freshness.py, p50 /
 # p99), so a second covers its p99 with margin, a rule stated once rather than a value tuned.
-# Measured here: ~65-80 labelled events/s for the whole loop (each event scored over HTTP after
-# the fast path took in what became due), so 25,000 events (a quarter of ML-100K, ~98 days of
-# it) take ~5-6 minutes plus start-up and the report. Full ML-100K: ``driftrec evaluate ml-100k
-# --lag-s 1`` (~25 minutes).
+# Measured with 0.7.0: ~43-50 labelled events/s for the whole loop (each event scored over HTTP
+# after the fast path took in what became due; 0.6.x did 65-80, before ingest read both memories
+# as of each event to learn their weights), so 25,000 events (a quarter of ML-100K, ~98 days of
+# it) take ~9-10 minutes with start-up and the report: at the bound. Full ML-100K:
+# ``driftrec evaluate ml-100k --lag-s 1`` (~35-40 minutes).
 DEMO_LIMIT: int | None = 25_000
 DEMO_RANK_FRACTION = 0.2
 DEMO_LAG_S = 1.0
