@@ -3,8 +3,8 @@
 1. **Ingest events/s with 1, 2 and 3 workers** (`driftrec worker --roles ingest`, one consumer
    group each run, fresh topic) over the same events, beside raw aiokafka consumption of that
    topic (the ceiling the broker and client allow here).
-2. **Trainer events/s**: the DSL lineage's learner alone (``DSLTrainer.handle`` with its
-   as-of memory reads for its fusion weights, no broker), micro-batches of ``worker_batch_size``.
+2. **Trainer events/s**: the DSL lineage's learner alone (``DSLTrainer.handle``, no broker),
+   micro-batches of ``worker_batch_size``.
 3. **Failover**: two `driftrec trainer` processes; the active one is SIGKILLed mid-stream; the
    time from the kill to the standby's first publish, with no new events arriving.
 4. **Scoring p99 at 100 candidates on a single Redis and on a local 3-master Redis Cluster**

@@ -29,10 +29,11 @@ from driftrec.models.error_memory import (
     DEFAULT_PRIOR,
     HiddenPredictor,
     RandomProjectionLSH,
+    compensate,
 )
 from driftrec.models.served import MEMORY_FEATURE, MODEL_FEATURE, TermWeights, assemble
 from driftrec.models.wide import WideFTRL
-from driftrec.storage.error_memory import BucketNames, MemoryKeys, read_compensation, read_estimates, write_errors
+from driftrec.storage.error_memory import BucketNames, MemoryKeys, read_estimates, write_errors
 
 
 class ServedLearner(HiddenPredictor, Protocol):
@@ -122,11 +123,8 @@ async def prequential_with_memory(
 
     ``fusion``: serve as the product does (``models/served.py``) -- the memory's weight and the
     weight on the model's logit learned per event by this FTRL (ids off), the memory holding the
-    errors of the score served before its correction -- instead of a fixed ``lam``."""
-    if fusion is not None:
-        return await _served_prequential(
-            redis, keys, lsh, model, interactions, fusion, batch_size, capacity, ttl_s, gamma, prior, eps, progress
-        )
+    errors of the score served before its correction -- instead of a fixed ``lam``. ``p_base`` is
+    then that score before the memory, ``p_memory`` the served one."""
     trace = PrequentialTrace()
     names = BucketNames(keys, lsh)
     for start in range(0, len(interactions), batch_size):
@@ -135,32 +133,41 @@ async def prequential_with_memory(
             continue
         probs, hidden = model.predict_with_hidden(batch)
         t0 = time.perf_counter()
-        delta = await read_compensation(
+        zeros = np.zeros(len(batch))
+        weights = (
+            None if fusion is None else TermWeights.of({f: fusion.weight(f) for f in (MODEL_FEATURE, MEMORY_FEATURE)})
+        )
+        pre = probs if weights is None else assemble(probs, zeros, weights, eps).pre  # what the memory corrects
+        e_hat, _ = await read_estimates(
             redis,
             keys,
             lsh,
             hidden,
-            probs,
-            lam=lam,
+            pre,
             gamma=gamma,
             prior=prior,
             half_life_s=half_life_s,
             now=batch[0].ts,
-            eps=eps,
             names=names,
         )
+        terms = None if weights is None else assemble(probs, zeros, weights, eps, memory=_known(e_hat))
+        served = compensate(probs, e_hat, lam, eps) if terms is None else terms.score
         t1 = time.perf_counter()
         if start + batch_size > write_from:
-            trace.written += await write_errors(redis, keys, lsh, batch, probs, hidden, capacity=capacity, ttl_s=ttl_s)
+            trace.written += await write_errors(redis, keys, lsh, batch, pre, hidden, capacity=capacity, ttl_s=ttl_s)
         t2 = time.perf_counter()
+        if fusion is not None and terms is not None:
+            for x, lb, e in zip(batch, terms.inputs[MODEL_FEATURE], terms.inputs[MEMORY_FEATURE]):
+                fusion.learn_one(x.user_id, x.item_id, None, int(x.label or 0), float(lb), {MEMORY_FEATURE: float(e)})
+            trace.memory_weight.append(fusion.weight(MEMORY_FEATURE))
         model.learn_many(batch)
         t3 = time.perf_counter()
         trace.read_s += t1 - t0
         trace.write_s += t2 - t1
         trace.learn_s += t3 - t2
         trace.y.extend(int(x.label or 0) for x in batch)  # the batch holds labelled events only
-        trace.p_base.extend(probs.tolist())
-        trace.p_memory.extend((probs + delta).tolist())
+        trace.p_base.extend(pre.tolist())
+        trace.p_memory.extend(served.tolist())
         if progress is not None:
             progress(start + len(batch), trace)
     return trace
@@ -169,56 +176,6 @@ async def prequential_with_memory(
 def _known(values: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """An estimate already read for the served ``pre`` (the query it was read with)."""
     return lambda _pre: values
-
-
-async def _served_prequential(
-    redis: Redis,
-    keys: MemoryKeys,
-    lsh: RandomProjectionLSH,
-    model: ServedLearner,
-    interactions: Sequence[Interaction],
-    fusion: WideFTRL,
-    batch_size: int,
-    capacity: int,
-    ttl_s: int,
-    gamma: float,
-    prior: float,
-    eps: float,
-    progress: Callable[[int, PrequentialTrace], None] | None,
-) -> PrequentialTrace:
-    """The product's fusion with the LSH memory alone: ``p_base`` is the score served before the
-    memory (the model at its learned weight), ``p_memory`` the served score."""
-    trace = PrequentialTrace()
-    names = BucketNames(keys, lsh)
-    for start in range(0, len(interactions), batch_size):
-        batch = [x for x in interactions[start : start + batch_size] if x.label is not None]
-        if not batch:
-            continue
-        probs, hidden = model.predict_with_hidden(batch)
-        t0 = time.perf_counter()
-        weights = TermWeights.of({f: fusion.weight(f) for f in (MODEL_FEATURE, MEMORY_FEATURE)})
-        pre = assemble(probs, np.zeros(len(batch)), weights, eps).pre
-        e_hat, _ = await read_estimates(
-            redis, keys, lsh, hidden, pre, gamma=gamma, prior=prior, now=batch[0].ts, names=names
-        )
-        terms = assemble(probs, np.zeros(len(batch)), weights, eps, memory=_known(e_hat))
-        t1 = time.perf_counter()
-        trace.written += await write_errors(redis, keys, lsh, batch, terms.pre, hidden, capacity=capacity, ttl_s=ttl_s)
-        t2 = time.perf_counter()
-        for x, lb, e in zip(batch, terms.inputs[MODEL_FEATURE], terms.inputs[MEMORY_FEATURE]):
-            fusion.learn_one(x.user_id, x.item_id, None, int(x.label or 0), float(lb), {MEMORY_FEATURE: float(e)})
-        model.learn_many(batch)
-        t3 = time.perf_counter()
-        trace.read_s += t1 - t0
-        trace.write_s += t2 - t1
-        trace.learn_s += t3 - t2
-        trace.y.extend(int(x.label or 0) for x in batch)
-        trace.p_base.extend(terms.pre.tolist())
-        trace.p_memory.extend(terms.score.tolist())
-        trace.memory_weight.append(fusion.weight(MEMORY_FEATURE))
-        if progress is not None:
-            progress(start + len(batch), trace)
-    return trace
 
 
 def segment_metrics(y: np.ndarray, p_base: np.ndarray, p_memory: np.ndarray, mask: np.ndarray) -> dict[str, float]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -103,10 +104,15 @@ class FTRLParams:
     term_alpha: float | None = None
 
     def for_feature(self, feature: str) -> FTRLParams:
-        """The parameters that ``feature``'s weight is learned with."""
-        if self.term_alpha is None or feature not in REAL_FEATURES:
+        """The parameters that ``feature``'s weight is learned with (called per feature and event:
+        built once)."""
+        if self.term_alpha is None or self.term_alpha == self.alpha or feature not in REAL_FEATURES:
             return self
-        return replace(self, alpha=self.term_alpha, term_alpha=None)
+        return self._term_params
+
+    @cached_property
+    def _term_params(self) -> FTRLParams:
+        return replace(self, alpha=self.term_alpha or self.alpha, term_alpha=None)
 
     def weight(self, z: float, n: float) -> float:
         if abs(z) <= self.l1:
@@ -191,9 +197,12 @@ class WideFTRL:
         dsl_logit: float = 0.0,
         terms: Mapping[str, float] | None = None,
         offset: float | None = None,
+        prediction: float | None = None,
     ) -> WideStep:
-        """One FTRL step on the log-loss of ``label``; returns what to add to the stored state."""
-        p = self.predict_one(user_id, item_id, category, dsl_logit, terms, offset)
+        """One FTRL step on the log-loss of ``label``; returns what to add to the stored state.
+        ``prediction``: the model's own prediction for these inputs where the caller already has
+        it (ingest's served score), so it is not summed again."""
+        p = self.predict_one(user_id, item_id, category, dsl_logit, terms, offset) if prediction is None else prediction
         g = p - float(label)
         deltas: dict[str, tuple[float, float]] = {}
         for f, v in self._inputs(user_id, item_id, category, dsl_logit, terms):

@@ -321,7 +321,7 @@ class Scorer:
                 replies.append(read.values(raw[at : at + len(read)]))
                 at += len(read)
 
-        weight: dict[str, float] = {}
+        weights = TermWeights()  # all 0 when nothing could be read: the model's score alone
         ids = np.zeros(n)
         memory = session = None
         ratios = None
@@ -332,11 +332,10 @@ class Scorer:
                 weight = layer_weights(
                     self.wide_params, {f: unpack(v) for f, v in zip(wide_names, wide_values) if v is not None}
                 )
-                self.term_weights = TermWeights.of(weight)
+                weights = self.term_weights = TermWeights.of(weight)  # the next request's read plan too
                 if s.wide.enabled:
                     ids = id_logits(weight, user_id, items, cats)
             except ValueError as exc:
-                weight = {}
                 self.stats.wide_parse_errors += 1
                 log.warning("unreadable fusion weights for user %r: %s", user_id, exc)
             m = s.memory
@@ -356,7 +355,7 @@ class Scorer:
                     self.stats.tpp_parse_errors += 1
                     log.warning("unreadable tpp propensity for user %r: %s", user_id, exc)
 
-        terms = assemble(base, ids, TermWeights.of(weight), eps, tpp_ratio=ratios, memory=memory, session=session)
+        terms = assemble(base, ids, weights, eps, tpp_ratio=ratios, memory=memory, session=session)
         score = terms.score
         order = np.argsort(-score, kind="stable")
         return ScoreResult(

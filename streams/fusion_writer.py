@@ -146,7 +146,11 @@ class FusionWriter(FollowsServedModel):
             pre[k] = terms.pre[0]
             row = {f: float(terms.inputs[f][0]) for f in TERM_FEATURES}
             dsl_logit = float(terms.inputs[REAL_FEATURES[0]][0])
-            step = ftrl.learn_one(e.user_id, e.item_id, e.category, int(e.label or 0), dsl_logit, row)
+            # the served score is the layer's own prediction for these inputs: not summed again
+            served = float(terms.score[0])
+            step = ftrl.learn_one(
+                e.user_id, e.item_id, e.category, int(e.label or 0), dsl_logit, row, prediction=served
+            )
             updates.append(WideUpdate(e.event_id, e.user_id, step.deltas, feats[e.event_id]))
         if self.memories is not None and hidden is not None:
             await self.memories.write(interactions, pre, hidden, self.standardizer)
