@@ -188,6 +188,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         gamma=mem.gamma,
         prior=mem.prior,
         half_life_s=mem.half_life_s,
+        key_every=args.key_every,
     )
 
     def fusion() -> WideFTRL | None:
@@ -204,7 +205,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "bucket_capacity": mem.bucket_capacity,
         "prior": mem.prior,
         "batch_size": args.batch_size,
+        "key_every_batches": args.key_every,
     }
+    shift_keys: list[MemoryKeys] = []
     keys = MemoryKeys(f"{prefix}-main", version=0, n_shards=mem.n_shards)
     keys_shift = MemoryKeys(f"{prefix}-shift", version=0, n_shards=mem.n_shards)
     try:
@@ -254,8 +257,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             result["logloss_memory"],
         )
 
-        # 3. footprint and lookup latency on the filled memory
-        total_bytes, entries, distinct = await memory_footprint(redis, keys)
+        # 3. footprint and lookup latency on the filled memory (the keys that can still be read)
+        used_keys = trace.key_versions[-2:] or [keys]
+        total_bytes = entries = distinct = 0
+        for k in used_keys:
+            b, e, d = await memory_footprint(redis, k)
+            total_bytes, entries, distinct = total_bytes + b, entries + e, distinct + d
         result.update(
             bytes_per_error=total_bytes / max(1, distinct),
             bytes_per_entry=total_bytes / max(1, entries),
@@ -266,13 +273,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         )
         _, hidden = model.predict_with_hidden(stream[-2000:])
         rng = np.random.default_rng(0)
-        await lookup_latency(redis, keys, lsh, hidden, 10, 20, rng)  # warm the connection
+        last = used_keys[-1]
+        last_lsh = RandomProjectionLSH(hidden_dim(model), mem.n_tables, mem.n_bits, mem.seed, version=last.version)
+        await lookup_latency(redis, last, last_lsh, hidden, 10, 20, rng)  # warm the connection
         for n in (1, 100):
-            p50, p99 = await lookup_latency(redis, keys, lsh, hidden, n, args.lookup_reps, rng)
+            p50, p99 = await lookup_latency(redis, last, last_lsh, hidden, n, args.lookup_reps, rng)
             result[f"lookup_p50_ms_{n}"] = p50
             result[f"lookup_p99_ms_{n}"] = p99
             log.info("lookup %d candidates: p50 %.2f ms, p99 %.2f ms", n, p50, p99)
-        await delete_memory(redis, keys)
+        for k in [keys, *trace.key_versions]:
+            await delete_memory(redis, k)
 
         # 2. injected shift: the most frequent genre flips at 60 % of the stream
         flip = pick_genre_flip(stream, at_fraction=0.6)
@@ -288,6 +298,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             progress=progress_logger(len(shifted), "genre-flip"),
             fusion=fusion(),
         )
+        shift_keys = trace.key_versions
         if trace.memory_weight:
             at = int(np.searchsorted([x.ts for x in shifted[:: args.batch_size]], flip.after_ts))
             result["shift_memory_weight_before"] = trace.memory_weight[max(at - 1, 0)]
@@ -324,6 +335,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     finally:
         for k in (keys, keys_shift):
             await delete_memory(redis, k)
+        for k in shift_keys:
+            await delete_memory(redis, k)
         await redis.aclose()
     return result
 
@@ -340,6 +353,13 @@ def main() -> None:
     parser.add_argument("--lookup-reps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--key-every",
+        type=int,
+        default=50,
+        help="batches one frozen copy of the model keys the memory, as the product's key snapshot "
+        "(~300 s at the pipeline's ~50 events/s is ~60 batches of 256); 0 = hash with the live model",
+    )
     parser.add_argument(
         "--lam", default="learned", help="the compensation's weight: 'learned' (as served) or a fixed λ (module doc)"
     )

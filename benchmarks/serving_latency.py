@@ -1,7 +1,9 @@
 """Scoring-service latency and throughput over real Redis and a real `driftrec serve` process.
 
 1. Trains a ``DSLRecommender`` briefly on ML-100K (or ``--data``: an ML-100K directory), publishes
-   it with its catalog as a snapshot, writes error memory for the training events and a TPP
+   it with its catalog as three snapshots, the last naming the second as the error memory's key
+   snapshot and the first as the previous key (so a request hashes its candidates in both key
+   spaces, as after every key renewal), writes error memory under both keys and a TPP
    propensity for every user, all under a private key prefix (deleted at the end).
 2. Starts ``driftrec serve`` (one uvicorn worker) in a subprocess.
 3. For each candidate count (1, 100, 1000) a *separate* load process keeps ``--concurrency``
@@ -144,7 +146,8 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
     from driftrec.storage.client import connect
     from driftrec.storage.error_memory import MemoryKeys, write_errors
     from driftrec.storage.event_state import StateKeys
-    from driftrec.storage.snapshots import SnapshotKeys, publish_snapshot
+    from driftrec.storage.served_memory import KEY_PART, KeyRef, pin_ttl_s
+    from driftrec.storage.snapshots import SnapshotKeys, pin_snapshot, publish_snapshot
     from driftrec.streams.datasets import load_ml100k_interactions
 
     t0 = time.perf_counter()
@@ -164,20 +167,26 @@ async def prepare_state(settings, data: Path | None, train_events: int, memory_e
         flush=True,
     )
     redis = connect(settings)  # a single Redis or, with DRIFTREC_REDIS_CLUSTER, a cluster client
-    version = await publish_snapshot(
-        redis, SnapshotKeys(settings.key_prefix, "dsl"), {"model": blob, "catalog": orjson.dumps(catalog)}
-    )
+    # the most a request computes: the served snapshot names a key snapshot and a previous one,
+    # so the scorer hashes the candidates in both spaces (two more forward passes, two bucket sets)
+    snap_keys = SnapshotKeys(settings.key_prefix, "dsl")
+    parts = {"model": blob, "catalog": orjson.dumps(catalog)}
+    previous = await publish_snapshot(redis, snap_keys, parts)
+    key = await publish_snapshot(redis, snap_keys, parts)
+    for v in (previous, key):
+        await pin_snapshot(redis, snap_keys, v, pin_ttl_s(settings))
+    parts[KEY_PART] = KeyRef(key, previous, time.time()).to_bytes()
+    version = await publish_snapshot(redis, snap_keys, parts)
     scorer = SparseScorer.from_bytes(blob)
     m = settings.memory
-    lsh = RandomProjectionLSH(
-        dim=scorer.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed, version=d.generation
-    )
-    keys = MemoryKeys.from_settings(settings.key_prefix, d.generation, m.n_shards)
     mem = labelled[train_events : train_events + memory_events]
-    for k in range(0, len(mem), 2000):
-        chunk = mem[k : k + 2000]
-        probs, hidden = scorer.predict_with_hidden(chunk)
-        await write_errors(redis, keys, lsh, chunk, probs, hidden, capacity=m.bucket_capacity)
+    for v in (previous, key):  # entries under both keys: each view's buckets hold data
+        lsh = RandomProjectionLSH(dim=scorer.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed, version=v)
+        keys = MemoryKeys(settings.key_prefix, v, m.n_shards, space="k")
+        for k in range(0, len(mem), 2000):
+            chunk = mem[k : k + 2000]
+            probs, hidden = scorer.predict_with_hidden(chunk)
+            await write_errors(redis, keys, lsh, chunk, probs, hidden, capacity=m.bucket_capacity)
     users = sorted({x.user_id for x in xs})
     cats = sorted(set(catalog.values()))
     rng = np.random.default_rng(0)

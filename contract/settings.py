@@ -56,7 +56,12 @@ class MemorySettings(Section):
     seed: int = 0  # LSH projections; writer and readers must agree
     n_shards: int = 16  # hash-tag shards per table (slots per table on a Redis Cluster)
     bucket_capacity: int = 32  # errors kept per LSH bucket, newest first (FIFO)
-    ttl_s: int = 0  # 0 = no TTL; FIFO capacity alone bounds memory
+    # 0 = LSH buckets live two key periods past their last write (a retired key's buckets go);
+    # session buckets live state_ttl_s
+    ttl_s: int = 0
+    # how long one published snapshot's hidden space keys the LSH memory before the newest one
+    # replaces it (storage/served_memory.py says why the key must not follow every publish)
+    key_every_s: float = Field(300.0, gt=0)
     prior: float = 1.0  # shrinkage of the error estimate toward 0 where few neighbours were found
     # 1 = neighbours' labels vs the query's current prediction (the paper's experiments); 0 =
     # neighbours' own served errors (goes stale as the model learns); see models/error_memory.py
@@ -73,9 +78,8 @@ class DSLSettings(Section):
     """Dynamic sparse base model (issue 4)."""
 
     enabled: bool = True  # the DSL model (and its base score) on or off; off serves serving.cold_start_base
-    # A new generation = a model whose hidden space is unrelated to the last one (new
-    # architecture, seed, or retrain from scratch). The error memory is keyed by it; snapshots of
-    # one continuously trained model share a generation, and FIFO refresh ages their errors out.
+    # A new generation = a model unrelated to the last one (new architecture, seed, or retrain
+    # from scratch). The session memory is keyed by it (the LSH memory by its key snapshot).
     generation: int = 1
     dim: int = 32  # embedding width
     # fraction of embedding weights active (0.1 = 90 % sparse), held constant by prune-and-grow

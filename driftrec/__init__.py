@@ -1,3 +1,3 @@
 """driftrec: online adaptive recommendation over Kafka and Redis."""
 
-__version__ = "0.7.0"
+__version__ = "0.7.1"

@@ -11,6 +11,8 @@ errors of that region of hidden space at once.
 
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,13 +29,15 @@ from driftrec.models.error_memory import (
     DEFAULT_GAMMA,
     DEFAULT_LAMBDA,
     DEFAULT_PRIOR,
+    ErrorSums,
     HiddenPredictor,
     RandomProjectionLSH,
     compensate,
 )
 from driftrec.models.served import MEMORY_FEATURE, MODEL_FEATURE, TermWeights, assemble
 from driftrec.models.wide import WideFTRL
-from driftrec.storage.error_memory import BucketNames, MemoryKeys, read_estimates, write_errors
+from driftrec.storage.client import mget
+from driftrec.storage.error_memory import BucketNames, MemoryKeys, plan_buckets, sums_from_values, write_errors
 
 
 class ServedLearner(HiddenPredictor, Protocol):
@@ -92,6 +96,7 @@ class PrequentialTrace:
     learn_s: float = 0.0
     written: int = 0
     memory_weight: list[float] = field(default_factory=list)  # the learned weight after each batch
+    key_versions: list[MemoryKeys] = field(default_factory=list)  # the key snapshots' buckets (key_every)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.array(self.y), np.array(self.p_base), np.array(self.p_memory)
@@ -115,6 +120,7 @@ async def prequential_with_memory(
     write_from: int = 0,
     progress: Callable[[int, PrequentialTrace], None] | None = None,
     fusion: WideFTRL | None = None,
+    key_every: int = 0,
 ) -> PrequentialTrace:
     """Score each micro-batch with the served state (model + memory), then write its errors, then
     let the model learn it. ``model`` needs ``predict_with_hidden`` and ``learn_many``.
@@ -124,37 +130,50 @@ async def prequential_with_memory(
     ``fusion``: serve as the product does (``models/served.py``) -- the memory's weight and the
     weight on the model's logit learned per event by this FTRL (ids off), the memory holding the
     errors of the score served before its correction -- instead of a fixed ``lam``. ``p_base`` is
-    then that score before the memory, ``p_memory`` the served one."""
+    then that score before the memory, ``p_memory`` the served one.
+
+    ``key_every``: key the memory as the product does (``storage/served_memory.py``): by a frozen
+    copy of ``model`` taken every ``key_every`` batches, reading the current and the previous
+    copy's buckets (each hashed by its own copy) and writing the current one's; the keys it used
+    are ``trace.key_versions`` (under ``keys.prefix``, space ``k``). 0 hashes every batch with
+    the live model, which mixes hidden spaces as the model learns."""
     trace = PrequentialTrace()
-    names = BucketNames(keys, lsh)
-    for start in range(0, len(interactions), batch_size):
+    keyers: list[_Keyer] = []
+    live = _Keyer(model, BucketNames(keys, lsh))
+    for batch_no, start in enumerate(range(0, len(interactions), batch_size)):
         batch = [x for x in interactions[start : start + batch_size] if x.label is not None]
         if not batch:
             continue
-        probs, hidden = model.predict_with_hidden(batch)
+        if key_every <= 0:  # hash with the live model: every batch in another space
+            keyers = [live]
+        elif batch_no % key_every == 0 or not keyers:  # a frozen copy keys the next key_every batches
+            k = len(trace.key_versions) + 1
+            names = BucketNames(replace(keys, space="k", version=k), _lsh_version(lsh, k))
+            keyers = [_Keyer(copy.deepcopy(model), names), *keyers[:1]]
+            trace.key_versions.append(names.keys)
+        probs, _ = model.predict_with_hidden(batch)
         t0 = time.perf_counter()
         zeros = np.zeros(len(batch))
         weights = (
             None if fusion is None else TermWeights.of({f: fusion.weight(f) for f in (MODEL_FEATURE, MEMORY_FEATURE)})
         )
         pre = probs if weights is None else assemble(probs, zeros, weights, eps).pre  # what the memory corrects
-        e_hat, _ = await read_estimates(
-            redis,
-            keys,
-            lsh,
-            hidden,
-            pre,
-            gamma=gamma,
-            prior=prior,
-            half_life_s=half_life_s,
-            now=batch[0].ts,
-            names=names,
-        )
+        hidden = [keyer.model.predict_with_hidden(batch)[1] for keyer in keyers]
+        sums = [
+            sums_from_values(
+                await mget(redis, plan.names), plan, gamma=gamma, prior=prior, half_life_s=half_life_s, now=batch[0].ts
+            )
+            for plan in (plan_buckets(keyer.names, h) for keyer, h in zip(keyers, hidden))
+        ]
+        e_hat = functools.reduce(ErrorSums.plus, sums).estimate(pre)
         terms = None if weights is None else assemble(probs, zeros, weights, eps, memory=_known(e_hat))
         served = compensate(probs, e_hat, lam, eps) if terms is None else terms.score
         t1 = time.perf_counter()
         if start + batch_size > write_from:
-            trace.written += await write_errors(redis, keys, lsh, batch, pre, hidden, capacity=capacity, ttl_s=ttl_s)
+            names = keyers[0].names
+            trace.written += await write_errors(
+                redis, names.keys, names.lsh, batch, pre, hidden[0], capacity=capacity, ttl_s=ttl_s
+            )
         t2 = time.perf_counter()
         if fusion is not None and terms is not None:
             for x, lb, e in zip(batch, terms.inputs[MODEL_FEATURE], terms.inputs[MEMORY_FEATURE]):
@@ -171,6 +190,18 @@ async def prequential_with_memory(
         if progress is not None:
             progress(start + len(batch), trace)
     return trace
+
+
+@dataclass(frozen=True)
+class _Keyer:
+    """A model whose hidden space keys buckets ``names``."""
+
+    model: HiddenPredictor
+    names: BucketNames
+
+
+def _lsh_version(lsh: RandomProjectionLSH, version: int) -> RandomProjectionLSH:
+    return RandomProjectionLSH(lsh.dim, lsh.n_tables, lsh.n_bits, seed=lsh.seed, version=version)
 
 
 def _known(values: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

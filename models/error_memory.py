@@ -67,8 +67,10 @@ How this implementation maps onto the paper
   takes a fixed λ (default 0.5, between the paper's 0.4 and 0.9); the served score applies the
   correction to the score served before it, as a logit delta whose weight the fusion layer learns
   (``models/served.py``: at weight 1 it is exactly ``clip(ŷ + ê)``).
-* **Versioning**: a bucket is identified by ``(model version, table, code)``; a new model version
-  has a new hidden space, so it must never read errors written under the old one.
+* **Versioning**: a bucket is identified by ``(key version, table, code)``; entries hashed in one
+  hidden space must never be read by a query hashed in another. In the product the key is a
+  published snapshot the trainer holds for minutes, not whichever snapshot is newest
+  (``storage/served_memory.py`` measures why and says how).
 
 
 Session memory
@@ -254,6 +256,12 @@ class ErrorSums:
     def estimate(self, query_probs: np.ndarray) -> np.ndarray:
         return estimate_from_sums(
             self.weight, self.labels, self.served, query_probs, gamma=self.gamma, prior=self.prior
+        )
+
+    def plus(self, other: ErrorSums) -> ErrorSums:
+        """The sums over both neighbour sets (e.g. two key snapshots' buckets, which share no entry)."""
+        return ErrorSums(
+            self.weight + other.weight, self.labels + other.labels, self.served + other.served, self.gamma, self.prior
         )
 
     def take(self, index: np.ndarray | list[int]) -> ErrorSums:

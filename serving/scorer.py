@@ -2,8 +2,9 @@
 ``models/served.py`` -- the one rule the ingest fusion writer learns with and the evaluation
 ablates -- so what is served has one home.
 
-Per request: the DSL scores the candidates in process (``base`` and the hidden vectors the error
-memory is keyed by), then one pipelined round trip reads the fusion layer's weights (the term
+Per request: the DSL scores the candidates in process (``base`` and its hidden vectors; the LSH
+memory's key snapshots hash the candidates in their own spaces, ``storage/served_memory.py``),
+then one pipelined round trip reads the fusion layer's weights (the term
 weights and, with ``wide.enabled``, the ids' weights: one ``MGET`` per slot), the LSH memory's
 buckets, the session memory's (one per distinct candidate category) and the user's TPP
 propensity. A term switched off by the settings is not read, and neither is a term whose learned
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,19 +39,14 @@ from redis.asyncio import Redis
 
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
-from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH
+from driftrec.models.error_memory import ErrorSums, HiddenStandardizer
 from driftrec.models.fusion import tpp_log_ratios
 from driftrec.models.served import TermWeights, assemble
 from driftrec.models.wide import FTRLParams, features_of_request, id_logits, layer_weights
 from driftrec.storage.client import REDIS_ERRORS, MultiGet, connect, is_cluster
-from driftrec.storage.error_memory import (
-    BucketNames,
-    MemoryKeys,
-    plan_buckets,
-    plan_session_buckets,
-    sums_from_values,
-)
+from driftrec.storage.error_memory import BucketPlan, MemoryKeys, plan_buckets, plan_session_buckets, sums_from_values
 from driftrec.storage.event_state import StateKeys
+from driftrec.storage.served_memory import KeyView, KeyViews
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.storage.wide import WideStore, unpack
 
@@ -63,8 +60,9 @@ class LoadedSnapshot:
     version: int
     model: SparseScorer
     catalog: dict[str, str]  # item_id → category, the items the trainer has seen
-    names: BucketNames | None  # error-memory key table for this model's hidden dim
-    standardizer: HiddenStandardizer | None = None  # hidden statistics the memory was hashed with
+    standardizer: HiddenStandardizer | None = None  # this snapshot's hidden statistics
+    # the LSH memory's key snapshots, current first (storage/served_memory.py); () = not read
+    key_views: tuple[KeyView, ...] = ()
 
 
 @dataclass
@@ -154,10 +152,11 @@ class Scorer:
         self.state_keys = StateKeys(settings.key_prefix)
         self.memory_keys = MemoryKeys.from_settings(
             settings.key_prefix, settings.dsl.generation, settings.memory.n_shards
-        )
+        )  # the session memory's (the LSH memory's keys come with each snapshot's key views)
         self.wide_store = WideStore(self.redis, settings.key_prefix, settings.dedup_ttl_s, settings.state_ttl_s)
         self.wide_params = FTRLParams(**settings.wide.ftrl_params())
         self.current: LoadedSnapshot | None = None
+        self.key_views = KeyViews(self.redis, settings)
         self.term_weights: TermWeights | None = None  # the fusion weights the last answer read
         self.stats = ScorerStats()
         self._bad_version: int | None = None
@@ -213,6 +212,8 @@ class Scorer:
             version, parts = found
             try:
                 loaded = await asyncio.to_thread(self._build, version, parts)
+                views = await self.key_views.resolve(version, parts, loaded.model, loaded.standardizer)
+                loaded = replace(loaded, key_views=views)
             except Exception as exc:
                 self._bad_version = version
                 self.stats.last_bad_snapshot_at = time.time()
@@ -231,20 +232,9 @@ class Scorer:
         if not isinstance(catalog_raw, dict):
             raise ValueError("catalog must be a JSON object item_id → category")
         catalog = {str(k): str(v) for k, v in catalog_raw.items() if v is not None}
-        names = self.current.names if self.current and self.current.model.hidden == model.hidden else None
-        if names is None:
-            m = self.settings.memory
-            lsh = RandomProjectionLSH(
-                dim=model.hidden,
-                n_tables=m.n_tables,
-                n_bits=m.n_bits,
-                seed=m.seed,
-                version=self.settings.dsl.generation,
-            )
-            names = BucketNames(self.memory_keys, lsh)
         stats = parts.get("hidden_stats")
         standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
-        return LoadedSnapshot(version=version, model=model, catalog=catalog, names=names, standardizer=standardizer)
+        return LoadedSnapshot(version=version, model=model, catalog=catalog, standardizer=standardizer)
 
     async def redis_answers(self, timeout_s: float = 1.0) -> bool:
         """Whether Redis answers a PING now (the health check's truthful part)."""
@@ -284,18 +274,13 @@ class Scorer:
             user_id, features_of_request(user_id, items, cats, ids=s.wide.enabled)
         )
         reads.append(wide_multi)
-        plan = None
+        plans: list[BucketPlan] = []
         memory_on = s.memory.enabled and snap is not None and n > 0
-        if (
-            memory_on
-            and snap is not None
-            and snap.names is not None
-            and hidden is not None
-            and self._reads_term(last.memory)
-        ):
-            keyed = snap.standardizer.transform(hidden) if snap.standardizer is not None else hidden
-            plan = plan_buckets(snap.names, keyed)
-            reads.append(MultiGet(plan.names, self.cluster))
+        if memory_on and snap is not None and hidden is not None and self._reads_term(last.memory):
+            for view in snap.key_views:  # each key snapshot's buckets, hashed in its own space
+                keyed = view.keyed(hidden) if view.version == snap.version else view.of_candidates(user_id, items, cats)
+                plans.append(plan_buckets(view.names, keyed))
+                reads.append(MultiGet(plans[-1].names, self.cluster))
         session_plan = None
         if memory_on and s.memory.session_capacity > 0 and self._reads_term(last.session):
             session_plan = plan_session_buckets(self.memory_keys, [(user_id, c) for c in cats])
@@ -339,10 +324,12 @@ class Scorer:
                 self.stats.wide_parse_errors += 1
                 log.warning("unreadable fusion weights for user %r: %s", user_id, exc)
             m = s.memory
-            if plan is not None:
-                memory = sums_from_values(
-                    next(got), plan, gamma=m.gamma, prior=m.prior, half_life_s=m.half_life_s, now=now
-                ).estimate
+            if plans:
+                sums = [
+                    sums_from_values(next(got), plan, gamma=m.gamma, prior=m.prior, half_life_s=m.half_life_s, now=now)
+                    for plan in plans
+                ]
+                memory = functools.reduce(ErrorSums.plus, sums).estimate
             if session_plan is not None:
                 session = sums_from_values(next(got), session_plan, gamma=m.session_gamma, prior=m.prior).estimate
             if tpp_read:

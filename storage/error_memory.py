@@ -1,9 +1,11 @@
 """The ReLoop2 error memory and the session memory in Redis: key layout, write script, read path.
 
 The math is ``driftrec.models.error_memory``; this module is its Redis home, written at ingest
-(``ServedErrorMemories.write``, from ``streams.fusion_writer``), read by the scoring service
-(``plan_buckets`` / ``sums_from_values``, inside its one pipelined round trip) and read as of
-each event's time by that same writer, which learns the fusion (``ServedErrorMemories.sums_before``).
+(``storage.served_memory.ServedErrorMemories.write``, from ``streams.fusion_writer``), read by the
+scoring service (``plan_buckets`` / ``sums_from_values``, inside its one pipelined round trip) and
+read as of each event's time by that same writer, which learns the fusion
+(``ServedErrorMemories.sums_before``). Which hidden space keys the LSH buckets -- a pinned "key
+snapshot", never the one that happens to be newest -- is ``storage/served_memory.py``.
 
 Write side
 ----------
@@ -75,7 +77,6 @@ import numpy as np
 from redis.asyncio import Redis
 
 from driftrec.contract.interaction import Interaction, stable_hash
-from driftrec.contract.settings import Settings
 from driftrec.models.error_memory import (
     DEFAULT_EPS,
     DEFAULT_GAMMA,
@@ -83,13 +84,12 @@ from driftrec.models.error_memory import (
     DEFAULT_PRIOR,
     ErrorSums,
     HiddenPredictor,
-    HiddenStandardizer,
     RandomProjectionLSH,
     compensation_delta,
     recency_weights,
     session_code,
 )
-from driftrec.storage.client import MultiGet, Scripts, is_cluster, mget
+from driftrec.storage.client import Scripts, mget
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +161,17 @@ class MemoryKeys:
     prefix: str
     version: int
     n_shards: int = 16
+    # "k": LSH buckets under key snapshot ``version`` (``storage/served_memory.py``); "v": a model
+    # generation (the session memory, which no hidden space keys, and callers that key by hand)
+    space: str = "v"
 
     def __post_init__(self) -> None:
         if "{" in self.prefix or "}" in self.prefix:
             raise ValueError("the key prefix must not contain '{' or '}' (it would move the hash tag)")
         if self.n_shards < 1:
             raise ValueError("n_shards must be positive")
+        if self.space not in ("v", "k"):
+            raise ValueError("space must be 'v' (a generation) or 'k' (a key snapshot)")
 
     @classmethod
     def from_settings(cls, key_prefix: str, version: int, n_shards: int = 16) -> MemoryKeys:
@@ -174,7 +179,7 @@ class MemoryKeys:
         return cls(prefix=key_prefix, version=version, n_shards=n_shards)
 
     def tag(self, table: int, code: int) -> str:
-        return f"{{v{self.version}:t{table}:s{code % self.n_shards}}}"
+        return f"{{{self.space}{self.version}:t{table}:s{code % self.n_shards}}}"
 
     def bucket(self, table: int, code: int) -> tuple[str, str]:
         """``(zset_key, snapshot_key)`` of one bucket; both carry the same hash tag."""
@@ -189,7 +194,7 @@ class MemoryKeys:
 
     def pattern(self) -> str:
         """SCAN pattern matching this version's keys (cleanup, memory accounting)."""
-        return f"{self.prefix}:{KEY_SPACE}:{{v{self.version}:*"
+        return f"{self.prefix}:{KEY_SPACE}:{{{self.space}{self.version}:*"
 
 
 def event_key(interaction: Interaction) -> str:
@@ -223,15 +228,15 @@ async def write_errors(
     interactions are skipped. Returns the number of new bucket entries that survived the FIFO trim
     (0 for a re-written batch).
     """
-    calls = _lsh_calls(keys, lsh, interactions, probs, hidden, capacity)
-    return int(sum(await _run_scripts(redis, calls, ttl_s))) if calls else 0
+    calls = lsh_calls(keys, lsh, interactions, probs, hidden, capacity)
+    return int(sum(await run_scripts(redis, calls, ttl_s))) if calls else 0
 
 
 # One write-script call: its keys (one slot), the capacity of its buckets, its entry arguments
 ScriptCall = tuple[list[str], int, list[str | int]]
 
 
-def _lsh_calls(
+def lsh_calls(
     keys: MemoryKeys,
     lsh: RandomProjectionLSH,
     interactions: Sequence[Interaction],
@@ -288,11 +293,11 @@ async def write_session_errors(
 ) -> int:
     """Store ``(event_id, ts, y, ŷ)`` of every labelled interaction in its ``(user, category)``
     bucket (``models.error_memory.SessionMemory``); idempotent per event id like :func:`write_errors`."""
-    calls = _session_calls(keys, interactions, probs, capacity)
-    return int(sum(await _run_scripts(redis, calls, ttl_s))) if calls else 0
+    calls = session_calls(keys, interactions, probs, capacity)
+    return int(sum(await run_scripts(redis, calls, ttl_s))) if calls else 0
 
 
-def _session_calls(
+def session_calls(
     keys: MemoryKeys, interactions: Sequence[Interaction], probs: np.ndarray, capacity: int
 ) -> list[ScriptCall]:
     per_bucket: dict[int, list[str]] = defaultdict(list)
@@ -302,7 +307,7 @@ def _session_calls(
     return _script_calls(per_bucket, lambda code: code % keys.n_shards, keys.session_bucket, capacity)
 
 
-async def _run_scripts(redis: Redis, calls: list[ScriptCall], ttl_s: int | Sequence[int]) -> list[int]:
+async def run_scripts(redis: Redis, calls: list[ScriptCall], ttl_s: int | Sequence[int]) -> list[int]:
     """One pipelined round trip of bucket writes (``Scripts`` reloads a lost script and redoes the
     batch, safe because the script is idempotent per event_id); ``ttl_s`` for all, or per call."""
     ttls = [ttl_s] * len(calls) if isinstance(ttl_s, int) else list(ttl_s)
@@ -541,105 +546,3 @@ async def read_compensation(
         redis, keys, lsh, hidden, base_probs, gamma=gamma, prior=prior, half_life_s=half_life_s, now=now, names=names
     )
     return compensation_delta(base_probs, e_hat, lam, eps)
-
-
-# ---- the writer (ingest) and the as-of reader (the trainer's fusion weights) ------------------
-@dataclass(frozen=True)
-class MemorySums:
-    """What both memories held for each sample when it was served (``session`` None: it is off)."""
-
-    lsh: ErrorSums
-    session: ErrorSums | None
-
-
-class ServedErrorMemories:
-    """Both memories of one model generation: ``write`` the served errors of labelled
-    interactions, ``estimates_before`` what the memories held just before each was served."""
-
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.redis = redis
-        self.cfg = settings.memory
-        self.session_ttl_s = settings.state_ttl_s
-        self.generation = settings.dsl.generation
-        self.keys = MemoryKeys.from_settings(settings.key_prefix, self.generation, self.cfg.n_shards)
-        self.lsh: RandomProjectionLSH | None = None
-        self.names: BucketNames | None = None
-
-    def _lsh(self, dim: int) -> tuple[RandomProjectionLSH, BucketNames]:
-        """The LSH and its key table, built on first use (the hidden width comes with the model)."""
-        if self.lsh is None or self.names is None:
-            c = self.cfg
-            self.lsh = RandomProjectionLSH(
-                dim=dim, n_tables=c.n_tables, n_bits=c.n_bits, seed=c.seed, version=self.generation
-            )
-            self.names = BucketNames(self.keys, self.lsh)
-        return self.lsh, self.names
-
-    async def write(
-        self,
-        labelled: Sequence[Interaction],
-        probs: np.ndarray,
-        hidden: np.ndarray,
-        standardizer: HiddenStandardizer | None,
-    ) -> int:
-        """Write the served ``probs``/``hidden`` of labelled interactions into both memories, in
-        one round trip; idempotent per event id. Returns the new LSH and session entries."""
-        if not labelled:
-            return 0
-        c = self.cfg
-        lsh, _ = self._lsh(hidden.shape[1])
-        keyed = standardizer.transform(hidden) if standardizer is not None else hidden
-        calls = _lsh_calls(self.keys, lsh, labelled, probs, keyed, c.bucket_capacity)
-        ttls = [c.ttl_s] * len(calls)
-        if c.session_capacity > 0:
-            # one bucket per (user, category): unbounded in number, so they expire with the user
-            # (``state_ttl_s``) even where the LSH buckets, bounded by their codes, keep for ever
-            session_calls = _session_calls(self.keys, labelled, probs, c.session_capacity)
-            calls += session_calls
-            ttls += [self.session_ttl_s or c.ttl_s] * len(session_calls)
-        return int(sum(await _run_scripts(self.redis, calls, ttls))) if calls else 0
-
-    async def sums_before(
-        self, labelled: Sequence[Interaction], hidden: np.ndarray, standardizer: HiddenStandardizer | None
-    ) -> MemorySums:
-        """What both memories held for each labelled interaction from the entries of strictly
-        earlier events: what serving read for it, whether or not ingest has written it (or later
-        events) since. One round trip for both memories."""
-        c = self.cfg
-        n = len(labelled)
-        _, names = self._lsh(hidden.shape[1])
-        keyed = standardizer.transform(hidden) if standardizer is not None else hidden
-        before = np.fromiter((x.ts for x in labelled), dtype=np.float64, count=n)
-        plan = plan_buckets(names, keyed)
-        reads = [MultiGet(plan.names, is_cluster(self.redis))]
-        session = c.session_capacity > 0
-        if session:
-            session_plan = plan_session_buckets(self.keys, [(x.user_id, x.category) for x in labelled])
-            reads.append(MultiGet(session_plan.names, is_cluster(self.redis)))
-        replies: list[Any] = []
-        if n:
-            pipe = self.redis.pipeline(transaction=False)
-            for read in reads:
-                read.queue(pipe)
-            replies = await pipe.execute()
-        else:
-            return MemorySums(sums_from_values([], plan), None)
-        lsh = sums_from_values(
-            reads[0].values(replies[: len(reads[0])]),
-            plan,
-            gamma=c.gamma,
-            prior=c.prior,
-            half_life_s=c.half_life_s,
-            now=labelled[-1].ts,
-            before=before,
-        )
-        sessions = None
-        if session:
-            sessions = sums_from_values(
-                reads[1].values(replies[len(reads[0]) :]),
-                session_plan,
-                gamma=c.session_gamma,
-                prior=c.prior,
-                before=before,
-            )
-        return MemorySums(lsh, sessions)

@@ -81,6 +81,11 @@ class SnapshotKeys:
         """A HASH of named parts (e.g. ``model``, ``catalog``) written together."""
         return f"{self.blob_prefix}{version}"
 
+    def pinned(self, version: int) -> str:
+        """A copy of blob ``version`` that outlives ``keep`` (``pin_snapshot``): the snapshot whose
+        hidden space keys the error memory stays loadable while serving reads under it."""
+        return f"{self.tag}:pin:{version}"
+
     @property
     def lease(self) -> str:
         """Who publishes this lineage now (a string owner id with a TTL)."""
@@ -112,6 +117,30 @@ async def publish_snapshot(
             f"{keys.tag}: publish under epoch {epoch} refused, the lineage is at epoch {current or 'none'}"
         )
     return version
+
+
+# KEYS: blob, pin. ARGV: ttl_ms. Copies the blob once (a pin that exists only gets its TTL renewed).
+_PIN = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  if redis.call('COPY', KEYS[1], KEYS[2]) == 0 then return 0 end
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+async def pin_snapshot(redis: Redis, keys: SnapshotKeys, version: int, ttl_s: float) -> bool:
+    """Keep a copy of snapshot ``version`` for ``ttl_s`` more seconds (True), whatever ``keep``
+    retires meanwhile; False if neither the blob nor a pin of it exists any more."""
+    script = redis.register_script(_PIN)
+    done = await script(keys=[keys.blob(version), keys.pinned(version)], args=[max(int(ttl_s * 1000), 1)])
+    return bool(done)
+
+
+async def load_pinned(redis: Redis, keys: SnapshotKeys, version: int) -> dict[str, bytes] | None:
+    """The parts of pinned snapshot ``version`` (``pin_snapshot``), or None if it is not pinned."""
+    parts = cast(dict[bytes, bytes], await redis.hgetall(keys.pinned(version)))
+    return {k.decode(): v for k, v in parts.items()} if parts else None
 
 
 async def acquire_lease(redis: Redis, keys: SnapshotKeys, owner: str, ttl_ms: int) -> int | None:

@@ -14,11 +14,13 @@ Per batch, for the labelled events not learned before (in event order):
 2. one round trip: which events the layer already learned, the ``(z, n)`` of every feature the
    batch touches, and the users' stored TPP propensities (the propensity writer refreshes them
    only after this writer); a second: what both memories held for each event *before* it
-   (``ServedErrorMemories.sums_before``: entries of strictly earlier events);
+   (``ServedErrorMemories.sums_before``: entries of strictly earlier events, the LSH memory's
+   hashed by each key snapshot serving reads, ``storage/served_memory.py``);
 3. event by event, on a local view of the layer (a later event of the batch sees the earlier
    ones): the served terms by ``models.served.assemble`` -- the one rule the scorer uses -- and
    one FTRL step on them;
-4. write each event's served error ``(ts, y, pre)`` into the memories, where ``pre`` is the score
+4. write each event's served error ``(ts, y, pre)`` into the memories (the LSH one under the
+   current key snapshot), where ``pre`` is the score
    served before the memories' correction, then add the layer's deltas (``storage/wide.py``,
    once per event and slot). Both writes are idempotent per event id, and the memories go first,
    so a crash between them re-learns the event and rewrites nothing.
@@ -37,14 +39,15 @@ from typing import Any
 import numpy as np
 
 from driftrec.contract.events import Event
+from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
 from driftrec.models.error_memory import HiddenStandardizer
 from driftrec.models.fusion import tpp_log_ratios
 from driftrec.models.served import REAL_FEATURES, TERM_FEATURES, TermWeights, assemble
 from driftrec.models.wide import FTRLParams, WideFTRL, features
-from driftrec.storage.error_memory import MemorySums, ServedErrorMemories
 from driftrec.storage.event_state import StateKeys
+from driftrec.storage.served_memory import Keyed, KeyView, KeyViews, MemorySums, ServedErrorMemories
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.storage.wide import WideStore, WideUpdate
 
@@ -52,7 +55,8 @@ log = logging.getLogger(__name__)
 
 
 class FollowsServedModel:
-    """Holds the newest published ``dsl`` snapshot's model and hidden statistics, as serving does."""
+    """Holds the newest published ``dsl`` snapshot's model, hidden statistics and the memory's key
+    views (``storage/served_memory.py``), as serving does."""
 
     def __init__(self, redis: Any, settings: Settings) -> None:
         self.redis = redis
@@ -60,6 +64,8 @@ class FollowsServedModel:
         self.model: SparseScorer | None = None
         self.standardizer: HiddenStandardizer | None = None
         self.version: int | None = None
+        self.key_views: tuple[KeyView, ...] = ()
+        self._views = KeyViews(redis, settings)
 
     async def refresh(self) -> None:
         """Load the newest ``dsl`` snapshot if ``latest`` moved since the last batch."""
@@ -70,7 +76,16 @@ class FollowsServedModel:
         self.model = await asyncio.to_thread(SparseScorer.from_bytes, parts["model"])
         stats = parts.get("hidden_stats")
         self.standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
+        self.key_views = await self._views.resolve(version, parts, self.model, self.standardizer)
         self.version = version
+
+    def keyed(self, interactions: Sequence[Interaction], hidden: np.ndarray) -> list[Keyed]:
+        """The samples hashed in each key view's space (the served model's ``hidden`` reused
+        where the served snapshot is the key itself)."""
+        return [
+            (view, view.keyed(hidden) if view.version == self.version else view.of_interactions(interactions))
+            for view in self.key_views
+        ]
 
 
 class FusionWriter(FollowsServedModel):
@@ -124,8 +139,10 @@ class FusionWriter(FollowsServedModel):
             if s.dsl.enabled:
                 base = np.asarray(probs, dtype=np.float64)
         sums: MemorySums | None = None
+        keyed: list[Keyed] = []
         if self.memories is not None and hidden is not None:
-            sums = await self.memories.sums_before(interactions, hidden, self.standardizer)
+            keyed = self.keyed(interactions, hidden)
+            sums = await self.memories.sums_before(interactions, keyed)
         # one local view: the per-user features carry the user in their name, so a flat dict holds all
         ftrl = WideFTRL(self.params, {f: zn for (_, f), zn in stored.items()}, ids=s.wide.enabled)
         pre = np.empty(n)
@@ -153,5 +170,5 @@ class FusionWriter(FollowsServedModel):
             )
             updates.append(WideUpdate(e.event_id, e.user_id, step.deltas, feats[e.event_id]))
         if self.memories is not None and hidden is not None:
-            await self.memories.write(interactions, pre, hidden, self.standardizer)
+            await self.memories.write(interactions, pre, keyed[0] if keyed else None)
         return await self.store.add(updates)

@@ -9,7 +9,8 @@ seconds, whichever comes first) or when the stream goes idle. A trainer that tak
 The gradient steps run in a thread (``asyncio.to_thread``): ingest shares the worker's event
 loop, and a trainer batch must not hold the fast path up. The served score's weights and the
 memories are learned at ingest, per event, from what was served (``streams.fusion_writer``); the
-trainer is the slow loop alone.
+trainer is the slow loop alone. It also chooses which published snapshot keys the LSH error
+memory and keeps it pinned (``storage/served_memory.py`` says why).
 
 Implicit feedback: an event with a label trains on that label; an unlabelled event whose kind is
 one of ``dsl.positive_kinds`` is a positive and gets ``dsl.negatives`` sampled items from the
@@ -35,6 +36,8 @@ from driftrec.contract.interaction import Interaction
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import DSLRecommender, SparseScorer, sample_negatives
 from driftrec.models.error_memory import HiddenStandardizer
+from driftrec.storage.served_memory import KEY_PART, KeyRef, pin_ttl_s
+from driftrec.storage.snapshots import SnapshotKeys, pin_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ class DSLTrainer:
         self.last_publish = time.monotonic()
         self._next_served: SparseScorer | None = None
         self._next_standardizer: HiddenStandardizer | None = None
+        self.memory_key: KeyRef | None = None  # the snapshot whose hidden space keys the LSH memory
+        self.snap_keys = SnapshotKeys(settings.key_prefix, "dsl")
 
     def restore(self, parts: dict[str, bytes] | None) -> None:
         """Continue the lineage from a snapshot's parts, or start a fresh model (``None``)."""
@@ -106,6 +111,10 @@ class DSLTrainer:
             if "hidden_stats" in parts:
                 self.standardizer = HiddenStandardizer.from_bytes(parts["hidden_stats"])
             self.catalog = OrderedDict(orjson.loads(parts.get("catalog", b"{}")))
+            try:
+                self.memory_key = KeyRef.of_parts(parts, None)
+            except ValueError as exc:
+                log.warning("the snapshot's memory key is unreadable, a new one is chosen: %s", exc)
             log.info("trainer resumed (step %d)", self.model.step)
         else:
             self.model = new_model(self.settings)
@@ -148,7 +157,18 @@ class DSLTrainer:
         )
 
     async def snapshot_parts(self) -> dict[str, bytes]:
-        return await asyncio.to_thread(self._snapshot_parts, self._ensure_model(), list(self.recent))
+        parts = await asyncio.to_thread(self._snapshot_parts, self._ensure_model(), list(self.recent))
+        key = self.memory_key
+        if key is not None and self.settings.memory.enabled:
+            # renew the pins before naming them: a reader of this snapshot must find both
+            ttl = pin_ttl_s(self.settings)
+            pinned = [await pin_snapshot(self.redis, self.snap_keys, v, ttl) for v in (key.version, key.previous) if v]
+            if pinned and pinned[0]:
+                parts[KEY_PART] = key.to_bytes()
+            else:
+                log.warning("key snapshot %d is gone; the next publish becomes the memory's key", key.version)
+                self.memory_key = None
+        return parts
 
     def _snapshot_parts(self, model: DSLRecommender, recent: list[Interaction]) -> dict[str, bytes]:
         blob = model.to_bytes()
@@ -164,6 +184,10 @@ class DSLTrainer:
         """From now on the batch errors are those of the snapshot just published: the one serving loads."""
         self.version = version
         self.served, self.standardizer = self._next_served, self._next_standardizer
+        now = time.time()
+        key = self.memory_key
+        if key is None or now - key.at >= self.settings.memory.key_every_s:
+            self.memory_key = KeyRef(version, None, now) if key is None else key.renewed(version, now)
         self.steps_since_publish = 0
         self.last_publish = time.monotonic()
         model = self._ensure_model()

@@ -19,14 +19,15 @@ from driftrec.models.wide import WideFTRL
 from driftrec.shift import inject_genre_flip, pick_genre_flip, prequential_with_memory, segment_metrics, shifted_mask
 from driftrec.storage.error_memory import (
     ENTRY_BYTES,
+    BucketNames,
     MemoryKeys,
-    ServedErrorMemories,
     delete_memory,
     learn_and_write,
     read_compensation,
     read_estimates,
     write_errors,
 )
+from driftrec.storage.served_memory import KeyView, ServedErrorMemories
 
 REDIS_URL = "redis://127.0.0.1:6379/3"
 DIM = 8
@@ -248,6 +249,11 @@ async def test_sums_before_count_only_earlier_events(redis: Redis, prefix: str) 
     # capacities above the batch: what a FIFO has evicted since cannot be read as of any time
     s.memory = s.memory.model_copy(update={"n_tables": 2, "n_bits": 2, "session_capacity": 128, "bucket_capacity": 128})
     memories = ServedErrorMemories(redis, s)
+    names = BucketNames(
+        MemoryKeys(prefix, 1, s.memory.n_shards, space="k"),
+        RandomProjectionLSH(DIM, s.memory.n_tables, s.memory.n_bits, seed=s.memory.seed, version=1),
+    )
+    view = KeyView(1, None, None, names)  # type: ignore[arg-type]  # hidden vectors given, no model needed
     rng = np.random.default_rng(3)
     xs, probs, hidden = _batch(rng, 0, 60, n_clusters=2)
     xs = [
@@ -255,19 +261,19 @@ async def test_sums_before_count_only_earlier_events(redis: Redis, prefix: str) 
         for x in xs
     ]
     first, later = xs[:30], xs[30:]
-    await memories.write(first, probs[:30], hidden[:30], None)
+    await memories.write(first, probs[:30], (view, hidden[:30]))
     q = probs[30:31]
-    sums = await memories.sums_before(later[:1], hidden[30:31], None)
+    sums = await memories.sums_before(later[:1], [(view, hidden[30:31])])
     assert sums.session is not None
     expected_lsh, expected_session = sums.lsh.estimate(q), sums.session.estimate(q)
-    await memories.write(later, probs[30:], hidden[30:], None)  # the event itself and later ones land
-    got = await memories.sums_before(later[:1], hidden[30:31], None)
+    await memories.write(later, probs[30:], (view, hidden[30:]))  # the event itself and later ones land
+    got = await memories.sums_before(later[:1], [(view, hidden[30:31])])
     assert got.session is not None
     assert np.abs(expected_session).sum() > 0 and np.abs(expected_lsh).sum() > 0
     np.testing.assert_allclose(got.session.estimate(q), expected_session, rtol=0, atol=1e-12)
     np.testing.assert_allclose(got.lsh.estimate(q), expected_lsh, rtol=0, atol=1e-12)
     # and an event after all of them sees all 60 (the as-of prefix is not stuck at the first write)
     tail = [Interaction(user_id="u", item_id="x", ts=1e6, label=1, event_id="z", category="c")]
-    everything = await memories.sums_before(tail, hidden[:1], None)
+    everything = await memories.sums_before(tail, [(view, hidden[:1])])
     assert everything.session is not None
     assert everything.session.estimate(probs[:1])[0] != got.session.estimate(q)[0]

@@ -118,16 +118,18 @@ async def write_memory(
         for k, (i, y) in enumerate(zip(items, labels))
     ]
     probs, hidden = scorer.predict_with_hidden(xs)
-    lsh = RandomProjectionLSH(
-        dim=scorer.hidden,
-        n_tables=s.memory.n_tables,
-        n_bits=s.memory.n_bits,
-        seed=s.memory.seed,
-        version=s.dsl.generation,
-    )
-    keys = MemoryKeys.from_settings(s.key_prefix, s.dsl.generation, s.memory.n_shards)
+    keys, lsh = lsh_memory(s, scorer.hidden)
     await write_errors(redis, keys, lsh, xs, probs, hidden, capacity=s.memory.bucket_capacity)
-    await write_session_errors(redis, keys, xs, probs, capacity=s.memory.session_capacity)
+    session_keys = MemoryKeys.from_settings(s.key_prefix, s.dsl.generation, s.memory.n_shards)
+    await write_session_errors(redis, session_keys, xs, probs, capacity=s.memory.session_capacity)
+
+
+def lsh_memory(s: Settings, dim: int, key_version: int = 1) -> tuple[MemoryKeys, RandomProjectionLSH]:
+    """The LSH memory's keys and hashing under key snapshot ``key_version``: the first snapshot
+    published under a fresh prefix names no key, so it is its own (``storage/served_memory.py``)."""
+    m = s.memory
+    lsh = RandomProjectionLSH(dim=dim, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed, version=key_version)
+    return MemoryKeys(s.key_prefix, key_version, m.n_shards, space="k"), lsh
 
 
 @pytest.fixture
@@ -222,14 +224,7 @@ async def test_components_match_their_sources(redis: Redis, prefix: str) -> None
     np.testing.assert_allclose(res.tpp[order], [lut[c] for c in cats], rtol=0, atol=1e-9)
     # the memory corrects the score served before it (ReLoop2), at its learned weight
     pre = sigmoid(logit(probs, eps) + res.wide[order] + res.tpp[order])
-    lsh = RandomProjectionLSH(
-        dim=model.hidden,
-        n_tables=s.memory.n_tables,
-        n_bits=s.memory.n_bits,
-        seed=s.memory.seed,
-        version=s.dsl.generation,
-    )
-    keys = MemoryKeys.from_settings(prefix, s.dsl.generation, s.memory.n_shards)
+    keys, lsh = lsh_memory(s, model.hidden, version)
     e_hat, _ = await read_estimates(redis, keys, lsh, hidden, pre, gamma=s.memory.gamma, prior=s.memory.prior)
     expected = 0.7 * (logit(pre + e_hat, eps) - logit(pre, eps))
     np.testing.assert_allclose(res.compensation[order], expected, rtol=0, atol=1e-9)

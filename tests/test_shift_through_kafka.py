@@ -28,8 +28,10 @@ from driftrec.contract.settings import Settings, get_settings
 from driftrec.harness import WorkerProcess, wait_for
 from driftrec.models import metrics
 from driftrec.models.dsl import SparseScorer
-from driftrec.models.error_memory import HiddenStandardizer, RandomProjectionLSH
-from driftrec.storage.error_memory import MemoryKeys, read_compensation
+from driftrec.models.error_memory import ErrorSums, HiddenStandardizer, compensate
+from driftrec.storage.client import mget
+from driftrec.storage.error_memory import plan_buckets, sums_from_values
+from driftrec.storage.served_memory import KeyViews
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.streams.datasets import ml100k_events
 from driftrec.streams.replay import publish
@@ -66,16 +68,22 @@ async def served_predictions(settings: Settings, window: list[Event]) -> tuple[n
     try:
         snapshot = await load_snapshot(redis, SnapshotKeys(settings.key_prefix, "dsl"))
         assert snapshot is not None, "the trainer must have published a snapshot"
-        scorer = SparseScorer.from_bytes(snapshot[1]["model"])
-        base, hidden = scorer.predict_with_hidden([e.to_interaction() for e in window])
-        if "hidden_stats" in snapshot[1]:
-            hidden = HiddenStandardizer.from_bytes(snapshot[1]["hidden_stats"]).transform(hidden)
+        version, parts = snapshot
+        scorer = SparseScorer.from_bytes(parts["model"])
+        stats = parts.get("hidden_stats")
+        standardizer = HiddenStandardizer.from_bytes(stats) if stats else None
+        views = await KeyViews(redis, settings).resolve(version, parts, scorer, standardizer)
+        assert views, "the snapshot's memory key must be loadable"
+        xs = [e.to_interaction() for e in window]
+        base, _ = scorer.predict_with_hidden(xs)
         m = settings.memory
-        lsh = RandomProjectionLSH(scorer.hidden, m.n_tables, m.n_bits, seed=m.seed, version=settings.dsl.generation)
-        keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation, m.n_shards)
-        # the memory's content is under test, at the paper's scale of λ (the served λ is learned
-        # from 0, see models/fusion.py)
-        comp = await read_compensation(redis, keys, lsh, hidden, base, lam=SHIFT_LAMBDA, gamma=m.gamma, prior=m.prior)
+        sums = []
+        for view in views:  # every key snapshot serving reads, each hashed in its own space
+            plan = plan_buckets(view.names, view.of_interactions(xs))
+            sums.append(sums_from_values(await mget(redis, plan.names), plan, gamma=m.gamma, prior=m.prior))
+        # the memory's content is under test, at the paper's scale of λ (the served weight is learned)
+        e_hat = functools.reduce(ErrorSums.plus, sums).estimate(base)
+        comp = compensate(base, e_hat, SHIFT_LAMBDA) - base
         return base, base + comp
     finally:
         await redis.aclose()
