@@ -20,8 +20,11 @@ with the LSH memory alone -- the model's logit and the memory's correction weigh
 FTRL, the memory storing the errors of the score served before its correction -- so ``base`` is
 that score and ``memory`` the served one; ``memory_weight_final`` is the learned weight. ``--lam
 X`` fixes λ instead (the paper's ``clip(ŷ + λ·ê)``; 1 is the paper's correction at full weight).
-The session memory is not part of this replay (the evaluation's ``full-no-memory`` ablation
-drops both memories).
+The session memory (the user × category error list) is served beside it, as in the product, with
+its own learned weight; ``*_no_lsh`` and ``*_no_session`` are the served score less each memory's
+part, so each memory's share is reported apart (``--no-session``: the LSH memory alone). The LSH
+memory is keyed as the product keys it (``--key-every``: a frozen copy of the model per key period,
+read with the previous one).
 
 The paper's main table (ReLoop2, KDD 2023, arXiv:2306.08808)
 ------------------------------------------------------------
@@ -189,7 +192,21 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         prior=mem.prior,
         half_life_s=mem.half_life_s,
         key_every=args.key_every,
+        session_capacity=mem.session_capacity if args.lam == "learned" and args.session else 0,
+        session_gamma=mem.session_gamma,
     )
+
+    def apart(prefix: str, trace: PrequentialTrace, mask: np.ndarray | None = None) -> dict[str, float]:
+        """Each memory's share of the served score: the score less the LSH part, less the session part."""
+        if not trace.p_no_lsh:
+            return {}
+        y = np.array(trace.y)
+        m = np.ones(len(y), dtype=bool) if mask is None else mask
+        out: dict[str, float] = {}
+        for name, p in (("no_lsh", trace.p_no_lsh), ("no_session", trace.p_no_session)):
+            out[f"auc_{prefix}{name}"] = metrics.auc(y[m], np.array(p)[m])
+            out[f"logloss_{prefix}{name}"] = metrics.logloss(y[m], np.array(p)[m])
+        return out
 
     def fusion() -> WideFTRL | None:
         """The served weights, learned per event (``--lam learned``), or None for a fixed λ."""
@@ -206,6 +223,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "prior": mem.prior,
         "batch_size": args.batch_size,
         "key_every_batches": args.key_every,
+        "session_capacity": mem.session_capacity if args.lam == "learned" and args.session else 0,
     }
     shift_keys: list[MemoryKeys] = []
     keys = MemoryKeys(f"{prefix}-main", version=0, n_shards=mem.n_shards)
@@ -231,6 +249,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         y, pb, pm = trace.arrays()
         if trace.memory_weight:
             result["memory_weight_final"] = trace.memory_weight[-1]
+            result["session_weight_final"] = trace.session_weight[-1]
+        result.update(apart("", trace))
         result.update(
             auc_base=metrics.auc(y, pb),
             auc_memory=metrics.auc(y, pm),
@@ -303,9 +323,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             at = int(np.searchsorted([x.ts for x in shifted[:: args.batch_size]], flip.after_ts))
             result["shift_memory_weight_before"] = trace.memory_weight[max(at - 1, 0)]
             result["shift_memory_weight_final"] = trace.memory_weight[-1]
+            result["shift_session_weight_final"] = trace.session_weight[-1]
         y, pb, pm = trace.arrays()
         early = segment_metrics(y, pb, pm, shifted_mask(shifted, flip, args.shift_horizon))
         whole = segment_metrics(y, pb, pm, shifted_mask(shifted, flip))
+        result.update(apart("shift_", trace, shifted_mask(shifted, flip, args.shift_horizon)))
+        result.update(apart("shift_all_", trace, shifted_mask(shifted, flip)))
+        result.update(apart("shift_stream_", trace))
         result.update(
             shift_genre=flip.category,
             shift_after_ts=flip.after_ts,
@@ -353,6 +377,13 @@ def main() -> None:
     parser.add_argument("--lookup-reps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-session",
+        dest="session",
+        action="store_false",
+        help="the LSH memory alone (by default the session memory is served beside it, as in the "
+        "product, and each memory's share is reported: *_no_lsh, *_no_session)",
+    )
     parser.add_argument(
         "--key-every",
         type=int,

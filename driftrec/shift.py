@@ -34,10 +34,26 @@ from driftrec.models.error_memory import (
     RandomProjectionLSH,
     compensate,
 )
-from driftrec.models.served import MEMORY_FEATURE, MODEL_FEATURE, TermWeights, assemble
+from driftrec.models.served import (
+    MEMORY_FEATURE,
+    MODEL_FEATURE,
+    SESSION_FEATURE,
+    TermWeights,
+    assemble,
+    logit,
+    sigmoid,
+)
 from driftrec.models.wide import WideFTRL
 from driftrec.storage.client import mget
-from driftrec.storage.error_memory import BucketNames, MemoryKeys, plan_buckets, sums_from_values, write_errors
+from driftrec.storage.error_memory import (
+    BucketNames,
+    MemoryKeys,
+    plan_buckets,
+    plan_session_buckets,
+    sums_from_values,
+    write_errors,
+    write_session_errors,
+)
 
 
 class ServedLearner(HiddenPredictor, Protocol):
@@ -96,6 +112,10 @@ class PrequentialTrace:
     learn_s: float = 0.0
     written: int = 0
     memory_weight: list[float] = field(default_factory=list)  # the learned weight after each batch
+    session_weight: list[float] = field(default_factory=list)  # the session memory's (session_capacity)
+    # the served score without the LSH memory's part, and without the session memory's (fusion only)
+    p_no_lsh: list[float] = field(default_factory=list)
+    p_no_session: list[float] = field(default_factory=list)
     key_versions: list[MemoryKeys] = field(default_factory=list)  # the key snapshots' buckets (key_every)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,6 +141,8 @@ async def prequential_with_memory(
     progress: Callable[[int, PrequentialTrace], None] | None = None,
     fusion: WideFTRL | None = None,
     key_every: int = 0,
+    session_capacity: int = 0,
+    session_gamma: float = 0.0,
 ) -> PrequentialTrace:
     """Score each micro-batch with the served state (model + memory), then write its errors, then
     let the model learn it. ``model`` needs ``predict_with_hidden`` and ``learn_many``.
@@ -136,7 +158,11 @@ async def prequential_with_memory(
     copy of ``model`` taken every ``key_every`` batches, reading the current and the previous
     copy's buckets (each hashed by its own copy) and writing the current one's; the keys it used
     are ``trace.key_versions`` (under ``keys.prefix``, space ``k``). 0 hashes every batch with
-    the live model, which mixes hidden spaces as the model learns."""
+    the live model, which mixes hidden spaces as the model learns.
+
+    ``session_capacity`` (with ``fusion``): the session memory too, in ``keys``' session buckets,
+    with its own learned weight; ``p_no_lsh`` / ``p_no_session`` are the served score less each
+    memory's part (the leave-one-out the evaluation reports), so the two are measured apart."""
     trace = PrequentialTrace()
     keyers: list[_Keyer] = []
     live = _Keyer(model, BucketNames(keys, lsh))
@@ -155,7 +181,9 @@ async def prequential_with_memory(
         t0 = time.perf_counter()
         zeros = np.zeros(len(batch))
         weights = (
-            None if fusion is None else TermWeights.of({f: fusion.weight(f) for f in (MODEL_FEATURE, MEMORY_FEATURE)})
+            None
+            if fusion is None
+            else TermWeights.of({f: fusion.weight(f) for f in (MODEL_FEATURE, MEMORY_FEATURE, SESSION_FEATURE)})
         )
         pre = probs if weights is None else assemble(probs, zeros, weights, eps).pre  # what the memory corrects
         hidden = [keyer.model.predict_with_hidden(batch)[1] for keyer in keyers]
@@ -166,19 +194,42 @@ async def prequential_with_memory(
             for plan in (plan_buckets(keyer.names, h) for keyer, h in zip(keyers, hidden))
         ]
         e_hat = functools.reduce(ErrorSums.plus, sums).estimate(pre)
-        terms = None if weights is None else assemble(probs, zeros, weights, eps, memory=_known(e_hat))
+        session = fusion is not None and session_capacity > 0
+        c_hat = None
+        if session:
+            splan = plan_session_buckets(keys, [(x.user_id, x.category) for x in batch])
+            ssums = sums_from_values(await mget(redis, splan.names), splan, gamma=session_gamma, prior=prior)
+            c_hat = ssums.estimate(pre)
+        terms = (
+            None
+            if weights is None
+            else assemble(
+                probs, zeros, weights, eps, memory=_known(e_hat), session=None if c_hat is None else _known(c_hat)
+            )
+        )
         served = compensate(probs, e_hat, lam, eps) if terms is None else terms.score
+        if terms is not None and weights is not None:
+            logit_served = logit(served, eps)
+            trace.p_no_lsh.extend(sigmoid(logit_served - weights.memory * terms.inputs[MEMORY_FEATURE]).tolist())
+            trace.p_no_session.extend(sigmoid(logit_served - weights.session * terms.inputs[SESSION_FEATURE]).tolist())
         t1 = time.perf_counter()
         if start + batch_size > write_from:
             names = keyers[0].names
             trace.written += await write_errors(
                 redis, names.keys, names.lsh, batch, pre, hidden[0], capacity=capacity, ttl_s=ttl_s
             )
+            if session:
+                trace.written += await write_session_errors(redis, keys, batch, pre, capacity=session_capacity)
         t2 = time.perf_counter()
         if fusion is not None and terms is not None:
-            for x, lb, e in zip(batch, terms.inputs[MODEL_FEATURE], terms.inputs[MEMORY_FEATURE]):
-                fusion.learn_one(x.user_id, x.item_id, None, int(x.label or 0), float(lb), {MEMORY_FEATURE: float(e)})
+            inputs = zip(
+                batch, terms.inputs[MODEL_FEATURE], terms.inputs[MEMORY_FEATURE], terms.inputs[SESSION_FEATURE]
+            )
+            for x, lb, e, c in inputs:
+                row = {MEMORY_FEATURE: float(e), SESSION_FEATURE: float(c)} if session else {MEMORY_FEATURE: float(e)}
+                fusion.learn_one(x.user_id, x.item_id, None, int(x.label or 0), float(lb), row)
             trace.memory_weight.append(fusion.weight(MEMORY_FEATURE))
+            trace.session_weight.append(fusion.weight(SESSION_FEATURE))
         model.learn_many(batch)
         t3 = time.perf_counter()
         trace.read_s += t1 - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator
 
@@ -207,12 +208,20 @@ async def test_learn_and_write_with_the_standin_model(redis: Redis, prefix: str)
     np.testing.assert_allclose(probs + delta, compensate(probs, ref.estimate_many(hidden, probs)[0]), atol=1e-12)
 
 
-@pytest.mark.parametrize("learned", [False, True], ids=["fixed-lambda", "learned-weight"])
-async def test_compensation_cuts_logloss_after_an_injected_genre_flip(redis: Redis, prefix: str, learned: bool) -> None:
+@pytest.mark.parametrize(
+    ("learned", "key_every"),
+    [(False, 0), (True, 0), (True, 8)],
+    ids=["fixed-lambda", "learned-weight", "learned-weight-key-snapshot"],
+)
+async def test_compensation_cuts_logloss_after_an_injected_genre_flip(
+    redis: Redis, prefix: str, learned: bool, key_every: int
+) -> None:
     """ML-100K, labels of the most frequent genre flip at 60 % of the stream: within the first
     2,000 events after the flip, the memory-compensated predictions must have lower log-loss on
     the flipped genre than the same model uncompensated (same run, same served base model) --
-    at a fixed λ, and at the weight the product's fusion learns per event from what was served."""
+    at a fixed λ, and at the weight the product's fusion learns per event from what was served,
+    with the memory hashed by the live model or, as the product keys it, by a frozen copy
+    renewed every ``key_every`` batches."""
     from driftrec.streams.datasets import load_ml100k_interactions
 
     torch.manual_seed(0)
@@ -233,7 +242,14 @@ async def test_compensation_cuts_logloss_after_an_injected_genre_flip(redis: Red
         capacity=32,
         write_from=int(0.4 * len(shifted)),
         fusion=WideFTRL(ids=False) if learned else None,
+        key_every=key_every,
     )
+    if key_every:  # one frozen copy per key_every batches, each with buckets of its own
+        batches = math.ceil(len(shifted) / 256)
+        assert len(trace.key_versions) == math.ceil(batches / key_every)
+        assert all(k.space == "k" for k in trace.key_versions)
+        for k in trace.key_versions:
+            await delete_memory(redis, k)
     y, p_base, p_mem = trace.arrays()
     seg = segment_metrics(y, p_base, p_mem, shifted_mask(shifted, flip, horizon_events=2_000))
     assert seg["n"] > 200
