@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -39,14 +38,13 @@ from redis.asyncio import Redis
 
 from driftrec.contract.settings import Settings
 from driftrec.models.dsl import SparseScorer
-from driftrec.models.error_memory import ErrorSums, HiddenStandardizer
+from driftrec.models.error_memory import HiddenStandardizer
 from driftrec.models.fusion import tpp_log_ratios
 from driftrec.models.served import TermWeights, assemble
 from driftrec.models.wide import FTRLParams, features_of_request, id_logits, layer_weights
 from driftrec.storage.client import REDIS_ERRORS, MultiGet, connect, is_cluster
-from driftrec.storage.error_memory import BucketPlan, MemoryKeys, plan_buckets, plan_session_buckets, sums_from_values
 from driftrec.storage.event_state import StateKeys
-from driftrec.storage.served_memory import KeyView, KeyViews
+from driftrec.storage.served_memory import Keyed, KeyView, KeyViews, MemoryRead
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.storage.wide import WideStore, unpack
 
@@ -150,9 +148,6 @@ class Scorer:
         self.cluster = is_cluster(self.redis)
         self.snapshot_keys = SnapshotKeys(settings.key_prefix, "dsl")
         self.state_keys = StateKeys(settings.key_prefix)
-        self.memory_keys = MemoryKeys.from_settings(
-            settings.key_prefix, settings.dsl.generation, settings.memory.n_shards
-        )  # the session memory's (the LSH memory's keys come with each snapshot's key views)
         self.wide_store = WideStore(self.redis, settings.key_prefix, settings.dedup_ttl_s, settings.state_ttl_s)
         self.wide_params = FTRLParams(**settings.wide.ftrl_params())
         self.current: LoadedSnapshot | None = None
@@ -269,50 +264,39 @@ class Scorer:
 
         # one pipelined round trip: the fusion layer's weights, the memory buckets and the user's
         # TPP propensity (on a Redis Cluster one MGET per slot, sent to each node in parallel)
-        reads: list[MultiGet] = []
         wide_names, wide_multi = self.wide_store.reads(
             user_id, features_of_request(user_id, items, cats, ids=s.wide.enabled)
         )
-        reads.append(wide_multi)
-        plans: list[BucketPlan] = []
         memory_on = s.memory.enabled and snap is not None and n > 0
+        keyed: list[Keyed] = []
         if memory_on and snap is not None and hidden is not None and self._reads_term(last.memory):
             for view in snap.key_views:  # each key snapshot's buckets, hashed in its own space
-                keyed = view.keyed(hidden) if view.version == snap.version else view.of_candidates(user_id, items, cats)
-                plans.append(plan_buckets(view.names, keyed))
-                reads.append(MultiGet(plans[-1].names, self.cluster))
-        session_plan = None
-        if memory_on and s.memory.session_capacity > 0 and self._reads_term(last.session):
-            session_plan = plan_session_buckets(self.memory_keys, [(user_id, c) for c in cats])
-            reads.append(MultiGet(session_plan.names, self.cluster))
+                h = view.keyed(hidden) if view.version == snap.version else view.of_candidates(user_id, items, cats)
+                keyed.append((view, h))
+        session_on = memory_on and s.memory.session_capacity > 0 and self._reads_term(last.session)
+        mem = MemoryRead(s, keyed, [(user_id, c) for c in cats] if session_on else None, self.cluster)
         tpp_read = s.tpp.enabled and self._reads_term(last.tpp)
-        if tpp_read:
-            reads.append(MultiGet([self.state_keys.user_tpp(user_id)], self.cluster))
-        replies: list[list[bytes | None]] = []
+        tpp_multi = MultiGet([self.state_keys.user_tpp(user_id)] if tpp_read else [], self.cluster)
+        replies: list[Any] = []
         redis_ok = True
         pipe = self.redis.pipeline(transaction=False)
-        for read in reads:
+        for read in (wide_multi, mem, tpp_multi):
             read.queue(pipe)
         try:
-            raw = await asyncio.wait_for(pipe.execute(), s.serving.redis_deadline_s)
+            replies = await asyncio.wait_for(pipe.execute(), s.serving.redis_deadline_s)
         except READ_FAILURES as exc:
             redis_ok = False
             self.stats.redis_errors += 1
             self.stats.last_redis_error_at = time.time()
             log.warning("redis read failed, scoring with the model alone: %s", exc)
-        else:
-            at = 0
-            for read in reads:
-                replies.append(read.values(raw[at : at + len(read)]))
-                at += len(read)
 
         weights = TermWeights()  # all 0 when nothing could be read: the model's score alone
         ids = np.zeros(n)
         memory = session = None
         ratios = None
-        if replies:
-            got = iter(replies)
-            wide_values = next(got)
+        if redis_ok:
+            n_wide, n_mem = len(wide_multi), len(mem)
+            wide_values = wide_multi.values(replies[:n_wide])
             try:
                 weight = layer_weights(
                     self.wide_params, {f: unpack(v) for f, v in zip(wide_names, wide_values) if v is not None}
@@ -323,20 +307,16 @@ class Scorer:
             except ValueError as exc:
                 self.stats.wide_parse_errors += 1
                 log.warning("unreadable fusion weights for user %r: %s", user_id, exc)
-            m = s.memory
-            if plans:
-                sums = [
-                    sums_from_values(next(got), plan, gamma=m.gamma, prior=m.prior, half_life_s=m.half_life_s, now=now)
-                    for plan in plans
-                ]
-                memory = functools.reduce(ErrorSums.plus, sums).estimate
-            if session_plan is not None:
-                session = sums_from_values(next(got), session_plan, gamma=m.session_gamma, prior=m.prior).estimate
+            sums = mem.sums(replies[n_wide : n_wide + n_mem], now=now)
+            memory = None if sums.lsh is None else sums.lsh.estimate
+            session = None if sums.session is None else sums.session.estimate
             if tpp_read:
                 sv = s.serving
                 try:
                     ratios = np.clip(
-                        tpp_log_ratios(next(got)[0], cats, now, tau_s=sv.tpp_tau_s), -sv.tpp_clip, sv.tpp_clip
+                        tpp_log_ratios(tpp_multi.values(replies[n_wide + n_mem :])[0], cats, now, tau_s=sv.tpp_tau_s),
+                        -sv.tpp_clip,
+                        sv.tpp_clip,
                     )
                 except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
                     self.stats.tpp_parse_errors += 1

@@ -2,7 +2,8 @@
 
 The math is ``driftrec.models.error_memory``; this module is its Redis home, written at ingest
 (``storage.served_memory.ServedErrorMemories.write``, from ``streams.fusion_writer``), read by the
-scoring service (``plan_buckets`` / ``sums_from_values``, inside its one pipelined round trip) and
+scoring service (``plan_buckets`` / ``sums_from_values`` through ``storage.served_memory.MemoryRead``,
+inside its one pipelined round trip) and
 read as of each event's time by that same writer, which learns the fusion
 (``ServedErrorMemories.sums_before``). Which hidden space keys the LSH buckets -- a pinned "key
 snapshot", never the one that happens to be newest -- is ``storage/served_memory.py``.

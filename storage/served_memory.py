@@ -1,5 +1,6 @@
 """The memories as the served system uses them: which hidden space keys the LSH memory (the *key
-snapshot*), the ingest writer's write, and its read "as of" each event.
+snapshot*), the one read plan of both memories (``MemoryRead``: the scorer's for a user's
+candidates, the ingest writer's as of each event), and the writer's write.
 
 Why a key snapshot. ReLoop2 keys the memory by the base model's last hidden layer, and an entry
 is only a neighbour of a query if both were hashed in the same space. Our DSL publishes a snapshot
@@ -192,13 +193,65 @@ class KeyViews:
 
 @dataclass(frozen=True)
 class MemorySums:
-    """What both memories held for each sample when it was served (``session`` None: it is off)."""
+    """What both memories held for each query (None: that memory was not read)."""
 
-    lsh: ErrorSums
+    lsh: ErrorSums | None
     session: ErrorSums | None
 
 
 Keyed = tuple[KeyView, np.ndarray]  # a key view and the samples' hidden vectors hashed in its space
+
+
+class MemoryRead:
+    """One read of both memories, queued into the caller's pipeline: which buckets (each key
+    view's LSH buckets for the queries hashed in its space, and the ``(user, category)`` session
+    buckets), then what they held. The one read plan of the memories: the scorer reads it for a
+    user's candidates, the ingest writer for a batch as of each event."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keyed: Sequence[Keyed],
+        pairs: Sequence[tuple[str, str | None]] | None,
+        cluster: bool,
+    ) -> None:
+        m = settings.memory
+        self.cfg = m
+        self.plans = [plan_buckets(view.names, hidden) for view, hidden in keyed]
+        session_keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation, m.n_shards)
+        self.session_plan = plan_session_buckets(session_keys, pairs) if pairs is not None else None
+        self.reads = [MultiGet(plan.names, cluster) for plan in self.plans]
+        if self.session_plan is not None:
+            self.reads.append(MultiGet(self.session_plan.names, cluster))
+
+    def __len__(self) -> int:
+        """How many pipeline commands ``queue`` adds (and ``sums`` reads back)."""
+        return sum(len(read) for read in self.reads)
+
+    def queue(self, pipe: Any) -> None:
+        for read in self.reads:
+            read.queue(pipe)
+
+    def sums(self, replies: Sequence[Any], now: float | None, before: np.ndarray | None = None) -> MemorySums:
+        """The sums per query from this read's pipeline replies (in order); ``before``: one event
+        time per query, counting only strictly earlier entries (what the memory held then)."""
+        c = self.cfg
+        values, at = [], 0
+        for read in self.reads:
+            values.append(read.values(replies[at : at + len(read)]))
+            at += len(read)
+        lsh: ErrorSums | None = None
+        for plan, got in zip(self.plans, values):
+            more = sums_from_values(
+                got, plan, gamma=c.gamma, prior=c.prior, half_life_s=c.half_life_s, now=now, before=before
+            )
+            lsh = more if lsh is None else lsh.plus(more)
+        session = None
+        if self.session_plan is not None:
+            session = sums_from_values(
+                values[-1], self.session_plan, gamma=c.session_gamma, prior=c.prior, before=before
+            )
+        return MemorySums(lsh, session)
 
 
 class ServedErrorMemories:
@@ -207,6 +260,7 @@ class ServedErrorMemories:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
+        self.settings = settings
         self.cfg = settings.memory
         self.session_ttl_s = settings.state_ttl_s
         self.lsh_ttl_s = lsh_ttl_s(settings)
@@ -236,32 +290,13 @@ class ServedErrorMemories:
         """What both memories held for each labelled interaction from the entries of strictly
         earlier events: what serving read for it (every key view it reads), whether or not
         ingest has written it (or later events) since. One round trip for both memories."""
-        c = self.cfg
         n = len(labelled)
-        empty = ErrorSums(np.zeros(n), np.zeros(n), np.zeros(n), c.gamma, c.prior)
         if n == 0:
-            return MemorySums(empty, None)
-        cluster = is_cluster(self.redis)
-        before = np.fromiter((x.ts for x in labelled), dtype=np.float64, count=n)
-        plans = [plan_buckets(view.names, hidden) for view, hidden in keyed]
-        reads = [MultiGet(plan.names, cluster) for plan in plans]
-        session = c.session_capacity > 0
-        if session:
-            session_plan = plan_session_buckets(self.session_keys, [(x.user_id, x.category) for x in labelled])
-            reads.append(MultiGet(session_plan.names, cluster))
+            return MemorySums(None, None)
+        pairs = [(x.user_id, x.category) for x in labelled] if self.cfg.session_capacity > 0 else None
+        read = MemoryRead(self.settings, keyed, pairs, is_cluster(self.redis))
         pipe = self.redis.pipeline(transaction=False)
-        for read in reads:
-            read.queue(pipe)
-        replies = await pipe.execute() if reads else []
-        values, at = [], 0
-        for read in reads:
-            values.append(read.values(replies[at : at + len(read)]))
-            at += len(read)
-        lsh, now, h = empty, labelled[-1].ts, c.half_life_s
-        for plan, got in zip(plans, values):
-            more = sums_from_values(got, plan, gamma=c.gamma, prior=c.prior, half_life_s=h, now=now, before=before)
-            lsh = lsh.plus(more)
-        sessions = None
-        if session:
-            sessions = sums_from_values(values[-1], session_plan, gamma=c.session_gamma, prior=c.prior, before=before)
-        return MemorySums(lsh, sessions)
+        read.queue(pipe)
+        replies = await pipe.execute() if len(read) else []
+        before = np.fromiter((x.ts for x in labelled), dtype=np.float64, count=n)
+        return read.sums(replies, now=labelled[-1].ts, before=before)

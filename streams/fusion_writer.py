@@ -157,7 +157,7 @@ class FusionWriter(FollowsServedModel):
                 TermWeights.of(weight),
                 eps,
                 tpp_ratio=None if ratio is None else np.array([ratio]),
-                memory=sums.lsh.take([k]).estimate if sums is not None else None,
+                memory=sums.lsh.take([k]).estimate if sums is not None and sums.lsh is not None else None,
                 session=sums.session.take([k]).estimate if sums is not None and sums.session is not None else None,
             )
             pre[k] = terms.pre[0]

@@ -280,11 +280,11 @@ async def test_sums_before_count_only_earlier_events(redis: Redis, prefix: str) 
     await memories.write(first, probs[:30], (view, hidden[:30]))
     q = probs[30:31]
     sums = await memories.sums_before(later[:1], [(view, hidden[30:31])])
-    assert sums.session is not None
+    assert sums.session is not None and sums.lsh is not None
     expected_lsh, expected_session = sums.lsh.estimate(q), sums.session.estimate(q)
     await memories.write(later, probs[30:], (view, hidden[30:]))  # the event itself and later ones land
     got = await memories.sums_before(later[:1], [(view, hidden[30:31])])
-    assert got.session is not None
+    assert got.session is not None and got.lsh is not None
     assert np.abs(expected_session).sum() > 0 and np.abs(expected_lsh).sum() > 0
     np.testing.assert_allclose(got.session.estimate(q), expected_session, rtol=0, atol=1e-12)
     np.testing.assert_allclose(got.lsh.estimate(q), expected_lsh, rtol=0, atol=1e-12)
