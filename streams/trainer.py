@@ -164,6 +164,8 @@ class DSLTrainer:
             ttl = pin_ttl_s(self.settings)
             pinned = [await pin_snapshot(self.redis, self.snap_keys, v, ttl) for v in (key.version, key.previous) if v]
             if pinned and pinned[0]:
+                if key.previous and not pinned[1]:  # the previous key is gone: stop naming it
+                    key = self.memory_key = KeyRef(key.version, None, key.at)
                 parts[KEY_PART] = key.to_bytes()
             else:
                 log.warning("key snapshot %d is gone; the next publish becomes the memory's key", key.version)

@@ -195,6 +195,9 @@ async def test_the_trainer_names_and_pins_the_key_and_renews_it(redis: Redis, pr
     v3 = await publish_snapshot(redis, keys, await trainer.snapshot_parts())
     trainer.published(v3)
     assert trainer.memory_key.version == v3 and trainer.memory_key.previous == v1
+    # the previous key's pin lost (expired): the next snapshot stops naming it
+    await redis.delete(keys.pinned(v1), keys.blob(v1))
+    assert KeyRef.of_parts(await trainer.snapshot_parts(), None) == KeyRef(v3, None, trainer.memory_key.at)
     # a trainer that takes over keeps the key the lineage named
     successor = DSLTrainer(redis, s)
     successor.restore(await trainer.snapshot_parts())
