@@ -202,3 +202,27 @@ async def test_the_trainer_names_and_pins_the_key_and_renews_it(redis: Redis, pr
     successor = DSLTrainer(redis, s)
     successor.restore(await trainer.snapshot_parts())
     assert successor.memory_key == trainer.memory_key
+
+
+async def test_a_crafted_key_or_pin_turns_the_memory_off_not_serving(redis: Redis, prefix: str) -> None:
+    """Adversarial storage: a ``memory_key`` part that is not ours, or a pin whose model does not
+    load, leaves the snapshot served and the LSH memory unread (never a crash, never a mixed key)."""
+    s = make_settings(prefix)
+    await set_weights(redis, s, memory=1.0, tpp=0.0, model=0.0)
+    keys = SnapshotKeys(prefix, "dsl")
+    items = [f"i{j}" for j in range(10)]
+    crafted = {"model": model_blob(4), "catalog": orjson.dumps(catalog()), KEY_PART: b'{"version": "1; DROP"}'}
+    v = await publish_snapshot(redis, keys, crafted)
+    scorer = Scorer(s, redis)
+    assert await scorer.refresh() and scorer.version == v and scorer.current is not None
+    assert scorer.current.key_views == ()
+    res = await scorer.score("u3", items, TS)
+    assert len(res.item_ids) == 10 and np.isfinite(res.score).all()
+    await redis.hset(keys.pinned(999), mapping={"model": b"\x00not a model"})
+    bad_pin = {"model": model_blob(4), "catalog": orjson.dumps(catalog()), KEY_PART: KeyRef(999).to_bytes()}
+    v2 = await publish_snapshot(redis, keys, bad_pin)
+    assert await scorer.refresh() and scorer.version == v2 and scorer.current is not None
+    assert scorer.current.key_views == ()
+    res = await scorer.score("u3", items, TS)
+    assert np.isfinite(res.score).all() and (res.compensation == 0).all()
+    await scorer.close()
