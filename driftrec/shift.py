@@ -177,7 +177,7 @@ async def prequential_with_memory(
             names = BucketNames(replace(keys, space="k", version=k), _lsh_version(lsh, k))
             keyers = [_Keyer(copy.deepcopy(model), names), *keyers[:1]]
             trace.key_versions.append(names.keys)
-        probs, _ = model.predict_with_hidden(batch)
+        probs, own_hidden = model.predict_with_hidden(batch)
         t0 = time.perf_counter()
         zeros = np.zeros(len(batch))
         weights = (
@@ -186,7 +186,7 @@ async def prequential_with_memory(
             else TermWeights.of({f: fusion.weight(f) for f in (MODEL_FEATURE, MEMORY_FEATURE, SESSION_FEATURE)})
         )
         pre = probs if weights is None else assemble(probs, zeros, weights, eps).pre  # what the memory corrects
-        hidden = [keyer.model.predict_with_hidden(batch)[1] for keyer in keyers]
+        hidden = [own_hidden if keyer.model is model else keyer.model.predict_with_hidden(batch)[1] for keyer in keyers]
         sums = [
             sums_from_values(
                 await mget(redis, plan.names), plan, gamma=gamma, prior=prior, half_life_s=half_life_s, now=batch[0].ts

@@ -44,7 +44,7 @@ from driftrec.models.served import TermWeights, assemble
 from driftrec.models.wide import FTRLParams, features_of_request, id_logits, layer_weights
 from driftrec.storage.client import REDIS_ERRORS, MultiGet, connect, is_cluster
 from driftrec.storage.event_state import StateKeys
-from driftrec.storage.served_memory import Keyed, KeyView, KeyViews, MemoryRead
+from driftrec.storage.served_memory import Keyed, KeyView, KeyViews, MemoryRead, session_memory_keys
 from driftrec.storage.snapshots import SnapshotKeys, load_snapshot
 from driftrec.storage.wide import WideStore, unpack
 
@@ -148,6 +148,7 @@ class Scorer:
         self.cluster = is_cluster(self.redis)
         self.snapshot_keys = SnapshotKeys(settings.key_prefix, "dsl")
         self.state_keys = StateKeys(settings.key_prefix)
+        self.session_keys = session_memory_keys(settings)
         self.wide_store = WideStore(self.redis, settings.key_prefix, settings.dedup_ttl_s, settings.state_ttl_s)
         self.wide_params = FTRLParams(**settings.wide.ftrl_params())
         self.current: LoadedSnapshot | None = None
@@ -274,7 +275,8 @@ class Scorer:
                 h = view.keyed(hidden) if view.version == snap.version else view.of_candidates(user_id, items, cats)
                 keyed.append((view, h))
         session_on = memory_on and s.memory.session_capacity > 0 and self._reads_term(last.session)
-        mem = MemoryRead(s, keyed, [(user_id, c) for c in cats] if session_on else None, self.cluster)
+        pairs = [(user_id, c) for c in cats] if session_on else None
+        mem = MemoryRead(s, keyed, pairs, self.cluster, self.session_keys)
         tpp_read = s.tpp.enabled and self._reads_term(last.tpp)
         tpp_multi = MultiGet([self.state_keys.user_tpp(user_id)] if tpp_read else [], self.cluster)
         replies: list[Any] = []

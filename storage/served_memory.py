@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 
 from driftrec.contract.interaction import Interaction
@@ -81,23 +82,22 @@ class KeyRef:
         if raw is None:
             return None if own_version is None else cls(own_version)
         try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"{KEY_PART} is not JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise ValueError(f"{KEY_PART} must be a JSON object")
-        version, previous, at = doc.get("version"), doc.get("previous"), doc.get("at", 0.0)
-        ok_at = isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
-        if not _positive_int(version) or not (previous is None or _positive_int(previous)) or not ok_at:
-            raise ValueError(f"{KEY_PART} must hold a positive int version, an optional previous and a time")
-        return cls(int(version), None if previous is None else int(previous), float(at))  # type: ignore[arg-type]
+            doc = _KeyDoc.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ValueError(f"{KEY_PART} is not a key reference: {exc.errors()[0]['msg']}") from None
+        return cls(doc.version, doc.previous, doc.at)
 
     def renewed(self, version: int, now: float) -> KeyRef:
         return KeyRef(version, self.version, now)
 
 
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+class _KeyDoc(BaseModel):
+    """The ``memory_key`` part as stored: validated where it is loaded (storage is input too)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    version: int = Field(gt=0)
+    previous: int | None = Field(None, gt=0)
+    at: float = Field(0.0, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,11 @@ def key_view(settings: Settings, version: int, model: SparseScorer, standardizer
     keys = MemoryKeys(settings.key_prefix, version, m.n_shards, space="k")
     lsh = RandomProjectionLSH(dim=model.hidden, n_tables=m.n_tables, n_bits=m.n_bits, seed=m.seed, version=version)
     return KeyView(version, model, standardizer, BucketNames(keys, lsh))
+
+
+def session_memory_keys(settings: Settings) -> MemoryKeys:
+    """The session memory's keys: by model generation (no hidden space keys it)."""
+    return MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation, settings.memory.n_shards)
 
 
 def lsh_ttl_s(settings: Settings) -> int:
@@ -214,11 +219,11 @@ class MemoryRead:
         keyed: Sequence[Keyed],
         pairs: Sequence[tuple[str, str | None]] | None,
         cluster: bool,
+        session_keys: MemoryKeys | None = None,
     ) -> None:
-        m = settings.memory
-        self.cfg = m
+        self.cfg = settings.memory
         self.plans = [plan_buckets(view.names, hidden) for view, hidden in keyed]
-        session_keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation, m.n_shards)
+        session_keys = session_keys or session_memory_keys(settings)
         self.session_plan = plan_session_buckets(session_keys, pairs) if pairs is not None else None
         self.reads = [MultiGet(plan.names, cluster) for plan in self.plans]
         if self.session_plan is not None:
@@ -264,7 +269,7 @@ class ServedErrorMemories:
         self.cfg = settings.memory
         self.session_ttl_s = settings.state_ttl_s
         self.lsh_ttl_s = lsh_ttl_s(settings)
-        self.session_keys = MemoryKeys.from_settings(settings.key_prefix, settings.dsl.generation, self.cfg.n_shards)
+        self.session_keys = session_memory_keys(settings)
 
     async def write(self, labelled: Sequence[Interaction], probs: np.ndarray, current: Keyed | None) -> int:
         """Write the served ``probs`` of labelled interactions into both memories (the LSH one
@@ -294,7 +299,7 @@ class ServedErrorMemories:
         if n == 0:
             return MemorySums(None, None)
         pairs = [(x.user_id, x.category) for x in labelled] if self.cfg.session_capacity > 0 else None
-        read = MemoryRead(self.settings, keyed, pairs, is_cluster(self.redis))
+        read = MemoryRead(self.settings, keyed, pairs, is_cluster(self.redis), self.session_keys)
         pipe = self.redis.pipeline(transaction=False)
         read.queue(pipe)
         replies = await pipe.execute() if len(read) else []
